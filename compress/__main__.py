@@ -1,0 +1,60 @@
+"""The `compress` command: maps subcommand names to typed functions; jsonargparse builds flags from signatures.
+
+Heavy libraries (torch, transformers, Lightning) are imported inside the commands, so `compress --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from compress.distill import distill
+from compress.errors import CompressError
+from compress.evaluate import evaluate
+from compress.finetune import finetune
+
+COMMANDS = {"distill": distill, "finetune": finetune, "evaluate": evaluate}
+
+
+def _normalise_flags(argv: list[str]) -> list[str]:
+    """Accept --max-length as well as --max_length, and a bare --resume for --resume=true.
+
+    jsonargparse knows only the underscore spelling and wants a value after a bool flag; users type both forms.
+    """
+    import inspect
+
+    command = next((a for a in argv if a in COMMANDS), None)
+    bools = set()
+    if command:
+        params = inspect.signature(COMMANDS[command]).parameters.values()
+        bools = {p.name for p in params if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg != "--print_config":
+            name, eq, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if name in bools and not eq and following not in ("true", "false"):
+                eq, value = "=", "true"
+            arg = "--" + name + eq + value
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
+    try:
+        CLI(COMMANDS, args=argv, prog="compress", as_positional=False,
+            description="Distil, share, prune, search and export BERT-family models; every run tracked in MLflow.")
+    except CompressError as err:
+        print(f"compress: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("compress: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

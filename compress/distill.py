@@ -1,0 +1,162 @@
+"""compress distill: a smaller student from a teacher, DistilBERT-style, tracked in MLflow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.finetune import slug
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+
+
+def distill(
+    teacher: str,
+    task: str | None = None,
+    data: str | None = None,
+    student: str | None = None,
+    layers: int | None = None,
+    epochs: int = 3,
+    output: str | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    warmup: float = 0.1,
+    weight_decay: float = 0.01,
+    temperature: float = 2.0,
+    alpha_kd: float = 1.0,
+    alpha_ce: float = 0.5,
+    alpha_hidden: float = 1.0,
+    alpha_attn: float = 0.0,
+    max_length: int = 128,
+    max_train: int | None = None,
+    text_column: str | None = None,
+    label_column: str = "label",
+    seed: int = 42,
+    precision: str = "auto",
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    num_workers: int | None = None,
+    checkpoint_every: int = 100,
+    latency_reps: int = 5,
+    teacher_epochs: int = 3,
+    teacher_lr: float = 5e-5,
+    teacher_cache: str = "outputs/teachers",
+    tracking: str = DEFAULT_TRACKING,
+    experiment: str = DEFAULT_EXPERIMENT,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Distil a teacher into a smaller student on a task, and log both scores, sizes and speeds to MLflow.
+
+    The default student is DistilBERT-style: the teacher's width, its embeddings, and every other layer.
+
+    Args:
+        teacher: hub name, alias (bert-base, bert-large, minilm-l6) or a saved model folder. A teacher with no
+            classifier for the task is fine-tuned first (its own MLflow run) and reused next time.
+        task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
+        data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
+        student: any model (name or folder) with the teacher's vocabulary, e.g. a narrower random-init
+            config. Exclusive with --layers.
+        layers: student depth: this many evenly spaced teacher layers (default: half the teacher's).
+        epochs: passes over the training data.
+        output: where the student is written (default: outputs/distill-TEACHER-TASK-LN).
+        batch_size: examples per optimizer step (per device).
+        lr: peak learning rate of AdamW, after linear warmup then linear decay.
+        warmup: fraction of the steps spent warming the learning rate up.
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm).
+        temperature: softmax temperature of the soft targets; the KL term is scaled by T².
+        alpha_kd: weight of the soft-target KL.
+        alpha_ce: weight of the hard-label cross-entropy.
+        alpha_hidden: weight of the hidden-state loss (cosine at equal width, MSE through a learned projection
+            for a narrower student); 0 turns it off.
+        alpha_attn: weight of the attention-distribution KL; > 0 runs both models with eager attention (slower).
+        max_length: tokens per example; longer inputs are truncated.
+        max_train: use a seeded random subset of this many training rows.
+        text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
+        label_column: column holding the label.
+        seed: seed for data order, initialisation and dropout.
+        precision: auto (bf16-mixed on a GPU, 32-true on a CPU), 32-true, bf16-mixed or 16-mixed.
+        accelerator: auto, cpu or cuda.
+        devices: devices for the Lightning Trainer (a count, or auto).
+        strategy: Lightning strategy, e.g. auto, ddp, fsdp.
+        num_workers: data loader worker processes (default: 4 on a GPU, 0 on a CPU).
+        checkpoint_every: optimizer steps between checkpoints; a killed run loses at most this many.
+        latency_reps: timed rounds for the latency measurement.
+        teacher_epochs: epochs when a head-less teacher must be fine-tuned first.
+        teacher_lr: learning rate of that fine-tuning.
+        teacher_cache: folder holding fine-tuned teachers for reuse.
+        tracking: MLflow tracking URI (default: sqlite under ./mlruns).
+        experiment: MLflow experiment name.
+        resume: continue an interrupted run writing to the same --output.
+        overwrite: replace an existing --output.
+    """
+    from compress.data import load_task
+    from compress.finetune import ensure_task_teacher
+    from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
+                                 load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
+    from compress.module import LossWeights
+    from compress.recipe import TrainConfig, run_training
+
+    weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
+    for name, value in (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden),
+                        ("--alpha_attn", alpha_attn)):
+        if value < 0:
+            raise CompressError(f"{name} {value}: loss weights must be >= 0")
+    if alpha_kd == alpha_ce == alpha_hidden == alpha_attn == 0:
+        raise CompressError("--alpha_*: every loss weight is 0, so there is nothing to learn from")
+    if temperature <= 0:
+        raise CompressError(f"--temperature {temperature}: must be > 0")
+    if student is not None and layers is not None:
+        raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
+    common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,
+                  accelerator=accelerator, devices=devices, strategy=strategy, num_workers=num_workers,
+                  checkpoint_every=checkpoint_every, latency_reps=latency_reps)
+    cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, **common)
+    cfg.validate()
+    teacher_cfg = TrainConfig(epochs=teacher_epochs, lr=teacher_lr, warmup=0.1, weight_decay=0.01, **common)
+    teacher_cfg.validate()
+
+    task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
+                          seed=seed)
+    teacher_path = resolve_model(teacher, "--teacher")
+    teacher_config = load_config(teacher_path, "--teacher")
+    check_encoder(teacher_config, "--teacher")
+    if layers is not None:  # check before any fine-tuning is spent
+        teacher_layer_map(teacher_config.num_hidden_layers, layers)
+    student_path = None
+    if student is not None:
+        student_path = resolve_model(student, "--student")
+        check_encoder(load_config(student_path, "--student"), "--student")
+    if not has_task_head(teacher_config, task_data.label_names):
+        teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
+                                           experiment=experiment, cache_root=Path(teacher_cache))
+    attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
+    teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn)
+    tokenizer = load_tokenizer(teacher_path, "--teacher")
+    n_teacher = teacher_model.config.num_hidden_layers
+    if student_path is not None:
+        check_same_vocab(tokenizer, load_tokenizer(student_path, "--student"),
+                         load_config(student_path, "--student"), teacher_model.config)
+        student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn)
+        kept = None
+        desc = f"{slug(student)}"
+    else:
+        kept = teacher_layer_map(n_teacher, layers if layers is not None else max(1, n_teacher // 2))
+        student_model = student_from_teacher(teacher_model, kept)
+        desc = f"L{len(kept)}"
+    n_student = student_model.config.num_hidden_layers
+    print(f"student: {n_student} layers x {student_model.config.hidden_size}"
+          + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
+
+    out = Path(output or f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
+    run_training(
+        command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
+        teacher=teacher_model, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,
+        temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
+        params={"teacher": teacher, "teacher_path": teacher_path, "student": student or "", "layers": n_student,
+                "teacher_layers_kept": str(kept or ""), "temperature": temperature, "alpha_kd": alpha_kd,
+                "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "alpha_attn": alpha_attn,
+                "max_train": max_train},
+        lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
+    )

@@ -1,0 +1,71 @@
+"""compress evaluate: a saved model's task score, size and speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def evaluate(
+    model: str,
+    task: str | None = None,
+    data: str | None = None,
+    batch_size: int = 64,
+    max_length: int = 128,
+    text_column: str | None = None,
+    label_column: str = "label",
+    accelerator: str = "auto",
+    latency_batch: int = 32,
+    latency_seq: int = 128,
+    latency_reps: int = 5,
+    json_out: str | None = None,
+) -> None:
+    """Report a model's task metric on the dev split, its parameters, size on disk and latency.
+
+    Args:
+        model: a saved model folder (or hub name) with a classifier for the task's labels.
+        task: a GLUE task (sst2, mnli, ...) or bbc-news. Exclusive with --data.
+        data: a folder with train and dev files (.tsv, .csv or .jsonl); the dev file is scored.
+        batch_size: examples per evaluation batch.
+        max_length: tokens per example; longer inputs are truncated.
+        text_column: column(s) holding the text, "a" or "a,b" for pairs.
+        label_column: column holding the label.
+        accelerator: auto, cpu or cuda.
+        latency_batch: batch size of the latency measurement.
+        latency_seq: sequence length of the latency measurement.
+        latency_reps: timed rounds of the latency measurement.
+        json_out: also write the results to this JSON file.
+    """
+    from compress.data import load_task
+    from compress.datamodule import TaskDataModule
+    from compress.errors import CompressError
+    from compress.measure import count_params, latency_ms, weights_mb
+    from compress.models import has_task_head, load_classifier, load_config, load_tokenizer, resolve_model
+    from compress.training import quiet_libraries, resolve_accelerator, resolve_precision, score
+
+    quiet_libraries()
+    task_data = load_task(task, data, text_column=text_column, label_column=label_column)
+    path = resolve_model(model, "--model")
+    config = load_config(path, "--model")
+    if not has_task_head(config, task_data.label_names):
+        raise CompressError(
+            f"--model {model}: has no classifier for {task_data.name}'s labels {task_data.label_names}; "
+            "fine-tune it first (compress finetune)"
+        )
+    net = load_classifier(path, task_data.label_names, "--model")
+    tokenizer = load_tokenizer(path, "--model")
+    accelerator = resolve_accelerator(accelerator)
+    dm = TaskDataModule(task_data, tokenizer, eval_batch_size=batch_size, max_length=max_length)
+    value = score(net, dm, task_data.metric, task_data.num_labels, accelerator, resolve_precision("auto", accelerator))
+    device = "cuda" if accelerator == "cuda" else "cpu"
+    lat = latency_ms({"m": net}, batch=latency_batch, seq=latency_seq, device=device, reps=latency_reps,
+                     vocab_size=net.config.vocab_size)["m"]
+    result = {"model": model, "task": task_data.name, "metric": task_data.metric, "score": value,
+              "params": count_params(net), "mb": weights_mb(path), "latency_ms": lat,
+              "latency_shape": [latency_batch, latency_seq], "device": device}
+    print(f"{task_data.metric:>10} {value:.4f}\n{'params':>10} {result['params']:,}\n{'MB':>10} {result['mb']:.1f}\n"
+          f"{'latency':>10} {lat:.1f} ms at {latency_batch}x{latency_seq} on {device}", file=sys.stderr)
+    print(json.dumps(result))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)

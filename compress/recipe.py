@@ -1,0 +1,185 @@
+"""One training run from start to saved model, shared by finetune, distill and the recovery of prune and share.
+
+setup (data, models, MLflow run) -> fit (resumable) -> score student and teacher -> save atomically ->
+measure size and latency -> log the final metrics under the names every compress run uses.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from compress.errors import CompressError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 128
+    seed: int = 42
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_workers: int | None = None
+    checkpoint_every: int = 100
+    latency_reps: int = 5
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch_size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (8 <= self.max_length <= 8192, "--max_length must be between 8 and 8192"),
+            (self.checkpoint_every >= 1, "--checkpoint_every must be at least 1"),
+            (self.latency_reps >= 1, "--latency_reps must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CompressError(message)
+
+
+@dataclass
+class RunResult:
+    output: str
+    metrics: dict[str, float]
+    run_id: str | None
+
+
+def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | None, tracking: str) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}", file=sys.stderr)
+    print(f"  {'':{width}}  {'student':>12}  {'teacher':>12}", file=sys.stderr)
+    for name, student, teacher in rows:
+        print(f"  {name:{width}}  {student:>12}  {teacher:>12}", file=sys.stderr)
+    if run_id:
+        print(f"  MLflow run {run_id} in {tracking}  (see it: compress ui --tracking {tracking})", file=sys.stderr)
+
+
+def run_training(
+    *,
+    command: str,
+    run_name: str,
+    student,
+    teacher,
+    tokenizer,
+    task,
+    output: Path,
+    cfg: TrainConfig,
+    weights=None,
+    temperature: float = 2.0,
+    tracking: str,
+    experiment: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    params: dict | None = None,
+    lineage: dict | None = None,
+    extra_metrics: dict | None = None,
+) -> RunResult | None:
+    """Train `student` (from `teacher` when given, else on labels alone), save it to `output`, log to MLflow.
+
+    Returns None on DDP ranks other than 0, which only help with fit.
+    """
+    import torch
+
+    from compress.datamodule import TaskDataModule
+    from compress.measure import count_params, latency_ms, weights_mb
+    from compress.module import DistillModule
+    from compress.tracking import log_final, make_logger, run_tags
+    from compress.training import (RunState, atomic_output, build_trainer, resolve_accelerator,
+                                   quiet_libraries, resolve_precision, save_model, score,
+                                   write_lineage)
+
+    cfg.validate()
+    quiet_libraries()
+    state = RunState(output, resume, overwrite)
+    accelerator = resolve_accelerator(cfg.accelerator)
+    precision = resolve_precision(cfg.precision, accelerator)
+    workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator == "cuda" else 0)
+    datamodule = TaskDataModule(task, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                num_workers=workers, seed=cfg.seed)
+
+    import lightning.pytorch as pl
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    saved = state.read()
+    logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command), run_id=saved.get("run_id"))
+    state.write(run_id=logger.run_id)
+    all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
+                  "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
+                  "output": str(output), **asdict(cfg), **(params or {})}
+    all_params.pop("extra")
+    all_params.pop("progress")
+    if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
+        logger.log_hyperparams(all_params)
+        state.write(params_logged=True)
+
+    module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric, temperature=temperature,
+                           weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup)
+    trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
+                            strategy=cfg.strategy, logger=logger, ckpt_dir=state.ckpt_dir,
+                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+    ckpt = state.last_checkpoint() if resume else None
+    if resume:
+        print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if not trainer.is_global_zero:
+        return None
+
+    student = module.student.float().cpu()
+    student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
+    metrics = {"student_score": student_score, "student_params": count_params(student)}
+    if teacher is not None:
+        teacher = teacher.float().cpu()
+        teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
+        metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
+                    "retention": student_score / teacher_score if teacher_score else 0.0,
+                    "compression": count_params(teacher) / metrics["student_params"]}
+
+    device = "cuda" if accelerator == "cuda" else "cpu"
+    models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
+    print(f"measuring latency at batch 32 x {min(128, student.config.max_position_embeddings)} on {device} ({cfg.latency_reps} interleaved rounds)", file=sys.stderr)
+    seq = min(128, student.config.max_position_embeddings)
+    lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
+                     vocab_size=student.config.vocab_size)
+    metrics["latency_ms"] = lat["student"]
+    if teacher is not None:
+        metrics["teacher_latency_ms"] = lat["teacher"]
+        metrics["speedup"] = lat["teacher"] / lat["student"]
+    metrics |= extra_metrics or {}
+
+    student.config.architectures = [type(student).__name__]
+    with atomic_output(output, overwrite) as tmp:
+        save_model(student, tokenizer, tmp)
+        metrics["student_mb"] = weights_mb(tmp)
+        write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
+                            task.label_names, "mlflow_run_id": logger.run_id, "tracking": tracking,
+                            "metrics": metrics, **(lineage or {})})
+        log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
+    logger.finalize("success")
+    state.finish()
+
+    def fmt(key: str) -> str:
+        v = metrics.get(key)
+        return "-" if v is None else (f"{v:,.0f}" if key.endswith("params") else f"{v:.4f}" if "score" in key
+                                      else f"{v:.1f}")
+
+    rows = [(task.metric, fmt("student_score"), fmt("teacher_score")),
+            ("params", fmt("student_params"), fmt("teacher_params")),
+            ("MB", fmt("student_mb"), "-"),
+            (f"latency ms (32x{seq}, {device})", fmt("latency_ms"), fmt("teacher_latency_ms"))]
+    extra = []
+    if teacher is not None:
+        extra = [f"retention {metrics['retention']:.3f}", f"compression {metrics['compression']:.2f}x",
+                 f"speedup {metrics['speedup']:.2f}x"]
+    _print_summary(f"{command} done -> {output}  {'  '.join(extra)}", rows, logger.run_id, tracking)
+    return RunResult(str(output), metrics, logger.run_id)

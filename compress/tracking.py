@@ -1,0 +1,73 @@
+"""MLflow: where runs go, what every run is tagged with, and the final metrics every command logs.
+
+The store defaults to sqlite under ./mlruns (MLflow 3 refuses the bare file store), with artifacts beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "compress"
+
+
+def _prepare_store(uri: str) -> str | None:
+    """Create the sqlite file's folder and pick an artifact folder beside it; None lets the server decide."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def git_commit() -> str:
+    """The commit of the compress checkout that ran, or 'unknown' for an installed wheel."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_tags(device: str, command: str) -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "compress.command": command,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "host": platform.node(),
+    }
+
+
+def make_logger(uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
+    """Lightning's MLFlowLogger on our store. Always given a tracking_uri: its import-time default crashes."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    artifacts = _prepare_store(uri)
+    logger = MLFlowLogger(
+        experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags, run_id=run_id,
+        artifact_location=artifacts, log_model=False,
+    )
+    _ = logger.experiment  # create the run now, so its id exists before training starts
+    return logger
+
+
+def log_final(logger, metrics: dict[str, float], params: dict[str, object] | None = None,
+              artifact_dir: str | None = None, artifact_path: str = "model") -> None:
+    client, run_id = logger.experiment, logger.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    for key, value in (params or {}).items():
+        client.log_param(run_id, key, value)
+    if artifact_dir:
+        client.log_artifacts(run_id, artifact_dir, artifact_path)

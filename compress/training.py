@@ -1,0 +1,182 @@
+"""What every training command shares: the Trainer, its checkpoints and resume, scoring, and atomic output.
+
+A run writing to OUTPUT keeps its state in OUTPUT.partial/ (checkpoints and the MLflow run id) until it
+succeeds; only then does OUTPUT appear, renamed into place in one step, and the .partial folder go away.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from compress.errors import CompressError
+
+
+def quiet_libraries() -> None:
+    """Silence what users cannot act on: Lightning's upsell tips, HF's per-file progress bars, known warnings."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        r".*isinstance\(treespec, LeafSpec\).*",  # Lightning vs torch 2.13's pytree; harmless
+        r".*module\(s\) in eval mode.*",  # the frozen teacher is in eval mode on purpose
+        r".*smaller than the logging interval.*",
+        r".*does not have many workers.*",  # 0 workers is our CPU default: tokenized rows need no workers
+        r".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise CompressError(f"--accelerator {accelerator}: no CUDA device is visible")
+        return "cuda"
+    if accelerator != "cpu":
+        raise CompressError(f"--accelerator {accelerator}: use auto, cpu or cuda")
+    return "cpu"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto' is bf16-mixed on a GPU that supports it (no loss scaling needed), full fp32 on a CPU."""
+    if precision == "auto":
+        return "bf16-mixed" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    valid = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+    if precision not in valid:
+        raise CompressError(f"--precision {precision}: use auto or one of {', '.join(valid)}")
+    return precision
+
+
+class RunState:
+    """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id)."""
+
+    def __init__(self, output: Path, resume: bool, overwrite: bool) -> None:
+        self.output = output
+        self.dir = output.with_name(output.name + ".partial")
+        if output.exists() and not overwrite:
+            raise CompressError(f"--output {output}: already exists; pass --overwrite to replace it or choose another")
+        if self.dir.exists() and not resume:
+            if not overwrite:
+                raise CompressError(
+                    f"--output {output}: an interrupted run left {self.dir}; pass --resume to continue it "
+                    "or --overwrite to start over"
+                )
+            shutil.rmtree(self.dir)
+        if resume and not self.dir.exists():
+            raise CompressError(f"--resume: no interrupted run to resume at {self.dir}")
+        self.ckpt_dir = self.dir / "checkpoints"
+        self._meta = self.dir / "run.json"
+
+    def read(self) -> dict:
+        return json.loads(self._meta.read_text()) if self._meta.exists() else {}
+
+    def write(self, **values) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._meta.write_text(json.dumps(self.read() | values))
+
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint that loads; a kill -9 during a write can leave the newest one truncated."""
+        for ckpt in sorted(self.ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+                return str(ckpt)
+            except Exception:  # a truncated file: fall back to the one before it
+                print(f"skipping unreadable checkpoint {ckpt}", file=sys.stderr)
+        return None
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def build_trainer(
+    *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
+    checkpoint_every: int = 100, progress: bool = True, callbacks: list | None = None,
+) -> pl.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = list(callbacks or [])
+    if ckpt_dir is not None:
+        # Two newest by step: if the kill lands while one is being written, the other is still whole.
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:07d}", monitor="step", mode="max", save_top_k=2,
+            every_n_train_steps=checkpoint_every, auto_insert_metric_name=False, save_on_train_epoch_end=True,
+        ))
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        precision=precision,
+        devices=devices,
+        strategy=strategy,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        use_distributed_sampler=False,  # our batch sampler shards by rank itself, so it can resume mid-epoch
+    )
+
+
+def score(model, datamodule, metric: str, num_labels: int, accelerator: str, precision: str) -> float:
+    """The task metric of `model` on the dev split, through the same validation step training uses."""
+    from compress.module import DistillModule
+
+    module = DistillModule(model, num_labels=num_labels, metric=metric)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(result[0]["val_score"])
+
+
+@contextmanager
+def atomic_output(output: Path, overwrite: bool):
+    """Yield a temporary folder beside `output`; rename it into place only if the block succeeds."""
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if output.exists():
+            if not overwrite:
+                raise CompressError(f"--output {output}: appeared while running; not replacing it")
+            old = output.with_name(output.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """HF layout: safetensors, tokenizer, and a config with id2label; loads without compress installed."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def write_lineage(folder: Path, lineage: dict) -> None:
+    """compress.json: where the model came from and what it scored, for model cards and `--run` lookups."""
+    (folder / "compress.json").write_text(json.dumps(lineage, indent=2, default=str))
+
+
+def read_lineage(folder: str | Path) -> dict:
+    path = Path(folder) / "compress.json"
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,86 @@
+"""Fixtures: tiny random BERTs saved with save_pretrained (so the real loading path runs) and tiny task data."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Never let a test reach for the hub: transformers would retry for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "terrible"]
+FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "very", "quite", "acting", "story", "and"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def make_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """Sentences whose label is set by one sentiment word among fillers: learnable by a tiny model in seconds."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(folder: Path, train: int = 96, dev: int = 32, labels: tuple[str, str] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train.tsv", train, 0), ("dev.tsv", dev, 1)):
+        lines = ["sentence\tlabel"] + [f"{t}\t{labels[y] if labels else y}" for t, y in make_rows(n, seed)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def save_tiny_bert(folder: Path, *, layers: int = 4, hidden: int = 32, heads: int = 4, intermediate: int = 64,
+                   head: bool = True, num_labels: int = 2, extra_vocab: list[str] | None = None, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + (extra_vocab or [])))
+    # transformers 5 ignores vocab_file= here (every word becomes [UNK]); the vocab goes in as a dict
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config) if head else BertModel(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_root) -> Path:
+    """A 4-layer, 32-wide BERT with a 2-label head (random weights)."""
+    return save_tiny_bert(tiny_root / "teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_root) -> Path:
+    """The same shape without a classifier head, like a pretrained encoder."""
+    return save_tiny_bert(tiny_root / "encoder", head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_root) -> Path:
+    return write_tsv(tiny_root / "data")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a temp dir so mlruns/ and outputs/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
