@@ -13,7 +13,12 @@ from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.finetune import finetune
 
-COMMANDS = {"distill": distill, "finetune": finetune, "evaluate": evaluate}
+# one line per command; each module keeps its heavy imports inside the function
+COMMANDS = {
+    "distill": distill,
+    "finetune": finetune,
+    "evaluate": evaluate,
+}
 
 
 def _normalise_flags(argv: list[str]) -> list[str]:
