@@ -86,6 +86,8 @@ def resolve_model(name: str, flag: str = "--model") -> str:
 def load_config(path: str, flag: str = "--model"):
     from transformers import AutoConfig
 
+    import compress.modeling  # noqa: F401  (registers compress_bert, which the CLI skips at start-up)
+
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:

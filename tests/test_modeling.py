@@ -1,0 +1,80 @@
+"""CompressBert: converting a BERT keeps its function, and both load paths give the same logits."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_teacher):
+    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+
+
+def batch():
+    ids = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # padding must be masked the same way as in BERT
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_from_bert_keeps_logits_hidden_states_and_attentions(bert):
+    converted = from_bert(bert).eval()
+    b = batch()
+    ref = bert(**b, output_hidden_states=True)
+    out = converted(**b, output_hidden_states=True, output_attentions=True)
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in bert.parameters())
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    assert out.attentions[0].shape == (3, 4, 10, 10)
+    # the eager path (attention maps) and the sdpa path agree
+    torch.testing.assert_close(converted(**b).logits, out.logits, atol=1e-6, rtol=0)
+
+
+def test_both_load_paths_give_the_same_logits(bert, tmp_path):
+    converted = from_bert(bert).eval()
+    converted.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "modeling_compress_bert.py").exists()
+    b = batch()
+    expected = converted(**b).logits
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(reloaded, CompressBertForSequenceClassification)
+    torch.testing.assert_close(reloaded(**b).logits, expected, atol=0, rtol=0)
+    # a fresh interpreter that never imports compress, through the code saved beside the weights
+    torch.save(b, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+        "assert 'compress' not in sys.modules, 'compress was imported'\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+
+
+def test_config_rejects_inconsistent_maps():
+    with pytest.raises(ValueError, match="one entry per hidden layer"):
+        CompressBertConfig(num_hidden_layers=2, attention_map=[0])
+    with pytest.raises(ValueError, match="one entry per module"):
+        CompressBertConfig(num_hidden_layers=2, attention_heads=[1, 2, 3])
+
+
+def test_shared_modules_count_once_and_zero_heads_run():
+    config = CompressBertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                intermediate_size=32, attention_map=[0, 0, 0, 0], ffn_map=[0, 1, 0, 1],
+                                attention_heads=[0], intermediate_sizes=[32, 8])
+    model = CompressBertForSequenceClassification(config).eval()
+    # one attention module with no heads: only its output projection bias (16), no q/k/v weights, and a norm (32)
+    attn = sum(p.numel() for p in model.bert.encoder.attention.parameters())
+    assert attn == 16 * 0 + 16 + 32 + 3 * 0
+    ffn = sum(p.numel() for p in model.bert.encoder.ffn.parameters())
+    assert ffn == (16 * 32 + 32 + 32 * 16 + 16 + 32) + (16 * 8 + 8 + 8 * 16 + 16 + 32)
+    out = model(input_ids=torch.tensor([[2, 7, 9, 3]]), output_hidden_states=True)
+    assert len(out.hidden_states) == 5 and torch.isfinite(out.logits).all()
