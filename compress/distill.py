@@ -27,6 +27,7 @@ def distill(
     alpha_ce: float = 0.5,
     alpha_hidden: float = 1.0,
     alpha_attn: float = 0.0,
+    cache_teacher: bool = False,
     max_length: int = 128,
     max_train: int | None = None,
     text_column: str | None = None,
@@ -71,6 +72,8 @@ def distill(
         alpha_hidden: weight of the hidden-state loss (cosine at equal width, MSE through a learned projection
             for a narrower student); 0 turns it off.
         alpha_attn: weight of the attention-distribution KL; > 0 runs both models with eager attention (slower).
+        cache_teacher: keep the teacher's logits from the first epoch and skip the teacher after it. Needs
+            --alpha_hidden 0 and --alpha_attn 0 (those losses need the teacher's hidden states every step).
         max_length: tokens per example; longer inputs are truncated.
         max_train: use a seeded random subset of this many training rows.
         text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
@@ -97,7 +100,9 @@ def distill(
                                  load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
     from compress.module import LossWeights
     from compress.recipe import TrainConfig, run_training
+    from compress.training import quiet_libraries
 
+    quiet_libraries()
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     for name, value in (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden),
                         ("--alpha_attn", alpha_attn)):
@@ -105,6 +110,9 @@ def distill(
             raise CompressError(f"{name} {value}: loss weights must be >= 0")
     if alpha_kd == alpha_ce == alpha_hidden == alpha_attn == 0:
         raise CompressError("--alpha_*: every loss weight is 0, so there is nothing to learn from")
+    if cache_teacher and (alpha_hidden or alpha_attn):
+        raise CompressError("--cache_teacher stores logits only: set --alpha_hidden 0 and --alpha_attn 0 with it "
+                            "(hidden-state and attention losses need the live teacher every step)")
     if temperature <= 0:
         raise CompressError(f"--temperature {temperature}: must be > 0")
     if student is not None and layers is not None:
@@ -154,9 +162,11 @@ def distill(
         command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
         teacher=teacher_model, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,
         temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
+        cache_teacher=cache_teacher,
         params={"teacher": teacher, "teacher_path": teacher_path, "student": student or "", "layers": n_student,
                 "teacher_layers_kept": str(kept or ""), "temperature": temperature, "alpha_kd": alpha_kd,
                 "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "alpha_attn": alpha_attn,
+                "cache_teacher": cache_teacher,
                 "max_train": max_train},
         lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
     )

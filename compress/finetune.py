@@ -120,7 +120,9 @@ def finetune(
     from compress.data import load_task
     from compress.models import check_encoder, load_config, resolve_model
     from compress.recipe import TrainConfig
+    from compress.training import quiet_libraries
 
+    quiet_libraries()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,

@@ -60,11 +60,21 @@ class DistillModule(pl.LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup: float = 0.1,
+        cache_teacher: bool = False,
     ) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
         self.weights = weights or LossWeights()
         self.temperature, self.lr, self.weight_decay, self.warmup = temperature, lr, weight_decay, warmup
+        # Teacher logits per training row, filled during the first epoch and used after it (the teacher is
+        # frozen and in eval mode, so its outputs are a pure function of the row). Only logits: hidden states
+        # for every row would not fit in memory, so the hidden and attention losses keep the teacher live.
+        self.cache_teacher = cache_teacher and teacher is not None
+        if self.cache_teacher and (self.weights.hidden or self.weights.attn):
+            raise ValueError("teacher caching stores logits only; it needs the hidden and attention weights at 0")
+        self._cache: torch.Tensor | None = None  # (N, C)
+        self._cached: torch.Tensor | None = None  # (N,) bool: row's logits are stored
+        self._cache_ready = False
         self.save_hyperparameters(
             {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
              "weight_decay": weight_decay, "warmup": warmup, **{f"alpha_{k}": v for k, v in asdict(self.weights).items()}}
@@ -95,6 +105,40 @@ class DistillModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
+    def on_fit_start(self) -> None:
+        # The frozen teacher needs no fp32 master weights: on a GPU under bf16-mixed it runs in bf16 outright,
+        # halving its memory traffic. (On a CPU precision stays 32-true, so this never fires there.)
+        if self.teacher is not None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+            self.teacher.to(torch.bfloat16)
+
+    def on_train_start(self) -> None:
+        if self.cache_teacher and self._cache is None:
+            rows = len(self.trainer.train_dataloader.dataset)
+            self._cache = torch.zeros(rows, self.hparams.num_labels, device=self.device)
+            self._cached = torch.zeros(rows, dtype=torch.bool, device=self.device)
+
+    def on_train_epoch_end(self) -> None:
+        if not self.cache_teacher or self._cache_ready:
+            return
+        # DDP ranks each saw a different shard: pool what they stored (rows seen twice average to themselves)
+        filled = self._cached.float()
+        total = self.trainer.strategy.reduce(self._cache * filled[:, None], reduce_op="sum")
+        count = self.trainer.strategy.reduce(filled, reduce_op="sum")
+        self._cache = total / count.clamp_min(1.0)[:, None]
+        self._cached = count > 0
+        self._cache_ready = bool(self._cached.all())  # one host sync per epoch, not per step
+
+    def teacher_logits(self, batch: dict, inputs: dict, want_hidden: bool, want_attn: bool):
+        """Teacher outputs for this batch: from the cache once it is complete, else a live forward pass."""
+        if self.cache_teacher and self._cache_ready and self.training:
+            return None, self._cache[batch["idx"]]
+        with torch.no_grad():
+            out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+        if self.cache_teacher and self.training and self._cache is not None:
+            self._cache[batch["idx"]] = out.logits.float()
+            self._cached[batch["idx"]] = True
+        return out, out.logits
+
     # --- the step
     @staticmethod
     def _inputs(batch: dict) -> dict:
@@ -111,10 +155,9 @@ class DistillModule(pl.LightningModule):
         if not distilling or w.ce:
             terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"])
         if distilling:
-            with torch.no_grad():
-                t_out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+            t_out, t_logits = self.teacher_logits(batch, inputs, want_hidden, want_attn)
             if w.kd:
-                terms["kd"] = losses.soft_target_kl(out.logits, t_out.logits, self.temperature)
+                terms["kd"] = losses.soft_target_kl(out.logits, t_logits, self.temperature)
             mask = inputs["attention_mask"]
             if want_hidden:
                 pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t]) for k, t in enumerate(self.layer_map)]
@@ -136,10 +179,12 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.compute_losses(batch)
         size = batch["labels"].shape[0]
-        # on_epoch only: Lightning accumulates on the device, so there is no host sync per step
+        # Epoch means accumulate on the device. A per-step value in the progress bar would cost a host sync
+        # every step (the bar calls .item()), which stalls a GPU; on a CPU it is free, so show it there.
         self.log_dict({f"loss_{k}": v for k, v in terms.items() if k != "loss"}, on_step=False, on_epoch=True,
                       batch_size=size)
-        self.log("loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=self.device.type != "cuda",
+                 batch_size=size)
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -32,9 +32,10 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, min_epochs: int = 1) -> None:
+        """min_epochs=0 is for run_training itself: 0 epochs scores, measures and saves the model as given."""
         checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.epochs >= min_epochs, f"--epochs must be at least {min_epochs}"),
             (self.batch_size >= 1, "--batch_size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
@@ -62,7 +63,8 @@ def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | N
     for name, student, teacher in rows:
         print(f"  {name:{width}}  {student:>12}  {teacher:>12}", file=sys.stderr)
     if run_id:
-        print(f"  MLflow run {run_id} in {tracking}  (see it: compress ui --tracking {tracking})", file=sys.stderr)
+        see = f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite:") else tracking
+        print(f"  MLflow run {run_id} in {tracking}  (open it: {see})", file=sys.stderr)
 
 
 def run_training(
@@ -84,10 +86,13 @@ def run_training(
     params: dict | None = None,
     lineage: dict | None = None,
     extra_metrics: dict | None = None,
+    finalize=None,
 ) -> RunResult | None:
     """Train `student` (from `teacher` when given, else on labels alone), save it to `output`, log to MLflow.
 
-    Returns None on DDP ranks other than 0, which only help with fit.
+    Returns None on DDP ranks other than 0, which only help with fit. `cfg.epochs == 0` skips fit (prune
+    without recovery). `finalize(student)`, when given, runs on the trained student before it is scored,
+    measured and saved (prune makes its sparsity masks permanent there).
     """
     import torch
 
@@ -99,7 +104,7 @@ def run_training(
                                    quiet_libraries, resolve_precision, save_model, score,
                                    write_lineage)
 
-    cfg.validate()
+    cfg.validate(min_epochs=0)  # commands check their own epochs (>= 1 for finetune and distill) first
     quiet_libraries()
     state = RunState(output, resume, overwrite)
     accelerator = resolve_accelerator(cfg.accelerator)
@@ -124,18 +129,22 @@ def run_training(
         state.write(params_logged=True)
 
     module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric, temperature=temperature,
-                           weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup)
+                           weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                           cache_teacher=cache_teacher)
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=logger, ckpt_dir=state.ckpt_dir,
                             checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
     ckpt = state.last_checkpoint() if resume else None
     if resume:
         print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if cfg.epochs > 0:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if not trainer.is_global_zero:
         return None
 
     student = module.student.float().cpu()
+    if finalize is not None:
+        finalize(student)
     student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
     metrics = {"student_score": student_score, "student_params": count_params(student)}
     if teacher is not None:

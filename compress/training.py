@@ -28,7 +28,7 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
+                 "lightning.pytorch.accelerators.cuda", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (
         r".*isinstance\(treespec, LeafSpec\).*",  # Lightning vs torch 2.13's pytree; harmless
