@@ -87,6 +87,7 @@ def run_training(
     lineage: dict | None = None,
     extra_metrics: dict | None = None,
     finalize=None,
+    cache_teacher: bool = False,
 ) -> RunResult | None:
     """Train `student` (from `teacher` when given, else on labels alone), save it to `output`, log to MLflow.
 
@@ -139,6 +140,10 @@ def run_training(
         print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
     if cfg.epochs > 0:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP fit is over and the other ranks return now: rank 0 scores alone, and a live process group would make
+        # torchmetrics wait at compute() for ranks that have gone. A later fit (distill after finetune) re-creates it.
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return None
 

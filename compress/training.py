@@ -66,8 +66,17 @@ class RunState:
     """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id)."""
 
     def __init__(self, output: Path, resume: bool, overwrite: bool) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         self.output = output
         self.dir = output.with_name(output.name + ".partial")
+        self.ckpt_dir = self.dir / "checkpoints"
+        self._meta = self.dir / "run.json"
+        # A DDP child process (Lightning re-runs the command with LOCAL_RANK set) finds rank 0's OUTPUT.partial: it
+        # only helps with fit, so it neither checks nor writes the folder, and reads rank 0's run id from it.
+        self._child = rank_zero_only.rank != 0
+        if self._child:
+            return
         if output.exists() and not overwrite:
             raise CompressError(f"--output {output}: already exists; pass --overwrite to replace it or choose another")
         if self.dir.exists() and not resume:
@@ -79,13 +88,13 @@ class RunState:
             shutil.rmtree(self.dir)
         if resume and not self.dir.exists():
             raise CompressError(f"--resume: no interrupted run to resume at {self.dir}")
-        self.ckpt_dir = self.dir / "checkpoints"
-        self._meta = self.dir / "run.json"
 
     def read(self) -> dict:
         return json.loads(self._meta.read_text()) if self._meta.exists() else {}
 
     def write(self, **values) -> None:
+        if self._child:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         self._meta.write_text(json.dumps(self.read() | values))
 
@@ -107,9 +116,12 @@ def build_trainer(
     *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
     checkpoint_every: int = 100, progress: bool = True, callbacks: list | None = None,
 ) -> pl.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     callbacks = list(callbacks or [])
+    if progress:
+        # tqdm, not rich: rich draws nothing until the end when stderr is a log file or a CI console
+        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 20))
     if ckpt_dir is not None:
         # Two newest by step: if the kill lands while one is being written, the other is still whole.
         callbacks.append(ModelCheckpoint(
