@@ -113,6 +113,8 @@ class TaskDataModule(pl.LightningDataModule):
         self.max_length, self.num_workers, self.seed = max_length, num_workers, seed
         self.train_rows: list[dict] | None = None
         self.dev_rows: list[dict] | None = None
+        self._sampler: ResumableBatchSampler | None = None
+        self._resume_at: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is None:  # tokenize once, even when Lightning calls setup for fit and validate
@@ -133,10 +135,31 @@ class TaskDataModule(pl.LightningDataModule):
         # already includes the current batch there, while `completed` would not yet.
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    # Lightning hands the loader its checkpointed state only if the train loader does not exist yet, but
+    # `estimated_stepping_batches` in configure_optimizers builds it before the restore (Lightning #20550), so the
+    # position is dropped and a resumed epoch restarts at batch 0. The datamodule's own state is restored before
+    # that, so it carries the position as well.
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {}
+        epoch, processed = self._progress()
+        return {"epoch": epoch, "batches_done": processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "batches_done" not in state:
+            return
+        if self._sampler is not None:  # the loader already exists: skip on its (not yet started) iterator
+            self._sampler.skip_to(state["epoch"], state["batches_done"])
+        else:
+            self._resume_at = (state["epoch"], state["batches_done"])
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = ResumableBatchSampler(len(self.train_rows), self.batch_size, self.seed, rank, world)
+        if self._resume_at is not None:
+            sampler.skip_to(*self._resume_at)
+        self._sampler, self._resume_at = sampler, None
         return ResumableLoader(self.train_rows, batch_sampler=sampler, progress=self._progress, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

@@ -98,12 +98,8 @@ def distill(
     from compress.finetune import ensure_task_teacher
     from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
                                  load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
-    from compress.module import LossWeights
     from compress.recipe import TrainConfig, run_training
-    from compress.training import quiet_libraries
 
-    quiet_libraries()
-    weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     for name, value in (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden),
                         ("--alpha_attn", alpha_attn)):
         if value < 0:
@@ -136,6 +132,12 @@ def distill(
     if student is not None:
         student_path = resolve_model(student, "--student")
         check_encoder(load_config(student_path, "--student"), "--student")
+    # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
+    from compress.module import LossWeights
+    from compress.training import quiet_libraries
+
+    quiet_libraries()
+    weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))

@@ -7,6 +7,8 @@ measure size and latency -> log the final metrics under the names every compress
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,25 @@ class RunResult:
     output: str
     metrics: dict[str, float]
     run_id: str | None
+
+
+# Extra Lightning callbacks and MLflow tags for every run_training call inside a `run_hooks` block. The commands'
+# signatures are their CLI flags, so a caller that runs a command as a step (compress search: an Optuna pruning
+# callback, the trial's run as MLflow parent) hands these in here rather than through new parameters.
+_RUN_HOOKS: ContextVar[dict | None] = ContextVar("compress_run_hooks", default=None)
+
+
+@contextmanager
+def run_hooks(*, callbacks: list | None = None, tags: dict[str, str] | None = None, progress: bool | None = None):
+    """Within the block, run_training adds `callbacks` to its Trainer and `tags` to its MLflow run.
+
+    `progress`, when not None, overrides the progress bar (off when several search workers share a terminal).
+    """
+    token = _RUN_HOOKS.set({"callbacks": list(callbacks or []), "tags": dict(tags or {}), "progress": progress})
+    try:
+        yield
+    finally:
+        _RUN_HOOKS.reset(token)
 
 
 def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | None, tracking: str) -> None:
@@ -106,6 +127,9 @@ def run_training(
                                    write_lineage)
 
     cfg.validate(min_epochs=0)  # commands check their own epochs (>= 1 for finetune and distill) first
+    hooks = _RUN_HOOKS.get() or {}
+    if hooks.get("progress") is not None:
+        cfg.progress = hooks["progress"]
     quiet_libraries()
     state = RunState(output, resume, overwrite)
     accelerator = resolve_accelerator(cfg.accelerator)
@@ -118,7 +142,8 @@ def run_training(
 
     pl.seed_everything(cfg.seed, verbose=False)
     saved = state.read()
-    logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command), run_id=saved.get("run_id"))
+    logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
+                          run_id=saved.get("run_id"))
     state.write(run_id=logger.run_id)
     all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
                   "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
@@ -134,7 +159,8 @@ def run_training(
                            cache_teacher=cache_teacher)
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=logger, ckpt_dir=state.ckpt_dir,
-                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                            callbacks=hooks.get("callbacks"))
     ckpt = state.last_checkpoint() if resume else None
     if resume:
         print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)

@@ -1,0 +1,580 @@
+"""The `compress` command end to end on tiny random BERTs: help, config files, distill (with and without a teacher head,
+narrower students, attention transfer), what lands in MLflow, evaluate, resume after kill -9, DDP on CPU, an
+unreachable hub, and a catalogue of bad inputs that must each give one clean line.
+
+Most runs call `compress.__main__.main` in-process; a subprocess is used only where a fresh process matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compress.__main__ import COMMANDS, main
+
+from conftest import save_tiny_bert
+
+COMPRESS = Path(sys.executable).with_name("compress")  # the console script of this venv
+FAST = ["--latency_reps", "1"]
+
+
+def run_main(args: list) -> tuple[int, str, str]:
+    """Run the CLI in-process; (exit code, stdout, stderr). Bugs (non-SystemExit exceptions) propagate."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(args: list) -> tuple[str, str]:
+    code, out, err = run_main(args)
+    assert code == 0, f"exit {code}\n--- stderr ---\n{err[-4000:]}"
+    return out, err
+
+
+def sqlite_uri(folder: Path) -> str:
+    return f"sqlite:///{folder.resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def track(folder: Path) -> list[str]:
+    # Always an absolute URI in-process: MLflow keeps one SQLAlchemy engine per URI string
+    # (SqlAlchemyStore._engine_map), so the relative default sqlite:///mlruns/mlflow.db would keep writing to the
+    # first test's folder.
+    return ["--tracking", sqlite_uri(folder)]
+
+
+def mlflow_runs(uri: str, experiment: str = "compress"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id])
+    return client, runs
+
+
+def runs_of(runs, command: str) -> list:
+    return [r for r in runs if r.data.tags.get("compress.command") == command]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def leftovers(output: Path) -> list[str]:
+    """Siblings of `output` that share its name: OUTPUT itself, OUTPUT.partial, OUTPUT.tmp, OUTPUT.old."""
+    if not output.parent.exists():
+        return []
+    name = output.name
+    return sorted(p.name for p in output.parent.iterdir() if p.name == name or p.name.startswith(name + "."))
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("compress: error:")]
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def dev_texts(data: Path) -> tuple[list[str], list[int]]:
+    lines = (data / "dev.tsv").read_text().splitlines()[1:]
+    rows = [line.split("\t") for line in lines if line]
+    return [r[0] for r in rows], [int(r[1]) for r in rows]
+
+
+# --- help -------------------------------------------------------------------------------------------------------------
+
+
+def test_top_level_help_is_fast_and_lists_the_commands(tmp_path: Path) -> None:
+    assert COMPRESS.exists(), COMPRESS
+    start = time.perf_counter()
+    proc = subprocess.run([str(COMPRESS), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env=subprocess_env(), timeout=30)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    for command in ("distill", "finetune", "evaluate"):
+        assert command in proc.stdout
+    assert elapsed < 1.0, f"compress --help took {elapsed:.2f} s"
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """Option name -> the help text argparse printed for it (wrapped lines joined)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^  (--?[\w-]+)(.*)$", line)
+        if m:
+            current = m.group(1)
+            entries[current] = m.group(2)
+        elif current and line.startswith("    ") and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def _description(entry: str, name: str) -> str:
+    text = re.sub(r"\((required, )?type: .*$", "", entry)  # jsonargparse's "(type: int, default: 3)" tail
+    # what precedes the help: the metavar (NAME, {true,false}) and alias spellings such as ", --name+ NAME"
+    lead = rf"^(\s*(,\s*--{name}\+|{re.escape(name.upper())}|\{{[^}}]*\}}|\[=\w+\]))*"
+    return re.sub(lead, "", text).strip()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import docstring_parser
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run_main([command, "--help"])
+    assert code == 0, err
+    entries = _help_entries(out)
+    documented = {p.arg_name: p.description for p in docstring_parser.parse(COMMANDS[command].__doc__).params}
+    for name in inspect.signature(COMMANDS[command]).parameters:
+        flag = f"--{name}"
+        assert flag in out, f"{command} --help does not list {flag}"
+        assert flag in entries, f"{command} --help: cannot find the entry of {flag}"
+        text = _description(entries[flag], name)
+        assert re.search(r"[a-z]{2,}", text), f"{command} {flag} has no help text: {entries[flag]!r}"
+        assert documented.get(name), f"{command}: {name} is missing from the docstring's Args"
+        first_words = " ".join(documented[name].split()[:3])
+        assert first_words in text, f"{command} {flag}: help {text!r} is not the docstring {documented[name]!r}"
+
+
+def test_the_three_core_commands_exist() -> None:
+    assert {"distill", "finetune", "evaluate"} <= set(COMMANDS)
+
+
+# --- --print_config / --config ----------------------------------------------------------------------------------------
+
+
+def test_print_config_round_trips_through_config(workdir: Path) -> None:
+    import yaml
+
+    out1, _ = ok(["distill", "--teacher", "some/teacher", "--task", "sst2", "--layers", "3", "--temperature", "4",
+                  "--alpha-attn", "0.5", "--resume", "--max_train", "100", "--print_config"])
+    first = yaml.safe_load(out1)
+    assert first["teacher"] == "some/teacher" and first["task"] == "sst2" and first["layers"] == 3
+    assert first["temperature"] == 4.0 and first["alpha_attn"] == 0.5 and first["resume"] is True
+    assert first["max_train"] == 100 and first["data"] is None
+    path = workdir / "distill.yaml"
+    path.write_text(out1)
+    out2, _ = ok(["distill", "--config", path, "--print_config"])
+    assert yaml.safe_load(out2) == first
+    # flags after --config override it
+    out3, _ = ok(["distill", "--config", path, "--epochs", "7", "--print_config"])
+    assert yaml.safe_load(out3) == first | {"epochs": 7}
+    assert not (workdir / "outputs").exists() and not (workdir / "mlruns").exists()  # printing runs nothing
+
+
+# --- distill with a teacher that has a head: one shared run -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_teacher: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One 2-epoch distill run (default student: half the teacher's layers), shared by the tests below."""
+    root = tmp_path_factory.mktemp("distilled")
+    out = root / "student"
+    uri = sqlite_uri(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        _, err = ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", "--batch_size", "16",
+                     "--output", out, "--tracking", uri, *FAST])
+    client, runs = mlflow_runs(uri)
+    assert len(runs) == 1, [r.data.tags.get("compress.command") for r in runs]
+    return SimpleNamespace(root=root, out=out, uri=uri, err=err, client=client, run=runs[0])
+
+
+def test_distill_writes_a_complete_output_folder(distilled, tiny_teacher: Path) -> None:
+    out = distilled.out
+    assert leftovers(out) == ["student"], "a .partial, .tmp or .old folder was left behind"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "compress.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    teacher_config = json.loads((tiny_teacher / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}
+    assert config["label2id"] == {"0": 0, "1": 1}
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["num_hidden_layers"] == teacher_config["num_hidden_layers"] // 2 == 2
+    assert config["hidden_size"] == teacher_config["hidden_size"]
+    lineage = json.loads((out / "compress.json").read_text())
+    assert lineage["command"] == "distill"
+    assert lineage["mlflow_run_id"] == distilled.run.info.run_id
+    assert lineage["teacher"] == str(tiny_teacher)
+    assert lineage["label_names"] == ["0", "1"]
+    assert "student: 2 layers x 32, from teacher layers [0, 2]" in distilled.err
+
+
+def test_saved_student_reloads_with_identical_logits(distilled, tiny_data: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = distilled.out
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts, labels = dev_texts(tiny_data)
+    # the same padding the evaluation loader uses: one batch padded to its longest row with id 0
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    assert tokenizer.pad_token_id == 0
+
+    def logits(folder: Path) -> torch.Tensor:
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        assert type(model).__name__ == "BertForSequenceClassification"
+        with torch.no_grad():
+            return model(**batch).logits
+
+    first, second = logits(out), logits(out)
+    assert torch.equal(first, second)
+    # the copy logged to MLflow is the same model
+    local = distilled.client.download_artifacts(distilled.run.info.run_id, "model", str(tmp_path))
+    assert (Path(local) / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert torch.equal(logits(Path(local)), first)
+    # and it is the model distill scored: its dev accuracy is the logged student_score
+    accuracy = (first.argmax(-1) == torch.tensor(labels)).float().mean().item()
+    assert accuracy == pytest.approx(distilled.run.data.metrics["student_score"], abs=1e-6)
+    # the student really is a new model, not the teacher under another name
+    teacher = load_weights(Path(json.loads((out / "compress.json").read_text())["teacher_path"]))
+    student = load_weights(out)
+    assert "bert.encoder.layer.2.attention.self.query.weight" in teacher
+    assert "bert.encoder.layer.2.attention.self.query.weight" not in student
+
+
+def test_mlflow_run_has_params_tags_metrics_history_and_model(distilled, tiny_teacher: Path) -> None:
+    import transformers
+
+    from compress.measure import count_params, weights_mb
+    from compress.models import load_classifier
+
+    run, client = distilled.run, distilled.client
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["temperature"] == "2.0"
+    assert params["teacher"] == str(tiny_teacher)
+    assert params["metric"] == "accuracy"
+    assert params["command"] == "distill"
+    assert params["epochs"] == "2" and params["layers"] == "2"
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"]), tags["git_commit"]
+    assert tags["torch"] == torch.__version__
+    assert tags["transformers"] == transformers.__version__
+    assert tags["device"] == "cpu"
+
+    m = run.data.metrics
+    for key in ("student_score", "teacher_score", "retention", "student_params", "teacher_params", "compression",
+                "student_mb", "latency_ms", "speedup"):
+        assert key in m, key
+        assert math.isfinite(m[key]), key
+    assert 0.0 <= m["student_score"] <= 1.0 and 0.0 <= m["teacher_score"] <= 1.0
+    assert m["retention"] == m["student_score"] / m["teacher_score"]
+    assert m["compression"] == m["teacher_params"] / m["student_params"]
+    assert m["speedup"] == m["teacher_latency_ms"] / m["latency_ms"]
+    assert m["latency_ms"] > 0
+    student_params = count_params(load_classifier(str(distilled.out), ["0", "1"]))
+    assert m["student_params"] == student_params
+    assert m["teacher_params"] == count_params(load_classifier(str(tiny_teacher), ["0", "1"]))
+    assert m["student_mb"] == weights_mb(distilled.out) > 0
+
+    run_id = run.info.run_id
+    for name in ("val_score", "loss_kd", "loss_ce", "loss_hidden", "loss_epoch"):
+        history = client.get_metric_history(run_id, name)
+        assert len(history) == 2, f"{name}: {[(h.step, h.value) for h in history]}"  # one per epoch
+        assert all(math.isfinite(h.value) for h in history)
+    assert "loss_attn" not in m  # --alpha_attn 0: no attention term
+
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json", "model/compress.json"} <= artifacts
+
+
+def test_evaluate_reproduces_the_logged_score(distilled, tiny_data: Path, workdir: Path) -> None:
+    out, err = ok(["evaluate", "--model", distilled.out, "--data", tiny_data, "--latency_reps", "1",
+                   "--latency_batch", "2", "--latency_seq", "16", "--json_out", "eval.json"])
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("score", "params", "mb", "latency_ms"):
+        assert key in result, key
+    m = distilled.run.data.metrics
+    assert result["score"] == m["student_score"]
+    assert result["params"] == m["student_params"]
+    assert result["mb"] == m["student_mb"]
+    assert result["latency_ms"] > 0 and result["metric"] == "accuracy"
+    assert json.loads((workdir / "eval.json").read_text()) == result
+
+
+def test_evaluate_rejects_a_model_without_a_head(tiny_encoder: Path, tiny_data: Path, workdir: Path) -> None:
+    code, _, err = run_main(["evaluate", "--model", tiny_encoder, "--data", tiny_data, "--latency_reps", "1"])
+    assert code == 1 and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and "--model" in error_lines(err)[0]
+
+
+# --- other distill shapes ---------------------------------------------------------------------------------------------
+
+
+def test_distill_layers_1_and_default_output_name(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--layers", "1", "--epochs", "1", *FAST,
+        *track(workdir)])
+    outputs = sorted(p.name for p in (workdir / "outputs").iterdir())
+    assert outputs == ["distill-teacher-data-L1"]
+    config = json.loads((workdir / "outputs" / outputs[0] / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+
+
+def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny_data: Path, workdir: Path) -> None:
+    args = ["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--teacher_epochs", "1", *FAST,
+            *track(workdir)]
+    _, err1 = ok([*args, "--output", "s1"])
+    assert "fine-tuning it first" in err1 and "reusing" not in err1
+    teachers = [p for p in (workdir / "outputs" / "teachers").iterdir()]
+    assert len(teachers) == 1 and (teachers[0] / "config.json").is_file(), teachers
+    cached = teachers[0]
+    assert json.loads((cached / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert len(runs_of(runs, "finetune")) == 1 and len(runs_of(runs, "distill")) == 1
+    assert runs_of(runs, "finetune")[0].info.status == "FINISHED"
+
+    _, err2 = ok([*args, "--output", "s2"])
+    assert "reusing" in err2 and "fine-tuning it first" not in err2
+    assert f"outputs/teachers/{cached.name}" in err2
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert len(runs_of(runs, "finetune")) == 1, "the second distill fine-tuned the teacher again"
+    distills = runs_of(runs, "distill")
+    assert len(distills) == 2
+    assert {(workdir / r.data.params["teacher_path"]).resolve() for r in distills} == {cached.resolve()}
+    assert sorted(p.name for p in (workdir / "outputs" / "teachers").iterdir()) == [cached.name]
+    assert (workdir / "s1" / "model.safetensors").is_file() and (workdir / "s2" / "model.safetensors").is_file()
+
+
+def test_distill_into_a_narrower_student(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    narrow = save_tiny_bert(workdir / "narrow", layers=2, hidden=16, heads=2, intermediate=32, head=False)
+    _, err = ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--student", narrow, "--epochs", "1",
+                 "--output", "out", *FAST, *track(workdir)])
+    assert "student: 2 layers x 16" in err
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    assert config["hidden_size"] == 16 and config["num_hidden_layers"] == 2
+    weights = load_weights(workdir / "out")
+    assert weights["bert.embeddings.word_embeddings.weight"].shape[1] == 16
+    assert not [k for k in weights if "projection" in k], "the hidden-state projection leaked into the student"
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    m = runs[0].data.metrics
+    assert math.isfinite(m["loss_hidden"])  # the MSE through the learned projection ran
+    expected = BertForSequenceClassification(AutoConfig.from_pretrained(narrow, num_labels=2))
+    assert m["student_params"] == sum(p.numel() for p in expected.parameters())
+    assert runs[0].data.params["student"] == str(narrow)
+
+
+def test_distill_with_attention_transfer(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--alpha_attn", "0.5", "--epochs", "1",
+        "--output", "out", *FAST, *track(workdir)])
+    assert (workdir / "out" / "model.safetensors").is_file()
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    m = runs[0].data.metrics
+    # student layers are teacher layers 0 and 2, matched against teacher layers 2 and 4: their maps differ
+    assert math.isfinite(m["loss_attn"]) and m["loss_attn"] > 0
+    assert runs[0].data.params["alpha_attn"] == "0.5"
+
+
+# --- resume -----------------------------------------------------------------------------------------------------------
+
+
+def _loads(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except Exception:  # still being written
+        return False
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # expected on resume
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    # 96 rows / batch 8 = 12 steps per epoch, 24 in all, a checkpoint every 3
+    args = ["distill", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--epochs", "2", "--batch_size", "8",
+            "--checkpoint_every", "3", *FAST, *track(workdir)]
+    ok([*args, "--output", "ref"])
+
+    log = workdir / "kill-run.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(COMPRESS), *args, "--output", "killed"], cwd=workdir, env=subprocess_env(),
+                                stdout=sink, stderr=subprocess.STDOUT)
+    ckpt_dir = workdir / "killed.partial" / "checkpoints"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint after 120 s:\n{log.read_text()[-3000:]}"
+            if ckpt_dir.is_dir() and any(_loads(p) for p in ckpt_dir.glob("*.ckpt")):
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert leftovers(workdir / "killed") == ["killed.partial"]
+
+    # rerunning without --resume must not silently start over or clobber the checkpoints
+    code, _, err = run_main([*args, "--output", "killed"])
+    assert code == 1 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "--resume" in line and "killed.partial" in line
+    assert leftovers(workdir / "killed") == ["killed.partial"]
+
+    _, err = ok([*args, "--output", "killed", "--resume"])
+    match = re.search(r"resuming from \S*step(\d+)\.ckpt", err)
+    assert match, err[-3000:]
+    step = int(match.group(1))
+    assert 0 < step < 24 and step % 12 != 0, f"resumed at step {step}, not mid-epoch"
+    assert leftovers(workdir / "killed") == ["killed"]
+
+    ref, resumed = load_weights(workdir / "ref"), load_weights(workdir / "killed")
+    assert ref.keys() == resumed.keys()
+    differ = {k: (ref[k] - resumed[k]).abs().max().item() for k in ref if not torch.equal(ref[k], resumed[k])}
+    assert not differ, f"resumed from step {step}, weights differ from the uninterrupted run: {differ}"
+
+    # the resumed run continued the killed run's MLflow run rather than starting another
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    killed_runs = [r for r in runs if r.data.params.get("output") == "killed"]
+    assert len(killed_runs) == 1 and killed_runs[0].info.status == "FINISHED"
+    assert len(runs) == 2
+    client, _ = mlflow_runs(sqlite_uri(workdir))
+    assert len(client.get_metric_history(killed_runs[0].info.run_id, "val_score")) == 2
+
+
+# --- DDP on CPU -------------------------------------------------------------------------------------------------------
+
+
+def test_distill_ddp_on_two_cpu_processes(tiny_teacher: Path, tiny_data: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(COMPRESS), "distill", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--epochs", "1",
+         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--output", "ddp_out", *FAST],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-5000:]}"
+    assert "Traceback" not in proc.stderr
+    assert leftovers(tmp_path / "ddp_out") == ["ddp_out"]
+    assert (tmp_path / "ddp_out" / "model.safetensors").is_file()
+    _, runs = mlflow_runs(sqlite_uri(tmp_path))
+    assert [r.info.status for r in runs_of(runs, "distill")] == ["FINISHED"], "rank 1 must not log a run of its own"
+
+
+# --- an unreachable hub -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offline", [None, "1"], ids=["hub-unreachable", "HF_HUB_OFFLINE=1"])
+@pytest.mark.parametrize("source", ["task", "data"])
+def test_unreachable_hub_fails_fast_with_one_line(offline, source, tiny_data: Path, tmp_path: Path) -> None:
+    env = subprocess_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))  # port 9: nothing there
+    env.pop("HF_HUB_OFFLINE")
+    if offline:
+        env["HF_HUB_OFFLINE"] = offline
+    data = ["--task", "sst2"] if source == "task" else ["--data", str(tiny_data)]  # data: the teacher must be found
+    start = time.perf_counter()
+    proc = subprocess.run([str(COMPRESS), "distill", "--teacher", "bert-large", *data], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compress: error:"), proc.stderr
+    assert ("--task sst2" if source == "task" else "--teacher bert-large") in lines[0]
+    assert not (tmp_path / "outputs").exists()
+    assert elapsed < 10, f"took {elapsed:.1f} s to report an unreachable hub"
+
+
+# --- bad inputs -------------------------------------------------------------------------------------------------------
+
+
+def _bad_data(root: Path, name: str, train: str, dev: str = "sentence\tlabel\ngood\t1\nbad\t0\n") -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "train.tsv").write_text(train)
+    (folder / "dev.tsv").write_text(dev)
+    return folder
+
+
+def _gpt2(root: Path) -> Path:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=4).save_pretrained(root / "gpt2")
+    return root / "gpt2"
+
+
+# name -> (extra args builder(workdir, teacher, data) -> args, substrings the error line must contain)
+BAD_INPUTS = {
+    "missing-data-folder": (lambda w, t, d: ["--teacher", t, "--data", w / "nope"],
+                            ["--data", "nope", "does not exist"]),
+    "malformed-tsv": (lambda w, t, d: ["--teacher", t, "--data", _bad_data(
+        w, "bad", "sentence\tlabel\ngood film\t1\nbad\tfilm\t0\n")], ["--data", "train.tsv", "line 3"]),
+    "wrong-label-column": (lambda w, t, d: ["--teacher", t, "--data", d, "--label_column", "polarity"],
+                           ["--label_column", "polarity"]),
+    "no-text-column": (lambda w, t, d: ["--teacher", t, "--data", _bad_data(
+        w, "notext", "review\tlabel\ngood\t1\nbad\t0\n", "review\tlabel\ngood\t1\n")],
+                       ["no text column", "--text_column"]),
+    "task-and-data": (lambda w, t, d: ["--teacher", t, "--data", d, "--task", "sst2"], ["--task", "--data"]),
+    "neither-task-nor-data": (lambda w, t, d: ["--teacher", t], ["--task", "--data"]),
+    "unknown-task": (lambda w, t, d: ["--teacher", t, "--task", "sst3"], ["--task", "sst3"]),
+    "missing-teacher-folder": (lambda w, t, d: ["--teacher", "./no_such_teacher", "--data", d],
+                               ["--teacher", "no_such_teacher"]),
+    "teacher-not-an-encoder": (lambda w, t, d: ["--teacher", _gpt2(w), "--data", d], ["--teacher", "gpt2"]),
+    "layers-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--layers", "0"], ["--layers 0"]),
+    "layers-too-many": (lambda w, t, d: ["--teacher", t, "--data", d, "--layers", "5"], ["--layers 5", "4"]),
+    "student-other-vocab": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", save_tiny_bert(
+        w / "other_vocab", hidden=16, heads=2, intermediate=32, extra_vocab=["zebra", "yak"])],
+                            ["--student", "tokenizer"]),
+    "temperature-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--temperature", "0"], ["--temperature"]),
+    "negative-alpha-kd": (lambda w, t, d: ["--teacher", t, "--data", d, "--alpha_kd", "-0.5"], ["--alpha_kd"]),
+    "warmup-1.5": (lambda w, t, d: ["--teacher", t, "--data", d, "--warmup", "1.5"], ["--warmup"]),
+    "epochs-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--epochs", "0"], ["--epochs"]),
+    "student-and-layers": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", t, "--layers", "2"],
+                           ["--student", "--layers"]),
+    "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clean_error(case: str, tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    build, wanted = BAD_INPUTS[case]
+    args = ["distill", *build(workdir, tiny_teacher, tiny_data), "--output", "out", *FAST]
+    code, _, err = run_main(args)
+    assert code != 0
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    for text in wanted:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert leftovers(workdir / "out") == []
+    assert not (workdir / "outputs").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    (workdir / "out").mkdir()
+    (workdir / "out" / "keep.txt").write_text("mine")
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--output", "out", *FAST,
+            *track(workdir)]
+    code, _, err = run_main(args)
+    assert code == 1 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "--output" in line and "--overwrite" in line
+    assert leftovers(workdir / "out") == ["out"]
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["keep.txt"]
+    # and --overwrite replaces it
+    ok([*args, "--overwrite"])
+    assert (workdir / "out" / "model.safetensors").is_file() and not (workdir / "out" / "keep.txt").exists()
+    assert leftovers(workdir / "out") == ["out"]

@@ -1,0 +1,239 @@
+"""compress.models: layer maps, the DistilBERT-style student, head detection, model resolution and the vocab check."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
+                             load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
+
+from conftest import save_tiny_bert
+
+# --- teacher_layer_map ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("teacher", "student", "expected"),
+    [
+        (6, 3, [0, 2, 4]),
+        (12, 6, [0, 2, 4, 6, 8, 10]),
+        (4, 2, [0, 2]),
+        (4, 4, [0, 1, 2, 3]),
+        (4, 1, [0]),
+        (12, 4, [0, 3, 6, 9]),
+        (6, 4, [0, 1, 3, 4]),  # 0*6//4, 1*6//4, 2*6//4, 3*6//4
+    ],
+)
+def test_teacher_layer_map(teacher: int, student: int, expected: list[int]) -> None:
+    assert teacher_layer_map(teacher, student) == expected
+
+
+@pytest.mark.parametrize(("teacher", "student"), [(6, 0), (6, 7), (6, -1), (1, 2)])
+def test_teacher_layer_map_bounds(teacher: int, student: int) -> None:
+    with pytest.raises(CompressError, match=rf"--layers {student}\b.*{teacher}"):
+        teacher_layer_map(teacher, student)
+
+
+# --- student_from_teacher ---------------------------------------------------------------------------------------------
+
+
+def _teacher(layers: int = 4, hidden: int = 32, intermediate: int = 64, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=intermediate, max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval()
+
+
+def _n(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_student_param_count_matches_a_shallower_bert_and_the_formula() -> None:
+    import copy
+
+    from transformers import BertForSequenceClassification
+
+    teacher = _teacher()
+    student = student_from_teacher(teacher, [0, 2])
+    assert student.config.num_hidden_layers == 2
+    assert teacher.config.num_hidden_layers == 4  # the teacher's config was copied, not changed
+
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = 2
+    assert _n(student) == _n(BertForSequenceClassification(config))
+
+    # one BERT layer: q, k, v, attention-out (H*H + H each), 2 LayerNorms (2H each), FFN in (H*I + I), FFN out (I*H + H)
+    h, i = 32, 64
+    per_layer = 4 * (h * h + h) + 2 * (2 * h) + (h * i + i) + (i * h + h)
+    assert per_layer == sum(p.numel() for p in teacher.bert.encoder.layer[0].parameters())
+    assert _n(teacher) - _n(student) == 2 * per_layer
+
+
+def test_student_copies_the_chosen_layers_embeddings_pooler_and_head() -> None:
+    teacher = _teacher()
+    student = student_from_teacher(teacher, [0, 2])
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for new, old in enumerate([0, 2]):
+        prefix_s, prefix_t = f"bert.encoder.layer.{new}.", f"bert.encoder.layer.{old}."
+        keys = [k for k in s_state if k.startswith(prefix_s)]
+        assert keys
+        for key in keys:
+            assert torch.equal(s_state[key], t_state[prefix_t + key[len(prefix_s):]]), key
+    for key in s_state:
+        if not key.startswith("bert.encoder."):  # embeddings, pooler, classifier
+            assert torch.equal(s_state[key], t_state[key]), key
+    # layer 1 of the student is teacher layer 2, not teacher layer 1
+    q = "bert.encoder.layer.{}.attention.self.query.weight"
+    assert not torch.equal(s_state[q.format(1)], t_state[q.format(1)])
+
+
+def test_student_is_an_independent_copy() -> None:
+    teacher = _teacher()
+    before = teacher.bert.embeddings.word_embeddings.weight.detach().clone()
+    student = student_from_teacher(teacher, [1, 3])
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    assert torch.equal(teacher.bert.embeddings.word_embeddings.weight, before)
+
+
+def test_student_with_every_layer_is_the_teacher() -> None:
+    teacher = _teacher()
+    student = student_from_teacher(teacher, [0, 1, 2, 3]).eval()
+    ids = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids, attention_mask=mask).logits,
+                           teacher(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_student_keeps_the_attention_implementation() -> None:
+    teacher = _teacher()
+    teacher.config._attn_implementation = "eager"  # what load_classifier(attn_implementation="eager") gives
+    student = student_from_teacher(teacher, [0, 2])
+    assert student.config._attn_implementation == "eager"
+    out = student(input_ids=torch.tensor([[2, 7, 8, 3]]), output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (1, 4, 4, 4)
+
+
+# --- has_task_head ----------------------------------------------------------------------------------------------------
+
+
+def test_has_task_head(tiny_teacher: Path, tiny_encoder: Path) -> None:
+    config = load_config(str(tiny_teacher))
+    # the conftest teacher never named its labels (LABEL_0, LABEL_1): any two names match
+    assert has_task_head(config, ["0", "1"])
+    assert has_task_head(config, ["negative", "positive"])
+    assert not has_task_head(config, ["a", "b", "c"])
+    assert not has_task_head(load_config(str(tiny_encoder)), ["0", "1"])
+
+
+def test_has_task_head_with_named_labels(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    config = BertConfig(num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
+                        architectures=["BertForSequenceClassification"])
+    assert has_task_head(config, ["neg", "pos"])
+    assert not has_task_head(config, ["pos", "neg"])  # same names, other order: the head's outputs mean other things
+    assert not has_task_head(config, ["0", "1"])
+    config.architectures = ["BertForMaskedLM"]
+    assert not has_task_head(config, ["neg", "pos"])
+    config.architectures = None
+    assert not has_task_head(config, ["neg", "pos"])
+
+
+def test_load_classifier_keeps_or_adds_the_head(tiny_teacher: Path, tiny_encoder: Path) -> None:
+    from safetensors.torch import load_file
+
+    with_head = load_classifier(str(tiny_teacher), ["neg", "pos"])
+    saved = load_file(str(tiny_teacher / "model.safetensors"))
+    assert torch.equal(with_head.classifier.weight, saved["classifier.weight"])  # kept, not re-initialised
+    assert with_head.config.id2label == {0: "neg", 1: "pos"}
+    added = load_classifier(str(tiny_encoder), ["a", "b", "c"])
+    assert added.config.num_labels == 3 and added.classifier.out_features == 3
+    assert added.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+# --- resolve_model ----------------------------------------------------------------------------------------------------
+
+
+def test_resolve_model_local_folder(tiny_teacher: Path) -> None:
+    assert resolve_model(str(tiny_teacher), "--teacher") == str(tiny_teacher)
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "/definitely/not/here", "~/not-a-model-folder-xyz"])
+def test_resolve_model_missing_folder(tmp_path: Path, name: str) -> None:
+    with pytest.raises(CompressError, match=r"^--teacher .*no such model folder"):
+        resolve_model(name, "--teacher")
+
+
+def test_resolve_model_unknown_hub_name_fails_fast_offline() -> None:
+    # conftest sets HF_HUB_OFFLINE=1: a name that is neither a folder nor cached must fail at once
+    start = time.perf_counter()
+    with pytest.raises(CompressError, match=r"^--student no-such-model-xyz: .*unreachable"):
+        resolve_model("no-such-model-xyz", "--student")
+    assert time.perf_counter() - start < 5
+
+
+def test_resolve_model_folder_without_config(tmp_path: Path) -> None:
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CompressError, match=r"^--model .*weights_only.*no config\.json"):
+        resolve_model(str(folder), "--model")
+
+
+def test_load_config_unreadable(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ not json")
+    with pytest.raises(CompressError, match=r"^--teacher .*unreadable config\.json"):
+        load_config(str(folder), "--teacher")
+
+
+# --- check_encoder / check_same_vocab ---------------------------------------------------------------------------------
+
+
+def test_check_encoder_rejects_gpt2(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=4).save_pretrained(tmp_path / "gpt2")
+    config = load_config(str(tmp_path / "gpt2"), "--teacher")
+    with pytest.raises(CompressError, match=r"^--teacher: model type 'gpt2' is not a BERT-family encoder"):
+        check_encoder(config, "--teacher")
+
+
+def test_check_encoder_accepts_bert(tiny_teacher: Path) -> None:
+    check_encoder(load_config(str(tiny_teacher)), "--teacher")
+
+
+def test_check_same_vocab(tiny_teacher: Path, tmp_path: Path) -> None:
+    same = save_tiny_bert(tmp_path / "same", hidden=16, heads=2, intermediate=32)
+    other = save_tiny_bert(tmp_path / "other", extra_vocab=["zebra"])
+    t_tok, t_cfg = load_tokenizer(str(tiny_teacher)), load_config(str(tiny_teacher))
+    check_same_vocab(t_tok, load_tokenizer(str(same)), load_config(str(same)), t_cfg)
+    with pytest.raises(CompressError, match=r"^--student: its tokenizer differs"):
+        check_same_vocab(t_tok, load_tokenizer(str(other)), load_config(str(other)), t_cfg)
+
+
+def test_check_same_vocab_same_size_different_words(tiny_teacher: Path, tmp_path: Path) -> None:
+    # same vocab_size, one word swapped: the sizes agree but token ids mean other words
+    other = save_tiny_bert(tmp_path / "swapped")
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    words = vocab["model"]["vocab"]
+    assert "superb" in words
+    words["zzzz"] = words.pop("superb")
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    if (other / "vocab.txt").exists():
+        (other / "vocab.txt").write_text((other / "vocab.txt").read_text().replace("superb", "zzzz"))
+    t_cfg = load_config(str(tiny_teacher))
+    with pytest.raises(CompressError, match="--student"):
+        check_same_vocab(load_tokenizer(str(tiny_teacher)), load_tokenizer(str(other)), load_config(str(other)), t_cfg)
