@@ -37,13 +37,10 @@ def evaluate(
         json_out: also write the results to this JSON file.
     """
     from compress.data import load_task
-    from compress.datamodule import TaskDataModule
     from compress.errors import CompressError
-    from compress.measure import count_params, latency_ms, weights_mb
     from compress.models import has_task_head, load_classifier, load_config, load_tokenizer, resolve_model
-    from compress.training import quiet_libraries, resolve_accelerator, resolve_precision, score
 
-    quiet_libraries()
+    # input checks first: a bad flag should not wait for Lightning's import
     task_data = load_task(task, data, text_column=text_column, label_column=label_column)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
@@ -52,6 +49,11 @@ def evaluate(
             f"--model {model}: has no classifier for {task_data.name}'s labels {task_data.label_names}; "
             "fine-tune it first (compress finetune)"
         )
+    from compress.datamodule import TaskDataModule
+    from compress.measure import count_params, latency_ms, weights_mb
+    from compress.training import quiet_libraries, resolve_accelerator, resolve_precision, score
+
+    quiet_libraries()
     net = load_classifier(path, task_data.label_names, "--model")
     tokenizer = load_tokenizer(path, "--model")
     accelerator = resolve_accelerator(accelerator)

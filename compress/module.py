@@ -179,17 +179,19 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.compute_losses(batch)
         size = batch["labels"].shape[0]
-        # Epoch means accumulate on the device. A per-step value in the progress bar would cost a host sync
-        # every step (the bar calls .item()), which stalls a GPU; on a CPU it is free, so show it there.
-        self.log_dict({f"loss_{k}": v for k, v in terms.items() if k != "loss"}, on_step=False, on_epoch=True,
-                      batch_size=size)
-        self.log("loss", terms["loss"], on_step=True, on_epoch=True, prog_bar=self.device.type != "cuda",
-                 batch_size=size)
+        # Epoch means accumulate on the device and are averaged over DDP ranks once per epoch. A per-step value in
+        # the progress bar costs a host sync every step (the bar calls .item()), which stalls a GPU; on a CPU it
+        # is free, so it is shown there only.
+        epoch_means = {f"loss_{k}": v for k, v in terms.items() if k != "loss"} | {"loss_epoch": terms["loss"]}
+        self.log_dict(epoch_means, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        if self.device.type != "cuda":
+            self.log("loss_step", terms["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.student(**self._inputs(batch)).logits
-        self.log("val_loss", losses.hard_label_ce(logits, batch["labels"]), batch_size=batch["labels"].shape[0])
+        self.log("val_loss", losses.hard_label_ce(logits, batch["labels"]), batch_size=batch["labels"].shape[0],
+                 sync_dist=True)
         preds = logits.argmax(dim=-1)
         self.val_metric.update(preds, batch["labels"])
         self.log("val_score", self.val_metric, prog_bar=True)

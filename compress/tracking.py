@@ -14,6 +14,14 @@ DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "compress"
 
 
+def resolve_tracking(uri: str) -> str:
+    """Make a relative sqlite path absolute. MLflow caches one engine per URI string, so the same relative URI
+    used from two working directories would otherwise keep writing to the first one's database."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
 def _prepare_store(uri: str) -> str | None:
     """Create the sqlite file's folder and pick an artifact folder beside it; None lets the server decide."""
     if not uri.startswith("sqlite:///"):
@@ -53,6 +61,7 @@ def make_logger(uri: str, experiment: str, run_name: str, tags: dict[str, str], 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from lightning.pytorch.loggers import MLFlowLogger
 
+    uri = resolve_tracking(uri)
     artifacts = _prepare_store(uri)
     logger = MLFlowLogger(
         experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags, run_id=run_id,

@@ -36,6 +36,7 @@ def quiet_libraries() -> None:
         r".*smaller than the logging interval.*",
         r".*does not have many workers.*",  # 0 workers is our CPU default: tokenized rows need no workers
         r".*LeafSpec.*",
+        r".*Checkpoint directory .* exists and is not empty.*",  # expected on --resume
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
