@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,31 +20,48 @@ def weights_mb(model_dir: str | Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
+def interleaved_ms(
+    runners: dict[str, Callable[[], object]], *, warmup: int = 1, reps: int = 5, sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Wall time of each runner, in ms, over `reps` interleaved rounds after `warmup` untimed ones.
+
+    A runner is one forward pass of any kind of model (PyTorch, onnxruntime, ...). Interleaving (A, B, A, B, ...)
+    rather than all-A-then-all-B keeps thermal and background drift from favouring whichever model ran first.
+    `sync` (e.g. torch.cuda.synchronize) runs before and after each timed call, so queued GPU work is counted.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for rnd in range(warmup + reps):
+        for name, run in runners.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            run()
+            if sync:
+                sync()
+            if rnd >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
 @torch.inference_mode()
 def latency_ms(
     models: dict[str, torch.nn.Module], *, batch: int = 32, seq: int = 128, device: str = "cpu",
     warmup: int = 1, reps: int = 5, vocab_size: int = 1000,
 ) -> dict[str, float]:
-    """Median forward latency of each model on the same random batch, in interleaved rounds.
-
-    Interleaving (A, B, A, B, ...) rather than all-A-then-all-B keeps thermal and background drift from
-    favouring whichever model ran first.
-    """
+    """Median forward latency of each model on the same random batch, in interleaved rounds (see interleaved_ms)."""
     ids = torch.randint(1, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     cuda = device.startswith("cuda")
-    times: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():
         model.eval().to(device)
-    for rnd in range(warmup + reps):
-        for name, model in models.items():
+
+    def runner(model: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask)
-                if cuda:
-                    torch.cuda.synchronize()
-            if rnd >= warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
+                return model(input_ids=ids, attention_mask=mask)
+
+        return run
+
+    times = interleaved_ms({name: runner(m) for name, m in models.items()}, warmup=warmup, reps=reps,
+                           sync=torch.cuda.synchronize if cuda else None)
     return {name: statistics.median(t) for name, t in times.items()}
