@@ -82,7 +82,8 @@ class PadCollator:
         for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0)):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
-        batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        lengths = [len(r["input_ids"]) for r in rows]
+        batch["attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
         batch["labels"] = torch.tensor([r["label"] for r in rows])
         batch["idx"] = torch.tensor([r["idx"] for r in rows])  # row ids: the key for cached teacher outputs
         return batch

@@ -1,4 +1,4 @@
-"""compress finetune: turn a pretrained encoder into a task teacher (and what distill does when a teacher has no head)."""
+"""compress finetune: a task teacher from a pretrained encoder; also what distill runs for a head-less teacher."""
 
 from __future__ import annotations
 

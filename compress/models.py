@@ -30,6 +30,8 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Encoders whose layers live at `<prefix>.encoder.layer.<i>.` and whose heads sit on a pooled [CLS].
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "compress_bert"}
+# What load_classifier (evaluate) accepts: those, plus ALBERT, which `compress share --share all` writes.
+CLASSIFIER_TYPES = ENCODER_TYPES | {"albert"}
 
 
 def _packaged_path(alias: str) -> Path | None:
@@ -94,11 +96,11 @@ def load_config(path: str, flag: str = "--model"):
         raise CompressError(f"{flag} {path}: unreadable config.json ({str(err).splitlines()[0]})") from None
 
 
-def check_encoder(config, flag: str) -> None:
-    if config.model_type not in ENCODER_TYPES:
+def check_encoder(config, flag: str, types: set[str] = ENCODER_TYPES) -> None:
+    if config.model_type not in types:
         raise CompressError(
             f"{flag}: model type '{config.model_type}' is not a BERT-family encoder "
-            f"(supported: {', '.join(sorted(ENCODER_TYPES))})"
+            f"(supported: {', '.join(sorted(types))})"
         )
 
 
@@ -120,7 +122,7 @@ def load_classifier(
     from transformers.utils import logging as hf_logging
 
     config = load_config(path, flag)
-    check_encoder(config, flag)
+    check_encoder(config, flag, CLASSIFIER_TYPES)
     kwargs: dict = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -174,7 +176,8 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrai
 
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
-    student = AutoModelForSequenceClassification.from_config(config, attn_implementation=teacher.config._attn_implementation)
+    attn = teacher.config._attn_implementation
+    student = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}
     for key, value in teacher.state_dict().items():

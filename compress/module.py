@@ -77,7 +77,8 @@ class DistillModule(pl.LightningModule):
         self._cache_ready = False
         self.save_hyperparameters(
             {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
-             "weight_decay": weight_decay, "warmup": warmup, **{f"alpha_{k}": v for k, v in asdict(self.weights).items()}}
+             "weight_decay": weight_decay, "warmup": warmup,
+             **{f"alpha_{k}": v for k, v in asdict(self.weights).items()}}
         )
         self.val_metric = build_metric(metric, num_labels)
         self.projections = None

@@ -187,8 +187,8 @@ def run_training(
 
     device = "cuda" if accelerator == "cuda" else "cpu"
     models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
-    print(f"measuring latency at batch 32 x {min(128, student.config.max_position_embeddings)} on {device} ({cfg.latency_reps} interleaved rounds)", file=sys.stderr)
     seq = min(128, student.config.max_position_embeddings)
+    print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)", file=sys.stderr)
     lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
                      vocab_size=student.config.vocab_size)
     metrics["latency_ms"] = lat["student"]
