@@ -1,0 +1,324 @@
+"""compress search: the space, the plan of a trial, the Pareto front, and studies on tiny models (run, resume, two
+workers, a killed worker's trial retried, pruning fed per-epoch scores), with their MLflow runs nested."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.__main__ import main
+from compress.errors import CompressError
+from compress.search import CONFLICT, pareto, parse_space, plan, run_search, step_flags, trial_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+# one epoch, one latency round, few rows: a trial takes a few seconds
+QUICK = {"epochs": 1, "latency_reps": 1, "max_train": 64, "batch_size": 32, "importance_batches": 1}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def store(root: Path) -> dict:
+    return {"tracking": f"sqlite:///{root}/mlruns/mlflow.db", "storage": f"sqlite:///{root}/mlruns/optuna.db"}
+
+
+def runs_of(tracking: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("compress")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def trials_of(storage: str, study: str):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+# --- the space and the plan, no training -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flags():
+    return step_flags()
+
+
+def test_space_kinds(flags):
+    dims = parse_space({"layers": [2, 3, None], "temperature": {"low": 1.0, "high": 8.0, "log": True},
+                        "heads": {"low": 0, "high": 2}, "lr": 1e-4, "prune.lr": {"low": 1e-5, "high": 1e-3},
+                        "groups": [None, 1]}, flags)
+    assert dims["layers"].kind == "choice" and dims["layers"].choices == [2, 3, None]
+    assert dims["temperature"].kind == "float" and dims["temperature"].log
+    assert dims["heads"].kind == "int"  # both bounds ints
+    assert dims["lr"].kind == "fixed" and dims["prune.lr"].kind == "float"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"layerz": [1, 2]}, "unknown key 'layerz'; valid keys (flags of distill, prune and share): "),
+    ({"prune.layers": [1]}, "unknown key 'prune.layers'"),
+    ({"layers": [1], "data": "x"}, "'data' is set by search itself"),
+    ({"layers": []}, "layers: an empty list"),
+    ({"layers": [1], "temperature": {"low": 4, "high": 1}}, "low < high"),
+    ({"layers": [1], "lr": {"low": 0.0, "high": 1e-3, "log": True}}, "log range needs low > 0"),
+    ({"layers": [1], "temperature": {"low": 1, "high": 2, "mid": 1.5}}, "not mid"),
+    ({"layers": [1], "teacher_epochs": [1, 2]}, "teacher_epochs takes one fixed value"),
+    ({"temperature": [1, 2]}, "no trial would run a step"),
+    ({"layers": [None]}, "no trial would run a step"),
+    ({"heads": 0.5, "groups": [1, 2]}, "every trial would both prune and share"),
+])
+def test_space_errors(flags, space, message):
+    with pytest.raises(CompressError, match=None) as info:
+        parse_space(space, flags)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_key_lists_valid_ones_on_the_cli(tiny_teacher, tiny_data, capsys):
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data),
+                            "--space", '{"layers": [1], "temprature": [1.0, 2.0]}'], capsys)
+    assert code == 1
+    line = err.strip()
+    assert line.startswith("compress: error: space: unknown key 'temprature'") and "\n" not in line
+    for flag in ("temperature", "layers", "heads", "ffn", "sparsity", "groups", "embedding", "alpha_kd", "lr"):
+        assert flag in line
+
+
+def test_bad_objectives_and_storage(tiny_teacher, tiny_data, capsys):
+    base = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--space", '{"layers": [1]}']
+    code, _, err = run_cli(base + ["--objectives", "score,size"], capsys)
+    assert code == 1 and "--objectives score,size" in err
+    code, _, err = run_cli(base + ["--storage", "optuna.db"], capsys)
+    assert code == 1 and "an RDB URL" in err
+
+
+def test_plan_runs_the_steps_the_values_name(flags):
+    steps = plan({"layers": 2, "temperature": 4.0, "lr": 1e-4, "heads": 0.5, "ffn": None, "prune.lr": 3e-4,
+                  "groups": None, "teacher_epochs": 1}, flags)
+    assert [s for s, _ in steps] == ["distill", "prune"]
+    distill, prune = steps[0][1], steps[1][1]
+    assert distill == {"layers": 2, "temperature": 4.0, "lr": 1e-4}  # teacher_epochs is the study's, not a step's
+    assert prune == {"temperature": 4.0, "lr": 3e-4, "heads": 0.5}  # STEP.FLAG wins; a null ratio is left out
+    assert [s for s, _ in plan({"layers": None, "groups": 2, "share": "ffn"}, flags)] == ["share"]
+    assert [s for s, _ in plan({"layers": 3, "heads": 0.0, "sparsity": 0}, flags)] == ["distill"]
+
+
+def test_pareto_front_and_trial_metrics():
+    rows = [{"trial": 0, "score": 0.90, "params": 100}, {"trial": 1, "score": 0.85, "params": 50},
+            {"trial": 2, "score": 0.80, "params": 60}, {"trial": 3, "score": 0.90, "params": 120}]
+    assert [r["trial"] for r in pareto(rows, ["score", "params"])] == [0, 1]
+    # the final student against the first step's teacher, not against the distilled student prune started from
+    first = {"student_score": 0.8, "teacher_score": 0.9, "teacher_params": 1000, "teacher_latency_ms": 40.0}
+    last = {"student_score": 0.72, "student_params": 250, "latency_ms": 10.0, "teacher_score": 0.8,
+            "retention": 0.9, "flops_ratio": 0.5}
+    m = trial_metrics(first, last)
+    assert m["teacher_score"] == 0.9 and m["retention"] == pytest.approx(0.8) and m["compression"] == 4.0
+    assert m["speedup"] == 4.0 and m["flops_ratio"] == 0.5
+
+
+# --- studies on tiny models ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study3(tmp_path_factory, tiny_teacher, tiny_data):
+    """`compress search --config` over 3 trials, each distil then prune (heads fixed, so every trial chains)."""
+    root = tmp_path_factory.mktemp("search")
+    config = root / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "teacher": str(tiny_teacher), "data": str(tiny_data), "objectives": ["score", "params"], "trials": 3,
+        "study": "tiny", "output": str(root / "out"), **store(root),
+        "space": {"layers": [1, 2], "temperature": {"low": 1.0, "high": 8.0, "log": True},
+                  "alpha_ce": {"low": 0.0, "high": 1.0}, "heads": 0.5, "recover_epochs": 0, **QUICK}}))
+    start = time.perf_counter()
+    try:
+        main(["search", "--config", str(config)])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return {"root": root, "config": config, "code": code, "seconds": time.perf_counter() - start, **store(root)}
+
+
+def test_three_trial_search_logs_nested_runs_and_the_front(study3):
+    from mlflow import MlflowClient
+
+    assert study3["code"] == 0
+    trials = trials_of(study3["storage"], "tiny")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(len(t.values) == 2 for t in trials)  # score and params
+
+    runs = runs_of(study3["tracking"])
+    parents = [r for r in runs if r.data.tags.get("compress.command") == "search"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    assert parents[0].info.run_name == "search tiny: score vs params"
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(trial_runs) == 3
+    for run in trial_runs:
+        name = run.info.run_name
+        assert name.startswith("trial ") and ": distill L" in name and "-> prune h0.5-f0" in name, name
+        for metric in ("student_score", "student_params", "latency_ms", "teacher_score", "retention",
+                       "compression", "speedup", "student_mb"):
+            assert metric in run.data.metrics, (metric, name)
+        steps = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(r.data.tags["compress.command"] for r in steps) == ["distill", "prune"]
+        assert all(r.info.status == "FINISHED" for r in steps + [run])
+        # the trial's student is the last step's; its teacher is the study's teacher, from the first step
+        prune_run = next(r for r in steps if r.data.tags["compress.command"] == "prune")
+        distill_run = next(r for r in steps if r.data.tags["compress.command"] == "distill")
+        assert run.data.metrics["student_params"] == prune_run.data.metrics["student_params"]
+        assert run.data.metrics["teacher_params"] == distill_run.data.metrics["teacher_params"]
+
+    artifacts = {a.path for a in MlflowClient(study3["tracking"]).list_artifacts(parent)}
+    assert {"pareto_front.csv", "pareto_front.png", "trials.csv"} <= artifacts
+    out = study3["root"] / "out"
+    assert (out / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (out / "pareto_front.csv").read_text().splitlines()[0].split(",")
+    assert {"trial", "score", "params", "latency_ms", "recipe", "layers", "temperature"} <= set(header)
+
+
+def test_the_front_is_printed_as_a_table(study3, capsys):
+    # the table went to stdout during the fixture; the same study summarised again prints it the same way
+    from compress.search import Context, parse_space, step_flags, summarise
+
+    ctx = Context(study="tiny", storage=study3["storage"], objectives=["score", "params"], space={}, sampler="auto",
+                  pruner="median", sampler_seed=0, heartbeat=30, retries=2, teacher="", teacher_path="", task=None,
+                  data=None, text_column=None, label_column="label", output=str(study3["root"] / "out"),
+                  tracking=study3["tracking"], experiment="compress", experiment_id="",
+                  parent_run_id=trials_of(study3["storage"], "tiny")[0].user_attrs["mlflow_run_id"])
+    from mlflow import MlflowClient
+
+    ctx.parent_run_id = MlflowClient(study3["tracking"]).get_run(ctx.parent_run_id).data.tags["mlflow.parentRunId"]
+    result = summarise(ctx, parse_space({"layers": [1, 2], "heads": 0.5}, step_flags()))
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| trial | accuracy | params | latency ms | MB | retention | recipe |"
+    assert "| teacher |" in out and len(result.front) >= 1
+    assert all(f"| {r['trial']} |" in out for r in result.front)
+
+
+def test_same_study_resumes(study3, tiny_teacher, tiny_data, capsys):
+    from mlflow import MlflowClient
+
+    space = yaml.safe_load(study3["config"].read_text())["space"]
+    result = run_search(teacher=str(tiny_teacher), data=str(tiny_data), space=space, trials=1, study="tiny",
+                        output=str(study3["root"] / "out"), tracking=study3["tracking"], storage=study3["storage"])
+    assert "adding to its 3 earlier trial(s)" in capsys.readouterr().err
+    trials = trials_of(study3["storage"], "tiny")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    # one parent run per study, found again
+    parents = [r for r in runs_of(study3["tracking"]) if r.data.tags.get("compress.command") == "search"]
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert MlflowClient(study3["tracking"]).get_run(result.parent_run_id).data.metrics["trials_complete"] == 4
+    # another space under the same name is refused, not mixed in
+    with pytest.raises(CompressError, match="already exists .* with another space"):
+        run_search(teacher=str(tiny_teacher), data=str(tiny_data), space=space | {"layers": [3]}, trials=1,
+                   study="tiny", tracking=study3["tracking"], storage=study3["storage"])
+
+
+def test_single_objective_feeds_epoch_scores_to_the_pruner(tmp_path, tiny_teacher, tiny_data, monkeypatch):
+    """score alone: val_score reaches Optuna each epoch (offset across steps), and a pruned trial's runs say so."""
+    import optuna
+    from mlflow import MlflowClient
+
+    class PruneTrialOne(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 1
+
+    monkeypatch.setattr("compress.search.make_pruner", lambda name, objectives: PruneTrialOne())
+    paths = store(tmp_path)
+    run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score", trials=2, study="one",
+               output=str(tmp_path / "out"), **paths,
+               space={"layers": [2], "heads": 0.5, **QUICK, "epochs": 2, "recover_epochs": 1})
+    done, pruned = trials_of(paths["storage"], "one")
+    assert done.state.name == "COMPLETE" and sorted(done.intermediate_values) == [0, 1, 2]  # distill 0-1, prune 2
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [0]
+    client = MlflowClient(paths["tracking"])
+    run = client.get_run(pruned.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["compress.pruned"] == "true"
+    steps = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert [s.info.status for s in steps] == ["KILLED"]  # pruned in distill: prune never started
+
+
+def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
+    """Before anything is trained or logged: share maps a plain BERT, prune writes CompressBert."""
+    import optuna
+
+    from compress.search import objective
+
+    dims = parse_space({"heads": [0.0, 0.5], "groups": [None, 2]}, flags)
+    trial = optuna.trial.FixedTrial({"heads": 0.5, "groups": 2}, number=7)
+    with pytest.raises(optuna.TrialPruned, match="prune and share cannot run in one trial"):
+        objective(trial, None, dims, flags)
+    assert trial.user_attrs["skipped"] == CONFLICT and trial.user_attrs["recipe"] == "prune h0.5-f0 -> share all-g2"
+    assert f"trial 7: prune h0.5-f0 -> share all-g2: skipped, {CONFLICT}" in capsys.readouterr().err
+
+
+def test_a_headless_teacher_is_finetuned_once_per_study(flags, tiny_teacher, tiny_encoder, tiny_data):
+    """Decided before the study opens; the fine-tuning itself (distill's) runs in `bench_search.py --tiny`."""
+    from compress.search import resolve_teacher
+
+    dims = parse_space({"layers": [1], "teacher_epochs": 1}, flags)
+    assert resolve_teacher(str(tiny_teacher), None, str(tiny_data), None, "label", dims, flags)() == str(tiny_teacher)
+    finetune = resolve_teacher(str(tiny_encoder), None, str(tiny_data), None, "label", dims, flags)
+    assert finetune.__name__ == "finetuned"
+
+
+def test_two_workers_share_one_study(workdir, tiny_teacher, tiny_data):
+    """Two spawned processes run one sqlite study's trials; each trial's runs nest under the one parent."""
+    paths = store(workdir)
+    result = run_search(teacher=str(tiny_teacher), data=str(tiny_data), trials=2, workers=2, study="pair",
+                        **paths, space={"layers": [1, 2], **QUICK})
+    trials = trials_of(paths["storage"], "pair")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    pids = {t.user_attrs["worker"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids
+    runs = runs_of(paths["tracking"])
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]) == 2
+
+
+def test_a_killed_workers_trial_is_retried(workdir, tiny_teacher, tiny_data):
+    """kill -9 mid-trial; the next run of the study finds the trial's heartbeat stale, fails it and runs it again."""
+    paths = store(workdir)
+    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 3}
+    args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1", "--study", "kill",
+            "--heartbeat", "1", "--space", json.dumps(space), "--tracking", paths["tracking"],
+            "--storage", paths["storage"]]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    partial = workdir / "outputs" / "search-kill" / "trial-000" / "trial0-distill.partial"
+    deadline = time.monotonic() + 120
+    while not partial.exists():  # the step's MLflow run exists and training has started
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = trials_of(paths["storage"], "kill")[0]
+    assert killed.state.name == "RUNNING"
+    time.sleep(2.5)  # the grace period is 2 x --heartbeat
+
+    run_search(teacher=str(tiny_teacher), data=str(tiny_data), trials=1, study="kill", heartbeat=1, space=space,
+               **paths)
+    first, retry = trials_of(paths["storage"], "kill")
+    assert first.state.name == "FAIL" and retry.state.name == "COMPLETE"
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(paths["tracking"])
+    dead = client.get_run(first.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED"
+    steps = client.search_runs([dead.info.experiment_id], f"tags.mlflow.parentRunId = '{dead.info.run_id}'")
+    assert [s.info.status for s in steps] == ["FAILED"]
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.run_name.startswith("trial 1 (retry of 0): ")
