@@ -8,31 +8,45 @@ from __future__ import annotations
 
 import sys
 
+from compress.bench import bench
 from compress.distill import distill
 from compress.errors import CompressError
 from compress.evaluate import evaluate
+from compress.export import export
 from compress.finetune import finetune
+from compress.prune import prune
+from compress.share import share
+from compress.search import search
+from compress.ui import ui
 
 # one line per command; each module keeps its heavy imports inside the function
 COMMANDS = {
     "distill": distill,
     "finetune": finetune,
     "evaluate": evaluate,
+    "export": export,
+    "bench": bench,
+    "prune": prune,
+    "share": share,
+    "search": search,
+    "ui": ui,
 }
 
 
 def _normalise_flags(argv: list[str]) -> list[str]:
-    """Accept --max-length as well as --max_length, and a bare --resume for --resume=true.
+    """Accept --max-length as well as --max_length, a bare --resume for --resume=true, and a repeated list flag.
 
-    jsonargparse knows only the underscore spelling and wants a value after a bool flag; users type both forms.
+    jsonargparse knows only the underscore spelling, wants a value after a bool flag, and appends to a list only
+    with `--name+ value`; users type `--model A --model B`.
     """
     import inspect
 
     command = next((a for a in argv if a in COMMANDS), None)
-    bools = set()
+    bools, lists = set(), set()
     if command:
         params = inspect.signature(COMMANDS[command]).parameters.values()
         bools = {p.name for p in params if p.annotation in (bool, "bool")}
+        lists = {p.name for p in params if str(p.annotation).startswith(("list[", "typing.List["))}
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and arg != "--print_config":
@@ -41,6 +55,8 @@ def _normalise_flags(argv: list[str]) -> list[str]:
             following = argv[i + 1].lower() if i + 1 < len(argv) else ""
             if name in bools and not eq and following not in ("true", "false"):
                 eq, value = "=", "true"
+            if name in lists and not (value if eq else following).startswith("["):
+                name += "+"  # append one item; a JSON-style [a, b] still sets the whole list
             arg = "--" + name + eq + value
         out.append(arg)
     return out

@@ -93,6 +93,18 @@ class CompressBertEncoder(nn.Module):
         return hidden, all_hidden, all_probs
 
 
+class FactorisedEmbedding(nn.Module):
+    """A V x H word embedding stored as V x E (`embed`) times E x H (`project`, no bias), as in ALBERT."""
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, padding_idx: int | None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=padding_idx)
+        self.project = nn.Linear(embedding_size, hidden_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.project(self.embed(input_ids))  # (B, S) -> (B, S, E) -> (B, S, H)
+
+
 class CompressBertPreTrainedModel(PreTrainedModel):
     config_class = CompressBertConfig
     base_model_prefix = "bert"
@@ -118,6 +130,9 @@ class CompressBertModel(CompressBertPreTrainedModel):
     def __init__(self, config: CompressBertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
+        if getattr(config, "embedding_size", None):  # factorised word embedding; position and type stay H wide
+            self.embeddings.word_embeddings = FactorisedEmbedding(config.vocab_size, config.embedding_size,
+                                                                  config.hidden_size, config.pad_token_id)
         self.encoder = CompressBertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()

@@ -1,0 +1,212 @@
+"""Benchmark compress share: ALBERT-style sharing of a fine-tuned BERT at groups 1, 2, 3 x embedding E and full.
+
+    python experiments/bench_share.py PARENT [--data ../shared/data/sst2] [--train_rows 8000] [--epochs 2]
+    python experiments/bench_share.py PARENT --groups 1,2 --embeddings full --inits first,mean,regmean  # inits
+    python experiments/bench_share.py --tiny          # smoke run on a tiny model built here, a few minutes on a CPU
+    python experiments/bench_share.py PARENT --compare_inits   # score before recovery of every init, no training
+
+PARENT is a fine-tuned BERT classifier folder, e.g. the SST-2 MiniLM-L6 teacher from distill's benchmark
+(outputs/bench_distill/teacher-4000) or `compress finetune --model minilm-l6 --data ../shared/data/sst2`. Every
+point is one `compress share --share all` run (its own MLflow run under OUT/mlruns): convert, score before
+recovery, distil from the parent on --train_rows training rows for --epochs, score, and time against the parent
+in the same process at batch 32 x 128. The table goes to stdout (markdown) and to OUT/bench_share.json.
+
+Target (issue "compress share"): groups=1 with E=128 at <= 40% of the parent's parameters and retention >= 0.95
+after recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT / ".." / "shared" / "data" / "sst2"
+
+
+def build_tiny(folder: Path) -> tuple[Path, Path]:
+    """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from compress.finetune import finetune
+
+    pos, neg = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "terrible"]
+    filler = ["the", "a", "movie", "film", "plot", "was", "is", "very", "quite", "acting", "story", "and"]
+    data = folder / "data"
+    data.mkdir(parents=True)
+    rng = random.Random(0)
+    for name, n in (("train.tsv", 512), ("dev.tsv", 128)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = rng.choices(filler, k=rng.randint(3, 12))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(pos if i % 2 else neg))
+            lines.append(f"{' '.join(words)}\t{i % 2}")
+        (data / name).write_text("\n".join(lines) + "\n")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(pos + neg + filler))
+    raw = folder / "raw"
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(raw)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(raw)
+    parent = folder / "parent"
+    finetune(model=str(raw), data=str(data), output=str(parent), epochs=3, lr=1e-3, latency_reps=1,
+             tracking=f"sqlite:///{folder}/mlruns/mlflow.db")
+    return parent, data
+
+
+def compare_inits(parent: str, data: str, groups: list[int], embedding: int, train_rows: int, calibration: int,
+                  max_length: int = 128) -> list[dict]:
+    """How close each conversion is to the parent straight away (no recovery), for every --share x groups x
+    --init, and for the factorised embedding alone (one group per layer) with each choice of basis.
+
+    Dev accuracy alone says little once sharing is heavy (everything sits near chance), so each row also has
+    the agreement with the parent's predictions and KL(parent || converted) per example on the dev set.
+    """
+    import torch
+
+    from compress.data import load_task
+    from compress.datamodule import TaskDataModule
+    from compress.models import load_classifier, load_tokenizer
+    from compress.share import calibration_batches
+    from compress.sharing import INITS, REGMEAN_ALPHA, input_grams, to_albert, to_compress_shared
+    from compress.training import quiet_libraries
+
+    quiet_libraries()
+    task = load_task(data=data, max_train=train_rows, seed=42)
+    teacher = load_classifier(parent, task.label_names).eval()
+    dm = TaskDataModule(task, load_tokenizer(parent), max_length=max_length, seed=42)
+    grams = input_grams(teacher, calibration_batches(dm, calibration, 32))
+    dev_batches = list(dm.val_dataloader())
+    labels = torch.cat([b["labels"] for b in dev_batches])
+
+    @torch.inference_mode()
+    def dev_logits(model) -> torch.Tensor:
+        model.eval()
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return torch.cat([model(**{k: v for k, v in b.items() if k in keys}).logits for b in dev_batches])
+
+    reference = dev_logits(teacher)
+
+    def measure(what: str, model, **extra) -> dict:
+        out = dev_logits(model)
+        kl = torch.nn.functional.kl_div(out.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        row = {"what": what, "accuracy": (out.argmax(-1) == labels).float().mean().item(),
+               "agreement": (out.argmax(-1) == reference.argmax(-1)).float().mean().item(), "kl": kl.item(), **extra}
+        print(row, file=sys.stderr)
+        return row
+
+    layers = teacher.config.num_hidden_layers
+    rows = [measure("parent", teacher)]
+    for kind in ("all", "attention", "ffn"):
+        for g in groups:
+            for init in (*INITS, *(("regmean a=0.25", "regmean a=0.9") if kind == "all" else ())):
+                alpha = float(init.split("=")[1]) if "=" in init else REGMEAN_ALPHA
+                how = init.split()[0]
+                if kind == "all":
+                    model, _ = to_albert(teacher, g, None, how, grams, alpha)
+                else:
+                    model, _ = to_compress_shared(teacher, kind, g, None, how, grams, alpha)
+                rows.append(measure(f"share {kind} g{g} init {init}", model))
+    for basis in ("word", "balanced"):
+        model, error = to_albert(teacher, layers, embedding, "mean", basis=basis)
+        rows.append(measure(f"ALBERT E={embedding} basis {basis} (no sharing)", model, svd_error=error))
+    model, error = to_compress_shared(teacher, "attention", layers, embedding)
+    rows.append(measure(f"CompressBert E={embedding} (no sharing)", model, svd_error=error))
+    print("\n| conversion (no recovery) | dev accuracy | agreement with parent | KL(parent‖it) | svd_error |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        svd = f"{r['svd_error']:.3f}" if "svd_error" in r else ""
+        print(f"| {r['what']} | {r['accuracy']:.4f} | {r['agreement']:.3f} | {r['kl']:.4f} | {svd} |")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("parent", nargs="?", help="fine-tuned BERT classifier folder (not needed with --tiny)")
+    p.add_argument("--data", default=str(SST2))
+    p.add_argument("--groups", default="1,2,3", help="comma-separated group counts")
+    p.add_argument("--embeddings", default="128,full", help="comma-separated E values; full keeps H")
+    p.add_argument("--inits", default="regmean", help="comma-separated --init values (mean, first, regmean)")
+    p.add_argument("--train_rows", type=int, default=8000, help="training rows for calibration and recovery")
+    p.add_argument("--epochs", type=int, default=2, help="recovery epochs")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="outputs/bench_share")
+    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny model and toy data")
+    p.add_argument("--compare_inits", action="store_true",
+                   help="no training: how close every --share x groups x init (and embedding basis) starts")
+    p.add_argument("--calibration", type=int, default=256, help="training rows regmean records inputs on")
+    args = p.parse_args()
+
+    from compress.share import share
+
+    out = Path(args.out)
+    if args.tiny:
+        out = Path(tempfile.mkdtemp(prefix="bench_share_"))
+        parent, data = build_tiny(out)
+        args.parent, args.data, args.embeddings, args.train_rows, args.epochs, args.lr = (
+            str(parent), str(data), "16,full", 512, 2, 1e-3)
+    elif not args.parent:
+        sys.exit("give the PARENT folder (a fine-tuned BERT classifier), or --tiny")
+    elif not Path(args.data).exists():
+        sys.exit(f"no data at {args.data}: this benchmark reads ../shared/data/sst2 (see its README)")
+    groups_list = [int(g) for g in args.groups.split(",")]
+    embeddings = [None if e == "full" else int(e) for e in args.embeddings.split(",")]
+    inits = args.inits.split(",")
+    if args.compare_inits:
+        rows = compare_inits(args.parent, args.data, groups_list, next(e for e in embeddings if e), args.train_rows,
+                             args.calibration)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare_inits.json").write_text(json.dumps(rows, indent=2))
+        return
+    tracking = f"sqlite:///{out.resolve()}/mlruns/mlflow.db"
+
+    rows = []
+    for groups in groups_list:
+        for embedding in embeddings:
+            for init in inits:
+                name = f"g{groups}-e{embedding or 'full'}-{init}"
+                folder = out / name
+                t0 = time.perf_counter()
+                share(model=args.parent, data=args.data, groups=groups, share="all", embedding=embedding, init=init,
+                      recover_epochs=args.epochs, max_train=args.train_rows, lr=args.lr, output=str(folder),
+                      calibration=args.calibration, overwrite=True, tracking=tracking, experiment="bench_share",
+                      latency_reps=3)
+                m = json.loads((folder / "compress.json").read_text())["metrics"]
+                rows.append({"config": name, "groups": groups, "embedding": embedding or "full", "init": init, **m,
+                             "params_fraction": m["student_params"] / m["teacher_params"],
+                             "seconds": time.perf_counter() - t0})
+
+    first = rows[0]
+    parent_mb = sum(f.stat().st_size for f in Path(args.parent).glob("*.safetensors")) / 1e6
+    print(f"\n{Path(args.parent).name} on {Path(args.data).name}: {args.train_rows} training rows, {args.epochs} "
+          f"recovery epoch(s); dev metric of the parent {first['teacher_score']:.4f}, "
+          f"{first['teacher_params']:,} params, {parent_mb:.1f} MB\n")
+    print("| groups | E | init | params | % of parent | MB | score before | score after | retention | speedup "
+          "| svd_error | seconds |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['groups']} | {r['embedding']} | {r['init']} | {r['student_params']:,.0f} | "
+              f"{r['params_fraction']:.1%} | {r['student_mb']:.1f} | {r['score_before_recovery']:.4f} | "
+              f"{r['student_score']:.4f} | {r['retention']:.3f} | {r['speedup']:.2f} | {r['svd_error']:.3f} | "
+              f"{r['seconds']:.0f} |")
+    small = next((e for e in embeddings if e), None)
+    for r in rows:
+        if r["groups"] == 1 and r["embedding"] == small:
+            ok = r["params_fraction"] <= 0.40 and r["retention"] >= 0.95
+            print(f"\ntarget g1-e{small} ({r['init']}): params {r['params_fraction']:.1%} (<= 40%), retention "
+                  f"{r['retention']:.3f} (>= 0.95): {'met' if ok else 'NOT met'}")
+    (out / "bench_share.json").write_text(json.dumps({"args": vars(args), "parent_mb": parent_mb, "rows": rows},
+                                                     indent=2))
+    print(f"results: {out / 'bench_share.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

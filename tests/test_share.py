@@ -1,0 +1,278 @@
+"""compress share: the conversion maths, the BERT -> ALBERT / CompressBert weight mapping, and the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AlbertForSequenceClassification, AutoModelForSequenceClassification
+
+from compress.__main__ import main
+from compress.measure import count_params
+from compress.modeling import CompressBertForSequenceClassification
+from compress.share import calibration_batches, convert
+from compress.sharing import (albert_param_count, compress_shared_param_count, layer_groups, merge_layers, regmean,
+                              to_albert, truncated_svd)
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_teacher):
+    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+
+
+def batch():
+    ids = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # padded row: masking must carry over
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**batch()).logits
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    return code, capsys.readouterr().err
+
+
+# --- maths -----------------------------------------------------------------------------------------------------
+
+def test_layer_groups_are_consecutive_and_cover_every_group():
+    assert layer_groups(6, 1) == [0] * 6
+    assert layer_groups(6, 2) == [0, 0, 0, 1, 1, 1]
+    assert layer_groups(6, 4) == [0, 0, 1, 2, 2, 3]
+    assert layer_groups(12, 12) == list(range(12))
+    for layers in range(1, 25):
+        for groups in range(1, layers + 1):
+            g = layer_groups(layers, groups)
+            assert sorted(set(g)) == list(range(groups)) and g == sorted(g)
+    with pytest.raises(ValueError):
+        layer_groups(4, 5)
+
+
+def test_truncated_svd_reproduces_a_matrix_at_its_rank():
+    gen = torch.Generator().manual_seed(0)
+    # (V=50, H=16) of rank 6, in float64 so that rank 6 is exact and the error is float64 round-off
+    f64 = dict(generator=gen, dtype=torch.float64)
+    low_rank = torch.randn(50, 6, **f64) @ torch.randn(6, 16, **f64)
+    a, b, error = truncated_svd(low_rank, 6)
+    assert a.shape == (50, 6) and b.shape == (6, 16) and error < 1e-12
+    torch.testing.assert_close(a @ b, low_rank, atol=1e-10, rtol=0)
+    _, _, error_full = truncated_svd(low_rank, 16)  # E = H = full rank: exact
+    assert error_full < 1e-12
+    # below the rank, the error is the discarded singular values' share (Eckart-Young)
+    s = torch.linalg.svdvals(low_rank)
+    _, _, error_4 = truncated_svd(low_rank, 4)
+    assert error_4 == pytest.approx(float(s[4:].norm() / s.norm()), rel=1e-9)
+
+
+def test_regmean_beats_the_mean_on_its_own_objective_and_keeps_equal_layers():
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3, 5, generator=gen) for _ in range(2)]
+    biases = [torch.randn(3, generator=gen) for _ in range(2)]
+    inputs = [torch.randn(40, 5, generator=gen) * torch.tensor([3.0, 1, 1, 0.1, 0.1]) + 1 for _ in range(2)]
+    grams = [torch.cat([x, torch.ones(40, 1)], 1).T @ torch.cat([x, torch.ones(40, 1)], 1) for x in inputs]
+
+    def loss(w, b):
+        return sum(((x @ w.T + b) - (x @ wl.T + bl)).pow(2).sum() for x, wl, bl in zip(inputs, weights, biases))
+
+    w, b = regmean(weights, biases, grams, alpha=1.0)
+    assert loss(w, b) < loss(sum(weights) / 2, sum(biases) / 2)
+    same_w, same_b = regmean([weights[0]] * 2, [biases[0]] * 2, grams)
+    torch.testing.assert_close(same_w, weights[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same_b, biases[0], atol=1e-5, rtol=0)
+    layers = [{"output.LayerNorm.weight": torch.ones(2)}, {"output.LayerNorm.weight": torch.zeros(2)}]
+    assert merge_layers(layers, "mean")["output.LayerNorm.weight"].tolist() == [0.5, 0.5]
+    assert merge_layers(layers, "first")["output.LayerNorm.weight"].tolist() == [1.0, 1.0]
+
+
+# --- the weight mapping ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["mean", "first", "regmean"])
+def test_a_group_per_layer_is_the_teacher_itself(bert, init):
+    batches = [batch()] if init == "regmean" else None
+    expected = bert(**batch(), output_hidden_states=True)
+    albert, error = convert(bert, share="all", groups=4, embedding=None, init=init, batches=batches)
+    assert isinstance(albert, AlbertForSequenceClassification) and error == 0.0
+    out = albert.eval()(**batch(), output_hidden_states=True)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=0)
+    assert len(out.hidden_states) == len(expected.hidden_states)  # distillation pairs them layer by layer
+    for mine, theirs in zip(out.hidden_states[1:], expected.hidden_states[1:], strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    for kind in ("attention", "ffn"):
+        shared, _ = convert(bert, share=kind, groups=4, embedding=None, init=init, batches=batches)
+        torch.testing.assert_close(logits(shared), expected.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_albert_runs_each_layer_with_its_groups_weights(bert, groups):
+    """With init first, ALBERT must equal the teacher with every layer overwritten by its group's first layer."""
+    import copy
+
+    which = layer_groups(4, groups)
+    reference = copy.deepcopy(bert)
+    for i, g in enumerate(which):
+        reference.bert.encoder.layer[i].load_state_dict(bert.bert.encoder.layer[which.index(g)].state_dict())
+    albert, _ = to_albert(bert, groups, None, "first")
+    torch.testing.assert_close(logits(albert), logits(reference), atol=1e-5, rtol=0)
+    for kind in ("attention", "ffn"):
+        reference = copy.deepcopy(bert)
+        for i, g in enumerate(which):
+            source, target = bert.bert.encoder.layer[which.index(g)], reference.bert.encoder.layer[i]
+            for sub in (("attention",) if kind == "attention" else ("intermediate", "output")):
+                getattr(target, sub).load_state_dict(getattr(source, sub).state_dict())
+        shared, _ = convert(bert, share=kind, groups=groups, embedding=None, init="first")
+        torch.testing.assert_close(logits(shared), logits(reference), atol=1e-5, rtol=0)
+
+
+def test_factorised_embeddings_are_exact_when_the_tables_have_low_rank(bert):
+    """ALBERT's E-wide tables, E-wide LayerNorm and E -> H mapping reproduce BERT's embedding output exactly
+    when the (row-centred) word, position and type tables fit in E - 1 dimensions; CompressBert's in E."""
+    import copy
+
+    low = copy.deepcopy(bert)
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.randn(5, 32, generator=gen)  # rank 5 in H = 32, plus a per-row offset LayerNorm removes
+    with torch.no_grad():
+        emb = low.bert.embeddings
+        for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+            n = table.weight.shape[0]
+            table.weight.copy_(torch.randn(n, 5, generator=gen) @ basis + torch.randn(n, 1, generator=gen))
+    expected = logits(low)
+    albert, error = convert(low, share="all", groups=4, embedding=6, init="mean")
+    assert albert.config.embedding_size == 6 and error < 1e-6
+    torch.testing.assert_close(logits(albert), expected, atol=1e-5, rtol=0)
+    compress_model, error = convert(low, share="attention", groups=4, embedding=5, init="mean")
+    assert error < 1e-6
+    torch.testing.assert_close(logits(compress_model), expected, atol=1e-5, rtol=0)
+    # on the real (full-rank) random tables a small E loses something, and says how much
+    _, error = convert(bert, share="all", groups=4, embedding=8, init="mean")
+    assert 0.05 < error < 1
+
+
+@pytest.mark.parametrize(("kind", "groups", "embedding"),
+                         [("all", 1, None), ("all", 2, 8), ("attention", 1, None), ("ffn", 3, 8)])
+def test_parameter_count_matches_the_formula(bert, kind, groups, embedding):
+    model, _ = convert(bert, share=kind, groups=groups, embedding=embedding, init="mean")
+    c = bert.config
+    sizes = dict(vocab=c.vocab_size, positions=c.max_position_embeddings, types=c.type_vocab_size,
+                 hidden=c.hidden_size, intermediate=c.intermediate_size, labels=c.num_labels)
+    if kind == "all":
+        expected = albert_param_count(**sizes, groups=groups, embedding=embedding or c.hidden_size)
+    else:
+        expected = compress_shared_param_count(
+            **sizes, layers=4, embedding=embedding, attention_modules=groups if kind == "attention" else 4,
+            ffn_modules=groups if kind == "ffn" else 4)
+    assert count_params(model) == expected
+    assert count_params(model) < count_params(bert)
+
+
+# --- saved models load without compress ------------------------------------------------------------------------
+
+def load_elsewhere(folder: Path, tmp: Path, trust: bool = False) -> tuple[torch.Tensor, str]:
+    """Logits of `folder` loaded by transformers in a fresh interpreter that never imports compress."""
+    torch.save(batch(), tmp / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"m = A.from_pretrained({str(folder)!r}, trust_remote_code={trust}).eval()\n"
+        "assert 'compress' not in sys.modules, 'compress was imported'\n"
+        f"torch.save(m(**torch.load({str(tmp / 'batch.pt')!r})).logits, {str(tmp / 'out.pt')!r})\n"
+        "print(type(m).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp / "out.pt"), done.stdout.strip()
+
+
+def test_cli_share_all_writes_an_albert_that_transformers_loads_alone(tiny_teacher, tiny_data, workdir, capsys):
+    code, err = run_cli(["share", "--model", str(tiny_teacher), "--data", str(tiny_data), "--groups", "2",
+                         "--embedding", "12", "--recover-epochs", "0", "--output", "out", "--latency_reps", "1"],
+                        capsys)
+    assert code == 0, err
+    assert "before recovery" in err and "svd_error" in err
+    # the CLI's conversion, recomputed in memory: same rows, same seed
+    from compress.data import load_task
+    from compress.datamodule import TaskDataModule
+    from compress.models import load_tokenizer
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+    dm = TaskDataModule(load_task(data=str(tiny_data)), load_tokenizer(str(tiny_teacher)), seed=42)
+    in_memory, _ = convert(teacher, share="all", groups=2, embedding=12, init="regmean",
+                           batches=calibration_batches(dm, 256, 32))
+    reloaded, name = load_elsewhere(workdir / "out", workdir)
+    assert name == "AlbertForSequenceClassification"
+    torch.testing.assert_close(reloaded, logits(in_memory), atol=1e-6, rtol=0)
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    assert (config["model_type"], config["embedding_size"], config["num_hidden_groups"], config["inner_group_num"],
+            config["hidden_act"]) == ("albert", 12, 2, 1, "gelu")
+    metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
+    for key in ("student_score", "teacher_score", "retention", "student_params", "teacher_params", "compression",
+                "student_mb", "latency_ms", "speedup", "groups", "embedding_size", "svd_error",
+                "score_before_recovery"):
+        assert key in metrics, key
+    assert metrics["score_before_recovery"] == metrics["student_score"]  # nothing trained in between
+    assert (metrics["groups"], metrics["embedding_size"]) == (2, 12) and 0 < metrics["svd_error"] < 1
+    # compress evaluate reads it back like any other model
+    code, err = run_cli(["evaluate", "--model", "out", "--data", str(tiny_data), "--latency_reps", "1"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("kind", ["attention", "ffn"])
+def test_cli_share_attention_or_ffn_recovers_and_loads_with_its_code(tiny_teacher, tiny_data, workdir, capsys, kind):
+    code, err = run_cli(["share", "--model", str(tiny_teacher), "--data", str(tiny_data), "--share", kind,
+                         "--groups", "1", "--init", "mean", "--recover_epochs", "1", "--batch_size", "32",
+                         "--output", "out", "--latency_reps", "1", "--max_length", "16"]
+                        + (["--embedding", "16"] if kind == "attention" else []), capsys)
+    assert code == 0, err
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out")
+    assert isinstance(model, CompressBertForSequenceClassification)
+    assert getattr(model.config, f"{'attention' if kind == 'attention' else 'ffn'}_map") == [0, 0, 0, 0]
+    assert (workdir / "out" / "modeling_compress_bert.py").exists()
+    reloaded, name = load_elsewhere(workdir / "out", workdir, trust=True)
+    assert name == "CompressBertForSequenceClassification"
+    torch.testing.assert_close(reloaded, logits(model), atol=1e-6, rtol=0)
+    metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
+    assert metrics["embedding_size"] == (16 if kind == "attention" else 32)
+    assert metrics["student_params"] < metrics["teacher_params"]
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def not_bert(tiny_root) -> Path:
+    from transformers import DistilBertConfig
+
+    folder = tiny_root / "distilbert"
+    DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("extra", "flag"), [
+    (["--groups", "0"], "--groups"),
+    (["--groups", "5"], "--groups"),
+    (["--embedding", "32"], "--embedding"),
+    (["--embedding", "48", "--share", "attention"], "--embedding"),
+    (["--share", "heads"], "--share"),
+    (["--init", "svd"], "--init"),
+    (["--recover_epochs=-1"], "--recover_epochs"),
+    (["NOT_BERT"], "--model"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_teacher, tiny_data, not_bert, workdir, capsys, extra, flag):
+    model = str(not_bert) if extra == ["NOT_BERT"] else str(tiny_teacher)
+    extra = [] if extra == ["NOT_BERT"] else extra
+    code, err = run_cli(["share", "--model", model, "--data", str(tiny_data), *extra], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compress: error: ") and flag in lines[0], err
+    assert list(workdir.iterdir()) == []  # no outputs/, no mlruns/
