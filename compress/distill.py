@@ -98,19 +98,13 @@ def distill(
     from compress.finetune import ensure_task_teacher
     from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
                                  load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
-    from compress.recipe import TrainConfig, run_training
+    from compress.recipe import TrainConfig, check_distill_flags, run_training
 
-    for name, value in (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden),
-                        ("--alpha_attn", alpha_attn)):
-        if value < 0:
-            raise CompressError(f"{name} {value}: loss weights must be >= 0")
-    if alpha_kd == alpha_ce == alpha_hidden == alpha_attn == 0:
-        raise CompressError("--alpha_*: every loss weight is 0, so there is nothing to learn from")
+    check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
+                                      "alpha_attn": alpha_attn})
     if cache_teacher and (alpha_hidden or alpha_attn):
         raise CompressError("--cache_teacher stores logits only: set --alpha_hidden 0 and --alpha_attn 0 with it "
                             "(hidden-state and attention losses need the live teacher every step)")
-    if temperature <= 0:
-        raise CompressError(f"--temperature {temperature}: must be > 0")
     if student is not None and layers is not None:
         raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
     common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,

@@ -37,18 +37,14 @@ def evaluate(
         json_out: also write the results to this JSON file.
     """
     from compress.data import load_task
-    from compress.errors import CompressError
-    from compress.models import has_task_head, load_classifier, load_config, load_tokenizer, resolve_model
+    from compress.models import load_classifier, load_config, load_tokenizer, require_task_head, resolve_model
 
     # input checks first: a bad flag should not wait for Lightning's import
     task_data = load_task(task, data, text_column=text_column, label_column=label_column)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
-    if not has_task_head(config, task_data.label_names):
-        raise CompressError(
-            f"--model {model}: has no classifier for {task_data.name}'s labels {task_data.label_names}; "
-            "fine-tune it first (compress finetune)"
-        )
+    require_task_head(config, task_data, model)
+
     from compress.datamodule import TaskDataModule
     from compress.measure import count_params, latency_ms, weights_mb
     from compress.training import quiet_libraries, resolve_accelerator, resolve_precision, score

@@ -114,6 +114,13 @@ def has_task_head(config, label_names: list[str]) -> bool:
     return saved == list(label_names) or all(s == f"LABEL_{i}" for i, s in enumerate(saved))
 
 
+def require_task_head(config, task, model: str, flag: str = "--model") -> None:
+    """For commands that start from a task model (prune, share, evaluate): no head means fine-tune first."""
+    if not has_task_head(config, task.label_names):
+        raise CompressError(f"{flag} {model}: has no classifier for {task.name}'s labels {task.label_names}; "
+                            f"fine-tune it first (compress finetune --model {model} ...)")
+
+
 def load_classifier(
     path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None
 ) -> PreTrainedModel:

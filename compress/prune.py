@@ -120,8 +120,8 @@ def prune(
             for the same seed and data).
         overwrite: replace an existing --output.
     """
-    from compress.models import check_encoder, has_task_head, load_config, resolve_model
-    from compress.recipe import TrainConfig
+    from compress.models import check_encoder, load_config, require_task_head, resolve_model
+    from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
     for flag, value in (("--heads", heads), ("--ffn", ffn), ("--sparsity", sparsity)):
@@ -134,13 +134,8 @@ def prune(
         raise CompressError(f"--recover_epochs {recover_epochs}: must be >= 0 (0 skips recovery)")
     if importance_batches < 1:
         raise CompressError(f"--importance_batches {importance_batches}: must be at least 1")
-    if temperature <= 0:
-        raise CompressError(f"--temperature {temperature}: must be > 0")
-    for flag, value in (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden)):
-        if value < 0:
-            raise CompressError(f"{flag} {value}: loss weights must be >= 0")
-    if recover_epochs and alpha_kd == alpha_ce == alpha_hidden == 0:
-        raise CompressError("--alpha_*: every loss weight is 0, so recovery has nothing to learn from")
+    check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden},
+                        training=recover_epochs > 0)
     if heads == ffn == sparsity == 0 and drop_layers in (None, 0, [], ""):
         raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers or --sparsity")
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
@@ -161,9 +156,7 @@ def prune(
     if config.model_type not in PRUNABLE_TYPES:
         raise CompressError(f"--model: model type '{config.model_type}' cannot be pruned yet; prune slices BERT "
                             f"architectures ({', '.join(PRUNABLE_TYPES)})")
-    if not has_task_head(config, task_data.label_names):
-        raise CompressError(f"--model {model}: has no classifier for {task_data.name}'s labels "
-                            f"{task_data.label_names}; fine-tune it first (compress finetune --model {model} ...)")
+    require_task_head(config, task_data, model)
     dropped = parse_drop_layers(drop_layers, config.num_hidden_layers)
     accelerator_name = resolve_accelerator(accelerator)
     desc = f"h{heads:g}-f{ffn:g}" + (f"-d{len(dropped)}" if dropped else "") + (f"-s{sparsity:g}" if sparsity else "")

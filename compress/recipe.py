@@ -51,6 +51,17 @@ class TrainConfig:
                 raise CompressError(message)
 
 
+def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True) -> None:
+    """The flags distill shares with the recovery steps of prune and share; `alphas` maps flag name to weight."""
+    if temperature <= 0:
+        raise CompressError(f"--temperature {temperature}: must be > 0")
+    for name, value in alphas.items():
+        if value < 0:
+            raise CompressError(f"--{name} {value}: loss weights must be >= 0")
+    if training and all(value == 0 for value in alphas.values()):
+        raise CompressError("--alpha_*: every loss weight is 0, so training has nothing to learn from")
+
+
 @dataclass
 class RunResult:
     output: str

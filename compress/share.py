@@ -108,8 +108,8 @@ def share(
             for the same seed and data).
         overwrite: replace an existing --output.
     """
-    from compress.models import check_encoder, has_task_head, load_config, resolve_model
-    from compress.recipe import TrainConfig
+    from compress.models import check_encoder, load_config, require_task_head, resolve_model
+    from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
     if share not in SHARES:
@@ -124,15 +124,8 @@ def share(
         raise CompressError(f"--calibration {calibration}: must be at least 1")
     if recover_epochs < 0:
         raise CompressError(f"--recover_epochs {recover_epochs}: must be >= 0 (0 skips recovery)")
-    if temperature <= 0:
-        raise CompressError(f"--temperature {temperature}: must be > 0")
-    alphas = (("--alpha_kd", alpha_kd), ("--alpha_ce", alpha_ce), ("--alpha_hidden", alpha_hidden),
-              ("--alpha_attn", alpha_attn))
-    for flag, value in alphas:
-        if value < 0:
-            raise CompressError(f"{flag} {value}: loss weights must be >= 0")
-    if recover_epochs and all(value == 0 for _, value in alphas):
-        raise CompressError("--alpha_*: every loss weight is 0, so recovery has nothing to learn from")
+    check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
+                                      "alpha_attn": alpha_attn}, training=recover_epochs > 0)
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,
@@ -156,9 +149,7 @@ def share(
     if embedding is not None and embedding >= hidden:
         raise CompressError(f"--embedding {embedding}: must be smaller than the hidden size {hidden} "
                             "(leave it out to keep the embedding whole)")
-    if not has_task_head(config, task_data.label_names):
-        raise CompressError(f"--model {model}: has no classifier for {task_data.name}'s labels "
-                            f"{task_data.label_names}; fine-tune it first (compress finetune --model {model} ...)")
+    require_task_head(config, task_data, model)
     desc = f"{share}-g{groups}" + (f"-e{embedding}" if embedding else "")
     out = Path(output or f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}")
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after the conversion
