@@ -40,7 +40,7 @@ def distill(
     num_workers: int | None = None,
     checkpoint_every: int = 100,
     latency_reps: int = 5,
-    teacher_epochs: int = 3,
+    teacher_epochs: int = 2,
     teacher_lr: float = 5e-5,
     teacher_cache: str = "outputs/teachers",
     tracking: str = DEFAULT_TRACKING,
