@@ -95,7 +95,7 @@ def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | N
     for name, student, teacher in rows:
         print(f"  {name:{width}}  {student:>12}  {teacher:>12}", file=sys.stderr)
     if run_id:
-        see = f"mlflow ui --backend-store-uri {tracking}" if tracking.startswith("sqlite:") else tracking
+        see = tracking if tracking.startswith("http") else f"compress ui --tracking {tracking}"
         print(f"  MLflow run {run_id} in {tracking}  (open it: {see})", file=sys.stderr)
 
 
