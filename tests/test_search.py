@@ -290,7 +290,9 @@ def test_two_workers_share_one_study(workdir, tiny_teacher, tiny_data):
 def test_a_killed_workers_trial_is_retried(workdir, tiny_teacher, tiny_data):
     """kill -9 mid-trial; the next run of the study finds the trial's heartbeat stale, fails it and runs it again."""
     paths = store(workdir)
-    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 3}
+    # 40 epochs of 2 steps: a window of seconds in which the kill lands mid-training, even on a loaded machine
+    # (with 3 epochs the step could finish between the poll and the kill, leaving a FINISHED run)
+    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 40}
     args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1", "--study", "kill",
             "--heartbeat", "1", "--space", json.dumps(space), "--tracking", paths["tracking"],
             "--storage", paths["storage"]]
