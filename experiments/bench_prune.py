@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -29,30 +28,13 @@ SST2 = ROOT / ".." / "shared" / "data" / "sst2"
 
 def build_tiny(folder: Path) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
+    from conftest import save_tiny_bert, write_tsv
 
     from compress.finetune import finetune
 
-    pos, neg = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "terrible"]
-    filler = ["the", "a", "movie", "film", "plot", "was", "is", "very", "quite", "acting", "story", "and"]
-    data = folder / "data"
-    data.mkdir(parents=True)
-    rng = random.Random(0)
-    for name, n in (("train.tsv", 512), ("dev.tsv", 128)):
-        lines = ["sentence\tlabel"]
-        for i in range(n):
-            words = rng.choices(filler, k=rng.randint(3, 12))
-            words.insert(rng.randrange(len(words) + 1), rng.choice(pos if i % 2 else neg))
-            lines.append(f"{' '.join(words)}\t{i % 2}")
-        (data / name).write_text("\n".join(lines) + "\n")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(pos + neg + filler))
-    raw = folder / "raw"
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(raw)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
-                        intermediate_size=512, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(raw)
+    data = write_tsv(folder / "data", train=512, dev=128)
+    raw = save_tiny_bert(folder / "raw", layers=4, hidden=128, heads=8, intermediate=512)
     parent = folder / "parent"
     finetune(model=str(raw), data=str(data), output=str(parent), epochs=3, lr=1e-3, latency_reps=1,
              tracking=f"sqlite:///{folder}/mlruns/mlflow.db")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -29,28 +28,11 @@ CONFIG = ROOT / "experiments" / "search_minilm_sst2.yaml"
 def build_tiny(folder: Path) -> tuple[Path, Path]:
     """A small random BERT without a classifier (so the search fine-tunes it first, as it does MiniLM) and
     synthetic sentiment rows it can learn in seconds."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
+    from conftest import save_tiny_bert, write_tsv
 
-    pos, neg = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "terrible"]
-    filler = ["the", "a", "movie", "film", "plot", "was", "is", "very", "quite", "acting", "story", "and"]
-    data = folder / "data"
-    data.mkdir(parents=True)
-    rng = random.Random(0)
-    for name, n in (("train.tsv", 512), ("dev.tsv", 128)):
-        lines = ["sentence\tlabel"]
-        for i in range(n):
-            words = rng.choices(filler, k=rng.randint(3, 12))
-            words.insert(rng.randrange(len(words) + 1), rng.choice(pos if i % 2 else neg))
-            lines.append(f"{' '.join(words)}\t{i % 2}")
-        (data / name).write_text("\n".join(lines) + "\n")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(pos + neg + filler))
-    raw = folder / "encoder"
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(raw)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128)
-    BertModel(config).save_pretrained(raw)
+    data = write_tsv(folder / "data", train=512, dev=128)
+    raw = save_tiny_bert(folder / "encoder", hidden=64, heads=4, intermediate=256, head=False)
     return raw, data
 
 
