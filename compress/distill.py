@@ -28,6 +28,7 @@ def distill(
     alpha_hidden: float = 1.0,
     alpha_attn: float = 0.0,
     cache_teacher: bool = False,
+    compile: bool = False,
     max_length: int = 128,
     max_train: int | None = None,
     text_column: str | None = None,
@@ -72,8 +73,12 @@ def distill(
         alpha_hidden: weight of the hidden-state loss (cosine at equal width, MSE through a learned projection
             for a narrower student); 0 turns it off.
         alpha_attn: weight of the attention-distribution KL; > 0 runs both models with eager attention (slower).
-        cache_teacher: keep the teacher's logits from the first epoch and skip the teacher after it. Needs
-            --alpha_hidden 0 and --alpha_attn 0 (those losses need the teacher's hidden states every step).
+        cache_teacher: keep the teacher's logits from the first epoch and skip the teacher after it. They are also
+            stored under --teacher_cache, keyed by teacher weights, training rows, tokenizer, --max_length and
+            precision, so a later run on the same teacher and data never runs the teacher. Needs --alpha_hidden 0
+            and --alpha_attn 0 (those losses need the teacher's hidden states every step).
+        compile: torch.compile the student and the teacher (worth it on a GPU for long runs; the first steps
+            pay the compilation, tens of seconds).
         max_length: tokens per example; longer inputs are truncated.
         max_train: use a seeded random subset of this many training rows.
         text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
@@ -88,7 +93,7 @@ def distill(
         latency_reps: timed rounds for the latency measurement.
         teacher_epochs: epochs when a head-less teacher must be fine-tuned first.
         teacher_lr: learning rate of that fine-tuning.
-        teacher_cache: folder holding fine-tuned teachers for reuse.
+        teacher_cache: folder holding fine-tuned teachers and cached teacher logits for reuse.
         tracking: MLflow tracking URI (default: sqlite under ./mlruns).
         experiment: MLflow experiment name.
         resume: continue an interrupted run writing to the same --output.
@@ -110,7 +115,7 @@ def distill(
     common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,
                   accelerator=accelerator, devices=devices, strategy=strategy, num_workers=num_workers,
                   checkpoint_every=checkpoint_every, latency_reps=latency_reps)
-    cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, **common)
+    cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, compile=compile, **common)
     cfg.validate()
     teacher_cfg = TrainConfig(epochs=teacher_epochs, lr=teacher_lr, warmup=0.1, weight_decay=0.01, **common)
     teacher_cfg.validate()
@@ -154,11 +159,20 @@ def distill(
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
     out = Path(output or f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
+    cache_file = None
+    if cache_teacher:
+        from compress import logit_cache
+        from compress.training import resolve_accelerator, resolve_precision
+
+        on_gpu = resolve_accelerator(accelerator) == "cuda"
+        dtype = "bf16" if on_gpu and "bf16" in resolve_precision(precision, "cuda") else "fp32"
+        key = logit_cache.cache_key(teacher_path, task_data, tokenizer, max_length, dtype)
+        cache_file = logit_cache.cache_file(Path(teacher_cache), key)
     run_training(
         command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
         teacher=teacher_model, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,
         temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
-        cache_teacher=cache_teacher,
+        cache_teacher=cache_teacher, cache_file=cache_file,
         params={"teacher": teacher, "teacher_path": teacher_path, "student": student or "", "layers": n_student,
                 "teacher_layers_kept": str(kept or ""), "temperature": temperature, "alpha_kd": alpha_kd,
                 "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "alpha_attn": alpha_attn,

@@ -6,13 +6,15 @@ fine-tuning, distillation, and the recovery steps of prune and share share one t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from compress import losses
+from compress import logit_cache, losses
 
 
 @dataclass
@@ -61,6 +63,8 @@ class DistillModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup: float = 0.1,
         cache_teacher: bool = False,
+        cache_file: Path | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
@@ -75,6 +79,10 @@ class DistillModule(pl.LightningModule):
         self._cache: torch.Tensor | None = None  # (N, C)
         self._cached: torch.Tensor | None = None  # (N,) bool: row's logits are stored
         self._cache_ready = False
+        # Where the complete cache is stored and looked for (compress.logit_cache): a run that finds it never runs
+        # the teacher, not even in its first epoch.
+        self.cache_file = cache_file if self.cache_teacher else None
+        self._compile = compile
         self.save_hyperparameters(
             {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
              "weight_decay": weight_decay, "warmup": warmup,
@@ -111,10 +119,29 @@ class DistillModule(pl.LightningModule):
         # halving its memory traffic. (On a CPU precision stays 32-true, so this never fires there.)
         if self.teacher is not None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
             self.teacher.to(torch.bfloat16)
+        if self._compile:
+            # In-place nn.Module.compile keeps parameter names, so checkpoints and the saved student are unchanged.
+            # dynamic=True: dynamic padding gives every batch its own length, which would otherwise recompile.
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    model.compile(dynamic=True)
+
+    def on_fit_end(self) -> None:
+        # Scoring, latency and export run the plain eager modules (on the CPU for export), not the compiled graphs.
+        for model in (self.student, self.teacher):
+            if model is not None:
+                model._compiled_call_impl = None
 
     def on_train_start(self) -> None:
         if self.cache_teacher and self._cache is None:
             rows = len(self.trainer.train_dataloader.dataset)
+            stored = logit_cache.load(self.cache_file, rows, self.hparams.num_labels) if self.cache_file else None
+            if stored is not None:
+                print(f"teacher logits: read from {self.cache_file}; the teacher is not run", file=sys.stderr)
+                self._cache = stored.to(self.device)
+                self._cached = torch.ones(rows, dtype=torch.bool, device=self.device)
+                self._cache_ready = True
+                return
             self._cache = torch.zeros(rows, self.hparams.num_labels, device=self.device)
             self._cached = torch.zeros(rows, dtype=torch.bool, device=self.device)
 
@@ -128,6 +155,10 @@ class DistillModule(pl.LightningModule):
         self._cache = total / count.clamp_min(1.0)[:, None]
         self._cached = count > 0
         self._cache_ready = bool(self._cached.all())  # one host sync per epoch, not per step
+        if self._cache_ready and self.cache_file is not None and self.trainer.is_global_zero:
+            logit_cache.save(self.cache_file, self._cache, {"rows": str(self._cache.shape[0])})
+            print(f"teacher logits cached in {self.cache_file}; later epochs and runs skip the teacher",
+                  file=sys.stderr)
 
     def teacher_logits(self, batch: dict, inputs: dict, want_hidden: bool, want_attn: bool):
         """Teacher outputs for this batch: from the cache once it is complete, else a live forward pass."""

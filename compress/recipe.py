@@ -31,6 +31,7 @@ class TrainConfig:
     num_workers: int | None = None
     checkpoint_every: int = 100
     latency_reps: int = 5
+    compile: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -120,6 +121,7 @@ def run_training(
     extra_metrics: dict | None = None,
     finalize=None,
     cache_teacher: bool = False,
+    cache_file: Path | None = None,
 ) -> RunResult | None:
     """Train `student` (from `teacher` when given, else on labels alone), save it to `output`, log to MLflow.
 
@@ -153,6 +155,11 @@ def run_training(
 
     pl.seed_everything(cfg.seed, verbose=False)
     saved = state.read()
+    # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
+    trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
+                            strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
+                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                            callbacks=hooks.get("callbacks"))
     logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                           run_id=saved.get("run_id"))
     state.write(run_id=logger.run_id)
@@ -167,11 +174,8 @@ def run_training(
 
     module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric, temperature=temperature,
                            weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                           cache_teacher=cache_teacher)
-    trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
-                            strategy=cfg.strategy, logger=logger, ckpt_dir=state.ckpt_dir,
-                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-                            callbacks=hooks.get("callbacks"))
+                           cache_teacher=cache_teacher, cache_file=cache_file, compile=cfg.compile)
+    trainer.logger = logger
     ckpt = state.last_checkpoint() if resume else None
     if resume:
         print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)

@@ -129,6 +129,16 @@ def build_trainer(
             dirpath=ckpt_dir, filename="step{step:07d}", monitor="step", mode="max", save_top_k=2,
             every_n_train_steps=checkpoint_every, auto_insert_metric_name=False, save_on_train_epoch_end=True,
         ))
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return _trainer(epochs, accelerator, precision, devices, strategy, logger, callbacks, ckpt_dir, progress)
+    except (ValueError, MisconfigurationException) as error:  # Lightning's own word on a bad combination
+        raise CompressError(f"--accelerator {accelerator} --devices {devices} --strategy {strategy} "
+                            f"--precision {precision}: {str(error).splitlines()[0]}") from None
+
+
+def _trainer(epochs, accelerator, precision, devices, strategy, logger, callbacks, ckpt_dir, progress) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,

@@ -361,6 +361,22 @@ def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny
     assert (workdir / "s1" / "model.safetensors").is_file() and (workdir / "s2" / "model.safetensors").is_file()
 
 
+def test_cached_teacher_logits_are_reused_by_the_next_distill(tiny_teacher: Path, tiny_data: Path,
+                                                              workdir: Path) -> None:
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", "--cache_teacher",
+            "--alpha_hidden", "0", "--teacher_cache", "cache", *FAST, *track(workdir)]
+    _, err1 = ok([*args, "--output", "s1"])
+    files = list((workdir / "cache" / "logits").glob("*.safetensors"))
+    assert len(files) == 1 and "teacher logits cached in" in err1
+    _, err2 = ok([*args, "--output", "s2"])
+    assert f"teacher logits: read from cache/logits/{files[0].name}" in err2
+    # both runs trained on the same targets from the same start: the students are the same
+    first, second = load_weights(workdir / "s1"), load_weights(workdir / "s2")
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    _, err3 = ok([*args, "--output", "s3", "--max_length", "64"])  # other preprocessing: another key
+    assert "read from" not in err3 and len(list((workdir / "cache" / "logits").glob("*.safetensors"))) == 2
+
+
 def test_distill_into_a_narrower_student(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     from transformers import AutoConfig, BertForSequenceClassification
 
@@ -545,6 +561,10 @@ BAD_INPUTS = {
     "student-and-layers": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", t, "--layers", "2"],
                            ["--student", "--layers"]),
     "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),
+    "fsdp-on-a-cpu": (lambda w, t, d: ["--teacher", t, "--data", d, "--accelerator", "cpu", "--strategy", "fsdp"],
+                      ["--strategy fsdp", "GPU"]),
+    "cache-with-hidden-loss": (lambda w, t, d: ["--teacher", t, "--data", d, "--cache_teacher"],
+                               ["--cache_teacher", "--alpha_hidden 0"]),
 }
 
 

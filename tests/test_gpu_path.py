@@ -1,9 +1,17 @@
 """The GPU-speed switches, checked on a CPU: teacher-logit caching is exact, and bf16/fused are off here."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
+from compress import logit_cache
 from compress.data import load_task
 from compress.datamodule import TaskDataModule
 from compress.models import load_classifier, load_tokenizer, student_from_teacher
@@ -19,13 +27,13 @@ class StepLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3):
+def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False):
     task = load_task(data=str(tiny_data))
     teacher = load_classifier(str(tiny_teacher), task.label_names)
     pl.seed_everything(0, verbose=False)
     student = student_from_teacher(teacher, [0, 2])
     module = DistillModule(student, teacher, num_labels=2, weights=LossWeights(kd=1.0, ce=0.5, hidden=0.0),
-                           lr=1e-3, cache_teacher=cache)
+                           lr=1e-3, cache_teacher=cache, cache_file=cache_file, compile=compile)
     dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)
     record = StepLosses()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -65,3 +73,76 @@ def test_gpu_switches_are_off_on_cpu(tiny_teacher, tiny_data):
     assert trainer.optimizers[0].defaults["fused"] is False
     dm = trainer.datamodule
     assert dm.num_workers == 0 and trainer.train_dataloader.pin_memory is False
+
+
+def test_logit_cache_on_disk_is_reused_by_the_next_run(tiny_teacher, tiny_data, tmp_path):
+    live, _, _, _ = train(tiny_teacher, tiny_data, cache=False)
+    path = tmp_path / "logits" / "key.safetensors"
+    first, first_calls, module, _ = train(tiny_teacher, tiny_data, cache=True, cache_file=path)
+    assert path.is_file() and first_calls == 6  # written after epoch 1, the teacher's only epoch
+    assert not list(path.parent.glob("*.tmp"))
+    second, second_calls, _, _ = train(tiny_teacher, tiny_data, cache=True, cache_file=path)
+    assert second_calls == 0  # the next run never runs the teacher
+    assert first == pytest.approx(live, abs=1e-6)
+    assert second == pytest.approx(live, abs=1e-6)
+    stored = logit_cache.load(path, 96, 2)
+    assert torch.equal(stored, module._cache.cpu())
+    assert logit_cache.load(path, 95, 2) is None  # another row count is a different cache, never misread
+
+
+def test_logit_cache_key_follows_teacher_data_tokenizer_length_and_dtype(tiny_teacher, tiny_data, tmp_path):
+    tiny_teacher = Path(shutil.copytree(tiny_teacher, tmp_path / "teacher"))  # the fixture is shared: touch a copy
+    task = load_task(data=str(tiny_data))
+    tok = load_tokenizer(str(tiny_teacher))
+    base = logit_cache.cache_key(str(tiny_teacher), task, tok, 128, "fp32")
+    assert base == logit_cache.cache_key(str(tiny_teacher), load_task(data=str(tiny_data)), tok, 128, "fp32")
+    assert base != logit_cache.cache_key(str(tiny_teacher), task, tok, 64, "fp32")
+    assert base != logit_cache.cache_key(str(tiny_teacher), task, tok, 128, "bf16")
+    assert base != logit_cache.cache_key(str(tiny_teacher), load_task(data=str(tiny_data), max_train=50), tok,
+                                         128, "fp32")
+    tok.truncation_side = "left"
+    assert base != logit_cache.cache_key(str(tiny_teacher), task, tok, 128, "fp32")
+    os.utime(tiny_teacher / "model.safetensors", ns=(1, 1))  # new weights (mtime) -> new key
+    tok.truncation_side = "right"
+    assert base != logit_cache.cache_key(str(tiny_teacher), task, tok, 128, "fp32")
+
+
+def test_compiled_training_matches_eager(tiny_teacher, tiny_data):
+    eager, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1)
+    compiled, _, module, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, compile=True)
+    assert compiled == pytest.approx(eager, abs=1e-4)
+    assert module.student._compiled_call_impl is None  # undone after fit: scoring and export run eager
+    assert not any("_orig_mod" in k for k in module.student.state_dict())
+
+
+def test_gpu_benchmark_tiny_mode_runs_every_row(tmp_path):
+    """The GPU benchmark's CPU smoke mode: every row is timed through the real pipeline, the table and JSON agree."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--json", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FAILED" not in proc.stderr
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["plain fp32 loop (.item() each step)", "bf16-autocast loop (.item() each step)",
+                     "compress distill, live teacher", "compress distill --cache_teacher, epoch 2",
+                     "compress distill + hidden-state MSE", "compress distill + attention KL (eager)",
+                     "student alone on cached logits (bound)"]
+    for r in result["rows"]:
+        assert r["ms_per_step"] > 0 and r["samples_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3))
+        assert r["name"][:20] in proc.stdout
+    assert result["device"] == "cpu" and result["bf16_matmul_tflops"] > 0
+    assert [t["check"] for t in result["targets"]] == [
+        "live teacher >= 2x the bf16-autocast loop", "live teacher >= 7.5x the fp32 loop",
+        "cached epochs >= 0.8x the student-alone bound"]
+
+
+def test_gpu_padding_rounds_batches_up_to_a_multiple_of_8():
+    from compress.datamodule import PadCollator
+
+    rows = [{"input_ids": [2, 7, 3], "label": 0, "idx": 0}, {"input_ids": [2, 3], "label": 1, "idx": 1}]
+    assert PadCollator(0)(rows)["input_ids"].shape == (2, 3)
+    batch = PadCollator(0, multiple=8)(rows)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
