@@ -13,8 +13,8 @@ KL at T=4 plus hard-label CE, AdamW, every batch full length. Rows, in one proce
   subclasses do (the fp32 loop runs at TextBrewer's speed in TARGETS.md);
 - compress distill: `DistillModule`, `TaskDataModule` (tokenizer, collator, pinned loader workers) and the Trainer from
   `compress.training.build_trainer`, exactly what `compress distill` builds, timed by a callback after warm-up steps;
-  live teacher, then with `--compile`, then with `--cache_teacher` (epoch 2, after the first filled the cache), then with
-  the hidden-state and attention losses on, to show what they cost;
+  live teacher, then with `--compile`, then with `--cache_teacher` (epoch 2, after the first filled the cache), then
+  with the hidden-state and attention losses on, to show what they cost;
 - student alone: the compiled student on precomputed teacher logits, the bound for cached epochs.
 
 FLOPs per step follow the anchor: teacher forward + 3x student forward (forward + backward), matmuls and attention.
@@ -135,10 +135,7 @@ def plain_loop(args, device: str, *, autocast: bool, student_only: bool = False)
     for _ in range(args.steps):
         step()
     sync(device)
-    seconds = (time.perf_counter() - t0) / args.steps
-    del teacher, student, opt, run_student
-    release(device)
-    return seconds
+    return (time.perf_counter() - t0) / args.steps
 
 
 # --- compress's own pipeline ----------------------------------------------------------------------------------------
@@ -212,10 +209,7 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
                                 devices=1, strategy="auto", logger=None, ckpt_dir=Path(ckpt), checkpoint_every=100,
                                 progress=False, callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
-    seconds = timer.seconds_per_step
-    del teacher, student, module, trainer, datamodule
-    release(device)
-    return seconds
+    return timer.seconds_per_step
 
 
 def main() -> None:
@@ -253,6 +247,7 @@ def main() -> None:
             rows.append((name, fn(), flops))
         except Exception as error:  # noqa: BLE001 - one failing row (e.g. out of memory) must not lose the others
             print(f"  {name} FAILED: {str(error).splitlines()[0][:300]}", file=sys.stderr)
+        release(device)  # the row's models went with its function's frame
 
     row("plain fp32 loop (.item() each step)", lambda: plain_loop(args, device, autocast=False), flops_live)
     row("bf16-autocast loop (.item() each step)", lambda: plain_loop(args, device, autocast=True), flops_live)
