@@ -29,6 +29,7 @@ def distill(
     alpha_attn: float = 0.0,
     cache_teacher: bool = False,
     compile: bool = False,
+    teacher_device_map: str | None = None,
     max_length: int = 128,
     max_train: int | None = None,
     text_column: str | None = None,
@@ -79,6 +80,10 @@ def distill(
             and --alpha_attn 0 (those losses need the teacher's hidden states every step).
         compile: torch.compile the student and the teacher (worth it on a GPU for long runs; the first steps
             pay the compilation, tens of seconds).
+        teacher_device_map: place a teacher too large for one card over devices, for inference only: auto,
+            balanced or sequential (accelerate fills the visible GPUs, then CPU memory, then disk, layer by layer) or a
+            JSON file mapping module names to a GPU index, "cpu" or "disk". The student trains on one device
+            (--devices 1). The teacher must already have its task head. Its latency and the speedup are not measured.
         max_length: tokens per example; longer inputs are truncated.
         max_train: use a seeded random subset of this many training rows.
         text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
@@ -110,6 +115,11 @@ def distill(
     if cache_teacher and (alpha_hidden or alpha_attn):
         raise CompressError("--cache_teacher stores logits only: set --alpha_hidden 0 and --alpha_attn 0 with it "
                             "(hidden-state and attention losses need the live teacher every step)")
+    if teacher_device_map is not None:
+        if str(devices) not in ("auto", "1") or strategy != "auto":
+            raise CompressError(f"--teacher_device_map {teacher_device_map}: the teacher takes the devices itself; "
+                                "the student trains on one (--devices 1, --strategy auto)")
+        devices = 1
     if student is not None and layers is not None:
         raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
     common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,
@@ -141,7 +151,18 @@ def distill(
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
-    teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn)
+    placement = None
+    if teacher_device_map is not None:
+        from compress.models import teacher_placement
+        from compress.training import resolve_accelerator, resolve_precision
+
+        on_gpu = resolve_accelerator(accelerator) == "cuda"
+        placement = teacher_placement(teacher_device_map, bf16=on_gpu and "bf16" in resolve_precision(precision, "cuda"))
+    teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
+                                    placement=placement)
+    if placement is not None:
+        print(f"teacher placed by --teacher_device_map {teacher_device_map}: "
+              f"{sorted({str(d) for d in teacher_model.hf_device_map.values()})}", file=sys.stderr)
     tokenizer = load_tokenizer(teacher_path, "--teacher")
     n_teacher = teacher_model.config.num_hidden_layers
     if student_path is not None:
@@ -152,7 +173,12 @@ def distill(
         desc = f"{slug(student)}"
     else:
         kept = teacher_layer_map(n_teacher, layers if layers is not None else max(1, n_teacher // 2))
-        student_model = student_from_teacher(teacher_model, kept)
+        if placement is None:
+            student_model = student_from_teacher(teacher_model, kept)
+        else:  # offloaded layers of the placed teacher have no data in memory: copy from a CPU copy, then drop it
+            on_cpu = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn)
+            student_model = student_from_teacher(on_cpu, kept)
+            del on_cpu
         desc = f"L{len(kept)}"
     n_student = student_model.config.num_hidden_layers
     print(f"student: {n_student} layers x {student_model.config.hidden_size}"
@@ -176,7 +202,7 @@ def distill(
         params={"teacher": teacher, "teacher_path": teacher_path, "student": student or "", "layers": n_student,
                 "teacher_layers_kept": str(kept or ""), "temperature": temperature, "alpha_kd": alpha_kd,
                 "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "alpha_attn": alpha_attn,
-                "cache_teacher": cache_teacher,
+                "cache_teacher": cache_teacher, "teacher_device_map": teacher_device_map or "",
                 "max_train": max_train},
         lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -122,9 +123,13 @@ def require_task_head(config, task, model: str, flag: str = "--model") -> None:
 
 
 def load_classifier(
-    path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None
+    path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None,
+    placement: dict | None = None,
 ) -> PreTrainedModel:
-    """Load a sequence classifier for `label_names`, adding a fresh head when the checkpoint has none."""
+    """Load a sequence classifier for `label_names`, adding a fresh head when the checkpoint has none.
+
+    `placement` (from `teacher_placement`) spreads the model over devices with accelerate while it loads.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -133,6 +138,7 @@ def load_classifier(
     kwargs: dict = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    kwargs |= placement or {}
     if not has_task_head(config, label_names):
         kwargs |= dict(
             num_labels=len(label_names),
@@ -153,6 +159,36 @@ def load_classifier(
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {n: i for i, n in enumerate(label_names)}
     return model
+
+
+def teacher_placement(device_map: str, bf16: bool) -> dict:
+    """from_pretrained arguments that place a frozen teacher over devices, layer by layer, for inference only.
+
+    `device_map` is one of accelerate's strategies (auto, balanced, balanced_low_0, sequential: fill the visible GPUs,
+    then CPU memory, then disk) or a JSON file mapping module names to a GPU index, "cpu" or "disk". Layers on "cpu"
+    or "disk" are streamed to the GPU as they run. This is how a teacher larger than one card takes part.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+
+    strategies = ("auto", "balanced", "balanced_low_0", "sequential")
+    if device_map in strategies:
+        mapping: str | dict = device_map
+    else:
+        file = Path(device_map)
+        try:
+            mapping = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise CompressError(f"--teacher_device_map {device_map}: not one of {', '.join(strategies)} and not a "
+                                f"readable JSON file ({str(err).splitlines()[0]})") from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise CompressError(f"--teacher_device_map {device_map}: the JSON must map module names to devices")
+    offload = tempfile.mkdtemp(prefix="compress-teacher-offload-")  # layers mapped to "disk" live here meanwhile
+    atexit.register(shutil.rmtree, offload, True)
+    return {"device_map": mapping, "offload_folder": offload} | ({"dtype": torch.bfloat16} if bf16 else {})
 
 
 def load_tokenizer(path: str, flag: str = "--model") -> PreTrainedTokenizerBase:

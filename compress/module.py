@@ -67,7 +67,14 @@ class DistillModule(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.student = student
+        # A teacher placed over devices by accelerate (`--teacher_device_map`) stays out of the module tree: Lightning
+        # would otherwise move it to the student's device, which is what it is too large for, or wrap it for DDP.
+        self.teacher_placed = teacher is not None and bool(getattr(teacher, "hf_device_map", None))
+        if self.teacher_placed:
+            object.__setattr__(self, "teacher", teacher)
+        else:
+            self.teacher = teacher
         self.weights = weights or LossWeights()
         self.temperature, self.lr, self.weight_decay, self.warmup = temperature, lr, weight_decay, warmup
         # Teacher logits per training row, filled during the first epoch and used after it (the teacher is
@@ -117,12 +124,14 @@ class DistillModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # The frozen teacher needs no fp32 master weights: on a GPU under bf16-mixed it runs in bf16 outright,
         # halving its memory traffic. (On a CPU precision stays 32-true, so this never fires there.)
-        if self.teacher is not None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
-            self.teacher.to(torch.bfloat16)
+        # (A placed teacher was loaded in bf16 already; it cannot be cast or compiled as a whole.)
+        live_teacher = self.teacher if not self.teacher_placed else None
+        if live_teacher is not None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+            live_teacher.to(torch.bfloat16)
         if self._compile:
             # In-place nn.Module.compile keeps parameter names, so checkpoints and the saved student are unchanged.
             # dynamic=True: dynamic padding gives every batch its own length, which would otherwise recompile.
-            for model in (self.student, self.teacher):
+            for model in (self.student, live_teacher):
                 if model is not None:
                     model.compile(dynamic=True)
 
@@ -166,10 +175,11 @@ class DistillModule(pl.LightningModule):
             return None, self._cache[batch["idx"]]
         with torch.no_grad():
             out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+        logits = out.logits.to(self.device)  # a placed teacher may answer from another device; else a no-op
         if self.cache_teacher and self.training and self._cache is not None:
-            self._cache[batch["idx"]] = out.logits.float()
+            self._cache[batch["idx"]] = logits.float()
             self._cached[batch["idx"]] = True
-        return out, out.logits
+        return out, logits
 
     # --- the step
     @staticmethod
@@ -192,7 +202,8 @@ class DistillModule(pl.LightningModule):
                 terms["kd"] = losses.soft_target_kl(out.logits, t_logits, self.temperature)
             mask = inputs["attention_mask"]
             if want_hidden:
-                pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t]) for k, t in enumerate(self.layer_map)]
+                pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t].to(self.device))
+                         for k, t in enumerate(self.layer_map)]
                 if self.projections is None:
                     per_layer = [losses.hidden_cosine(s, t, mask) for s, t in pairs]
                 else:
@@ -200,7 +211,7 @@ class DistillModule(pl.LightningModule):
                 terms["hidden"] = torch.stack(per_layer).mean()
             if want_attn:
                 per_layer = [
-                    losses.attention_kl(out.attentions[k], t_out.attentions[t - 1], mask)
+                    losses.attention_kl(out.attentions[k], t_out.attentions[t - 1].to(self.device), mask)
                     for k, t in enumerate(self.layer_map)
                 ]
                 terms["attn"] = torch.stack(per_layer).mean()

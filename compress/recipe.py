@@ -136,7 +136,7 @@ def run_training(
     from compress.module import DistillModule
     from compress.tracking import log_final, make_logger, run_tags
     from compress.training import (RunState, atomic_output, build_trainer, resolve_accelerator,
-                                   quiet_libraries, resolve_precision, save_model, score,
+                                   quiet_libraries, resolve_precision, save_model, score, score_in_place,
                                    write_lineage)
 
     cfg.validate(min_epochs=0)  # commands check their own epochs (>= 1 for finetune and distill) first
@@ -193,21 +193,29 @@ def run_training(
         finalize(student)
     student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
     metrics = {"student_score": student_score, "student_params": count_params(student)}
+    placed = module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
     if teacher is not None:
-        teacher = teacher.float().cpu()
-        teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
+        if placed:
+            teacher_score = score_in_place(teacher, datamodule, task.metric, task.num_labels)
+        else:
+            teacher = teacher.float().cpu()
+            teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
         metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
                     "retention": student_score / teacher_score if teacher_score else 0.0,
                     "compression": count_params(teacher) / metrics["student_params"]}
 
     device = "cuda" if accelerator == "cuda" else "cpu"
-    models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
+    timed_teacher = teacher is not None and not placed  # a teacher split over devices has no comparable latency
+    if teacher is not None and placed:
+        print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not measured",
+              file=sys.stderr)
+    models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
     seq = min(128, student.config.max_position_embeddings)
     print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)", file=sys.stderr)
     lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
                      vocab_size=student.config.vocab_size)
     metrics["latency_ms"] = lat["student"]
-    if teacher is not None:
+    if timed_teacher:
         metrics["teacher_latency_ms"] = lat["teacher"]
         metrics["speedup"] = lat["teacher"] / lat["student"]
     metrics |= extra_metrics or {}
@@ -234,7 +242,7 @@ def run_training(
             (f"latency ms (32x{seq}, {device})", fmt("latency_ms"), fmt("teacher_latency_ms"))]
     extra = []
     if teacher is not None:
-        extra = [f"retention {metrics['retention']:.3f}", f"compression {metrics['compression']:.2f}x",
-                 f"speedup {metrics['speedup']:.2f}x"]
+        extra = [f"retention {metrics['retention']:.3f}", f"compression {metrics['compression']:.2f}x"]
+        extra += [f"speedup {metrics['speedup']:.2f}x"] if "speedup" in metrics else []
     _print_summary(f"{command} done -> {output}  {'  '.join(extra)}", rows, logger.run_id, tracking)
     return RunResult(str(output), metrics, logger.run_id)

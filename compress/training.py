@@ -167,6 +167,22 @@ def score(model, datamodule, metric: str, num_labels: int, accelerator: str, pre
     return float(result[0]["val_score"])
 
 
+@torch.inference_mode()
+def score_in_place(model, datamodule, metric: str, num_labels: int) -> float:
+    """`score` for a model accelerate placed over devices: Lightning would move it, which it refuses (offloaded
+    layers live on the meta device). Inputs go to its first layer's device; its hooks carry them on from there."""
+    from compress.module import build_metric
+
+    first = next(iter(model.hf_device_map.values()))
+    device = torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
+    values = build_metric(metric, num_labels)
+    model.eval()
+    for batch in datamodule.val_dataloader():
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        values.update(model(**inputs).logits.argmax(dim=-1).cpu(), batch["labels"])
+    return float(values.compute())
+
+
 @contextmanager
 def atomic_output(output: Path, overwrite: bool):
     """Yield a temporary folder beside `output`; rename it into place only if the block succeeds."""

@@ -377,6 +377,22 @@ def test_cached_teacher_logits_are_reused_by_the_next_distill(tiny_teacher: Path
     assert "read from" not in err3 and len(list((workdir / "cache" / "logits").glob("*.safetensors"))) == 2
 
 
+def test_distill_from_a_teacher_with_layers_offloaded_to_disk(tiny_teacher: Path, tiny_data: Path,
+                                                              workdir: Path) -> None:
+    layout = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "disk",
+              "bert.encoder.layer.2": "disk", "bert.encoder.layer.3": "cpu", "bert.pooler": "cpu", "classifier": "cpu"}
+    (workdir / "map.json").write_text(json.dumps(layout))
+    _, err = ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--output", "out",
+                 "--teacher_device_map", "map.json", *FAST, *track(workdir)])
+    assert "teacher placed by --teacher_device_map map.json: ['cpu', 'disk']" in err
+    assert "latency and the speedup are not measured" in err
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    m = runs[0].data.metrics
+    assert 0 <= m["teacher_score"] <= 1 and m["retention"] == pytest.approx(m["student_score"] / m["teacher_score"])
+    assert "speedup" not in m and runs[0].data.params["teacher_device_map"] == "map.json"
+    assert (workdir / "out" / "model.safetensors").is_file()
+
+
 def test_distill_into_a_narrower_student(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     from transformers import AutoConfig, BertForSequenceClassification
 
@@ -563,6 +579,10 @@ BAD_INPUTS = {
     "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),
     "fsdp-on-a-cpu": (lambda w, t, d: ["--teacher", t, "--data", d, "--accelerator", "cpu", "--strategy", "fsdp"],
                       ["--strategy fsdp", "GPU"]),
+    "device-map-with-ddp": (lambda w, t, d: ["--teacher", t, "--data", d, "--teacher_device_map", "auto",
+                                             "--devices", "2"], ["--teacher_device_map auto", "--devices 1"]),
+    "device-map-not-json": (lambda w, t, d: ["--teacher", t, "--data", d, "--teacher_device_map", "map.yaml"],
+                            ["--teacher_device_map map.yaml", "JSON"]),
     "cache-with-hidden-loss": (lambda w, t, d: ["--teacher", t, "--data", d, "--cache_teacher"],
                                ["--cache_teacher", "--alpha_hidden 0"]),
 }

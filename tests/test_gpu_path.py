@@ -14,7 +14,9 @@ import torch
 from compress import logit_cache
 from compress.data import load_task
 from compress.datamodule import TaskDataModule
+from compress.errors import CompressError
 from compress.models import load_classifier, load_tokenizer, student_from_teacher
+from compress.models import teacher_placement as load_placement
 from compress.module import DistillModule, LossWeights
 from compress.training import resolve_precision
 
@@ -27,12 +29,15 @@ class StepLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False):
+def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False, placement=None,
+          weights=None):
     task = load_task(data=str(tiny_data))
-    teacher = load_classifier(str(tiny_teacher), task.label_names)
+    attn = "eager" if weights and weights.attn else None
+    teacher = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn, placement=placement)
     pl.seed_everything(0, verbose=False)
-    student = student_from_teacher(teacher, [0, 2])
-    module = DistillModule(student, teacher, num_labels=2, weights=LossWeights(kd=1.0, ce=0.5, hidden=0.0),
+    plain = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn)
+    student = student_from_teacher(plain, [0, 2])
+    module = DistillModule(student, teacher, num_labels=2, weights=weights or LossWeights(kd=1.0, ce=0.5, hidden=0.0),
                            lr=1e-3, cache_teacher=cache, cache_file=cache_file, compile=compile)
     dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)
     record = StepLosses()
@@ -146,3 +151,37 @@ def test_gpu_padding_rounds_batches_up_to_a_multiple_of_8():
     batch = PadCollator(0, multiple=8)(rows)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+
+
+def test_teacher_placed_over_devices_with_layers_on_disk_trains_like_a_plain_one(tiny_teacher, tiny_data, tmp_path):
+    """--teacher_device_map: the CPU stand-in for a teacher larger than one card is half its layers offloaded to
+    disk, streamed in by accelerate's hooks as they run. Lightning must neither move it nor checkpoint it, and every
+    loss (logits, hidden states, attentions) must be what the same teacher gives in one piece."""
+    layout = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "cpu",
+              "bert.encoder.layer.2": "disk", "bert.encoder.layer.3": "disk", "bert.pooler": "cpu", "classifier": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(layout))
+    placement = load_placement(str(tmp_path / "map.json"), bf16=False)
+    weights = LossWeights(kd=1.0, ce=0.5, hidden=1.0, attn=0.5)
+    whole, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
+    placed, calls, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
+                                           placement=placement)
+    assert calls == 6 and module.teacher_placed
+    assert placed == pytest.approx(whole, abs=1e-5)
+    assert module.teacher.hf_device_map == layout
+    assert not [n for n, _ in module.named_parameters() if n.startswith("teacher")]  # outside Lightning's reach
+    assert module.teacher.bert.encoder.layer[3].output.dense.weight.device.type == "meta"  # still on disk
+
+    from compress.training import score, score_in_place
+
+    dm = trainer.datamodule
+    plain = load_classifier(str(tiny_teacher), ["0", "1"])
+    assert score_in_place(module.teacher, dm, "accuracy", 2) == score(plain, dm, "accuracy", 2, "cpu", "32-true")
+
+
+def test_teacher_device_map_errors(tmp_path):
+    with pytest.raises(CompressError, match="--teacher_device_map .*nope.json: not one of auto"):
+        load_placement(str(tmp_path / "nope.json"), bf16=False)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(CompressError, match="module names to devices"):
+        load_placement(str(tmp_path / "list.json"), bf16=False)
+    assert load_placement("auto", bf16=True)["device_map"] == "auto"
