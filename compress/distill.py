@@ -157,7 +157,8 @@ def distill(
         from compress.training import resolve_accelerator, resolve_precision
 
         on_gpu = resolve_accelerator(accelerator) == "cuda"
-        placement = teacher_placement(teacher_device_map, bf16=on_gpu and "bf16" in resolve_precision(precision, "cuda"))
+        bf16 = on_gpu and "bf16" in resolve_precision(precision, "cuda")
+        placement = teacher_placement(teacher_device_map, bf16=bf16)
     teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
                                     placement=placement)
     if placement is not None:
