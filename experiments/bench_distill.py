@@ -2,13 +2,15 @@
 
     python experiments/bench_distill.py                      # MiniLM-L6 teacher, 4,000 train rows, 5 epochs
     python experiments/bench_distill.py --train_rows 67349   # the whole train set (slow on a CPU)
+    python experiments/bench_distill.py --seeds 42,43,44     # three training seeds on the same rows: mean and sd
     python experiments/bench_distill.py --tiny               # a smoke run on a tiny random BERT and toy data
 
 Steps: fine-tune the teacher with `compress finetune` (reused if the folder exists), distil a 3-layer student
 with `compress distill`'s own pipeline, then train the same 3-layer initialisation with a plain loop (soft
 targets + hard labels, TextBrewer-style: same teacher, data, epochs, batch size, temperature and peak lr) and
-without a teacher (hard labels only). All students are scored on GLUE's SST-2 dev set (872 rows) and timed against the teacher on
-the CPU at batch 32 x 128.
+without a teacher (hard labels only). All students are scored on GLUE's SST-2 dev set (872 rows) and timed
+against the teacher on the CPU at batch 32 x 128. With --seeds, each row is trained once per seed on the same
+rows, and the table gives the mean, the sample sd and every seed's score.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import inspect
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -87,6 +90,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--workdir", default="outputs/bench_distill")
     p.add_argument("--tracking", default="sqlite:///mlruns/mlflow.db")
+    p.add_argument("--seeds", default="42", help="comma-separated training seeds; >1 prints mean and sd per row")
     p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random BERT and toy data")
     args = p.parse_args()
 
@@ -121,43 +125,70 @@ def main() -> None:
                  **common, overwrite=True)
     t_teacher = time.perf_counter() - t0
 
-    ours_dir = work / f"student-L{args.layers}-{args.train_rows}"
-    t0 = time.perf_counter()
-    distill(teacher=str(teacher_dir), layers=args.layers, epochs=args.epochs, temperature=args.temperature,
-            output=str(ours_dir),
-            overwrite=True, **({"lr": 3e-3} if args.tiny else {}), **common)
-    t_ours = time.perf_counter() - t0
-    ours = json.loads((ours_dir / "compress.json").read_text())["metrics"]
-
-    task = load_task(data=args.data, max_train=args.train_rows, seed=42)
+    task = load_task(data=args.data, max_train=args.train_rows, seed=42)  # the rows the teacher was tuned on
+    seeds = [int(x) for x in args.seeds.split(",")]
+    data_for_seeds = args.data
+    if seeds != [42]:
+        # distill's --seed also draws the --max_train subset: hand every seed the teacher's rows as a folder instead,
+        # so that only initialisation, order and dropout change between seeds
+        data_for_seeds = str(work / f"rows-{args.train_rows}")
+        write_jsonl(Path(data_for_seeds), task)
     tokenizer = load_tokenizer(str(teacher_dir))
     teacher = load_classifier(str(teacher_dir), task.label_names)
     kept = teacher_layer_map(teacher.config.num_hidden_layers, args.layers)
     # the same peak learning rate as compress distill's default: the loops differ in recipe, not in tuning
     lr_plain = 3e-3 if args.tiny else inspect.signature(distill).parameters["lr"].default
-    results = {}
-    for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
-        student = student_from_teacher(teacher, kept)
+    names = ["compress distill", "plain KD loop", "no KD (labels only)"]
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    ours = {}
+    for seed in seeds:
+        ours_dir = work / f"student-L{args.layers}-{args.train_rows}" / f"seed{seed}"
         t0 = time.perf_counter()
-        plain_loop(teacher if with_teacher else None, student, tokenizer, task, epochs=args.epochs, batch_size=32,
-                   lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=42, max_length=128)
-        results[name] = (accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
+        seed_common = common | ({"data": data_for_seeds, "max_train": None} if seeds != [42] else {})
+        distill(teacher=str(teacher_dir), layers=args.layers, epochs=args.epochs, temperature=args.temperature,
+                output=str(ours_dir), seed=seed, overwrite=True, **({"lr": 3e-3} if args.tiny else {}), **seed_common)
+        seconds["compress distill"].append(time.perf_counter() - t0)
+        ours = json.loads((ours_dir / "compress.json").read_text())["metrics"]
+        scores["compress distill"].append(ours["student_score"])
+        for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
+            student = student_from_teacher(teacher, kept)
+            t0 = time.perf_counter()
+            plain_loop(teacher if with_teacher else None, student, tokenizer, task, epochs=args.epochs, batch_size=32,
+                       lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=seed, max_length=128)
+            scores[name].append(accuracy(student, tokenizer, task, 128))
+            seconds[name].append(time.perf_counter() - t0)
 
     lat = latency_ms({"teacher": teacher, "student": student}, batch=32, seq=128, reps=5,
                      vocab_size=teacher.config.vocab_size)
     t_score = ours["teacher_score"]
     print(f"\nSST-2 dev ({len(task.dev_labels)} rows); teacher {Path(args.teacher).name} fine-tuned on "
           f"{len(task.train_labels)} rows for {args.teacher_epochs} epochs ({t_teacher:.0f} s); students "
-          f"{args.layers} of {teacher.config.num_hidden_layers} layers, {args.epochs} epochs, T={args.temperature:g}")
-    print(f"{'model':<28}{'dev acc':>9}{'retention':>11}{'params':>13}{'train s':>9}")
-    print(f"{'teacher':<28}{t_score:>9.3f}{1:>11.3f}{count_params(teacher):>13,}{'':>9}")
-    print(f"{'compress distill':<28}{ours['student_score']:>9.3f}{ours['retention']:>11.3f}"
-          f"{ours['student_params']:>13,}{t_ours:>9.0f}")
-    for name, (acc, secs) in results.items():
-        print(f"{name:<28}{acc:>9.3f}{acc / t_score:>11.3f}{count_params(student):>13,}{secs:>9.0f}")
+          f"{args.layers} of {teacher.config.num_hidden_layers} layers, {args.epochs} epochs, T={args.temperature:g}; "
+          f"seeds {args.seeds}")
+    per_seed = "".join(f"{'seed ' + str(s):>10}" for s in seeds) if len(seeds) > 1 else ""
+    print(f"{'model':<24}{'dev acc':>9}{'± sd':>7}{'retention':>11}{per_seed}{'params':>13}{'train s':>9}")
+    print(f"{'teacher':<24}{t_score:>9.3f}{'':>7}{1:>11.3f}{'':>{10 * len(seeds) if per_seed else 0}}"
+          f"{count_params(teacher):>13,}")
+    for name in names:
+        accs = scores[name]
+        mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+        cells = "".join(f"{a:>10.3f}" for a in accs) if per_seed else ""
+        print(f"{name:<24}{mean:>9.3f}{sd:>7.3f}{mean / t_score:>11.3f}{cells}{count_params(student):>13,}"
+              f"{statistics.mean(seconds[name]):>9.0f}")
     print(f"compression {ours['compression']:.2f}x; CPU latency at 32x128: teacher {lat['teacher']:.0f} ms, "
           f"student {lat['student']:.0f} ms, speedup {lat['teacher'] / lat['student']:.2f}x "
-          f"(compress distill's own run measured {ours['speedup']:.2f}x)")
+          f"(compress distill's own run measured {ours['speedup']:.2f}x). One dev accuracy on {len(task.dev_labels)} rows has a "
+          f"binomial sd of about {100 * (t_score * (1 - t_score) / len(task.dev_labels)) ** 0.5:.1f} points.")
+
+
+def write_jsonl(folder: Path, task) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, texts, labels in (("train", task.train_texts, task.train_labels),
+                                 ("dev", task.dev_texts, task.dev_labels)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for text, label in zip(texts, labels):
+                f.write(json.dumps({"sentence": text[0], "label": task.label_names[label]}) + "\n")
 
 
 if __name__ == "__main__":
