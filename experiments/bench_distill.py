@@ -178,7 +178,8 @@ def main() -> None:
               f"{statistics.mean(seconds[name]):>9.0f}")
     print(f"compression {ours['compression']:.2f}x; CPU latency at 32x128: teacher {lat['teacher']:.0f} ms, "
           f"student {lat['student']:.0f} ms, speedup {lat['teacher'] / lat['student']:.2f}x "
-          f"(compress distill's own run measured {ours['speedup']:.2f}x). One dev accuracy on {len(task.dev_labels)} rows has a "
+          f"(compress distill's own run measured {ours['speedup']:.2f}x). One dev accuracy on "
+          f"{len(task.dev_labels)} rows has a "
           f"binomial sd of about {100 * (t_score * (1 - t_score) / len(task.dev_labels)) ** 0.5:.1f} points.")
 
 
