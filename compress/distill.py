@@ -151,14 +151,15 @@ def distill(
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
+    from compress.training import resolve_accelerator, resolve_precision
+
+    # the dtype the teacher will run in: bf16 on a GPU under bf16 precision (module.on_fit_start), fp32 otherwise
+    teacher_bf16 = resolve_accelerator(accelerator) == "cuda" and "bf16" in resolve_precision(precision, "cuda")
     placement = None
     if teacher_device_map is not None:
         from compress.models import teacher_placement
-        from compress.training import resolve_accelerator, resolve_precision
 
-        on_gpu = resolve_accelerator(accelerator) == "cuda"
-        bf16 = on_gpu and "bf16" in resolve_precision(precision, "cuda")
-        placement = teacher_placement(teacher_device_map, bf16=bf16)
+        placement = teacher_placement(teacher_device_map, bf16=teacher_bf16)
     teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
                                     placement=placement)
     if placement is not None:
@@ -189,11 +190,8 @@ def distill(
     cache_file = None
     if cache_teacher:
         from compress import logit_cache
-        from compress.training import resolve_accelerator, resolve_precision
 
-        on_gpu = resolve_accelerator(accelerator) == "cuda"
-        dtype = "bf16" if on_gpu and "bf16" in resolve_precision(precision, "cuda") else "fp32"
-        key = logit_cache.cache_key(teacher_path, task_data, tokenizer, max_length, dtype)
+        key = logit_cache.cache_key(teacher_path, task_data, tokenizer, max_length, "bf16" if teacher_bf16 else "fp32")
         cache_file = logit_cache.cache_file(Path(teacher_cache), key)
     run_training(
         command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
