@@ -29,16 +29,9 @@ SST2 = ROOT / ".." / "shared" / "data" / "sst2"
 def build_tiny(folder: Path) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
     sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
-    from conftest import save_tiny_bert, write_tsv
+    from conftest import save_finetuned_tiny_bert
 
-    from compress.finetune import finetune
-
-    data = write_tsv(folder / "data", train=512, dev=128)
-    raw = save_tiny_bert(folder / "raw", layers=4, hidden=128, heads=8, intermediate=512)
-    parent = folder / "parent"
-    finetune(model=str(raw), data=str(data), output=str(parent), epochs=3, lr=1e-3, latency_reps=1,
-             tracking=f"sqlite:///{folder}/mlruns/mlflow.db")
-    return parent, data
+    return save_finetuned_tiny_bert(folder, layers=4, hidden=128, heads=8, intermediate=512)
 
 
 def run_point(parent: Path, data: Path, ratio: float, out: Path, args) -> dict:

@@ -60,6 +60,20 @@ def save_tiny_bert(folder: Path, *, layers: int = 4, hidden: int = 32, heads: in
     return folder
 
 
+def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int
+                             ) -> tuple[Path, Path]:
+    """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and
+    share benchmarks' --tiny modes compress), and the folder of those rows."""
+    from compress.finetune import finetune
+
+    data = write_tsv(folder / "data", train=512, dev=128)
+    raw = save_tiny_bert(folder / "raw", layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
+    parent = folder / "parent"
+    finetune(model=str(raw), data=str(data), output=str(parent), epochs=3, lr=1e-3, latency_reps=1,
+             tracking=f"sqlite:///{folder}/mlruns/mlflow.db")
+    return parent, data
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
