@@ -127,12 +127,13 @@ def main() -> None:
 
     task = load_task(data=args.data, max_train=args.train_rows, seed=42)  # the rows the teacher was tuned on
     seeds = [int(x) for x in args.seeds.split(",")]
-    data_for_seeds = args.data
+    seed_common = common
     if seeds != [42]:
         # distill's --seed also draws the --max_train subset: hand every seed the teacher's rows as a folder instead,
         # so that only initialisation, order and dropout change between seeds
-        data_for_seeds = str(work / f"rows-{args.train_rows}")
-        write_jsonl(Path(data_for_seeds), task)
+        rows_dir = work / f"rows-{args.train_rows}"
+        write_jsonl(rows_dir, task)
+        seed_common = common | {"data": str(rows_dir), "max_train": None}
     tokenizer = load_tokenizer(str(teacher_dir))
     teacher = load_classifier(str(teacher_dir), task.label_names)
     kept = teacher_layer_map(teacher.config.num_hidden_layers, args.layers)
@@ -145,7 +146,6 @@ def main() -> None:
     for seed in seeds:
         ours_dir = work / f"student-L{args.layers}-{args.train_rows}" / f"seed{seed}"
         t0 = time.perf_counter()
-        seed_common = common | ({"data": data_for_seeds, "max_train": None} if seeds != [42] else {})
         distill(teacher=str(teacher_dir), layers=args.layers, epochs=args.epochs, temperature=args.temperature,
                 output=str(ours_dir), seed=seed, overwrite=True, **({"lr": 3e-3} if args.tiny else {}), **seed_common)
         seconds["compress distill"].append(time.perf_counter() - t0)
