@@ -4,6 +4,7 @@
     python experiments/bench_distill_gpu.py --teacher base   # a BERT-base teacher instead
     python experiments/bench_distill_gpu.py --no-compile     # skip the torch.compile rows (saves minutes)
     python experiments/bench_distill_gpu.py --tiny           # a CPU smoke run on tiny models (what CI runs)
+    python experiments/bench_distill_gpu.py --budget_s 420 --json $OUT/gpu.json   # under a lent device's time limit
 
 The setup is ../shared/bench/anchor_gpu.py's (TARGETS.md): random weights (speed does not depend on them), soft-target
 KL at T=4 plus hard-label CE, AdamW, every batch full length. Rows, in one process:
@@ -13,9 +14,12 @@ KL at T=4 plus hard-label CE, AdamW, every batch full length. Rows, in one proce
   subclasses do (the fp32 loop runs at TextBrewer's speed in TARGETS.md);
 - compress distill: `DistillModule`, `TaskDataModule` (tokenizer, collator, pinned loader workers) and the Trainer from
   `compress.training.build_trainer`, exactly what `compress distill` builds, timed by a callback after warm-up steps;
-  live teacher, then with `--compile`, then with `--cache_teacher` (epoch 2, after the first filled the cache), then
-  with the hidden-state and attention losses on, to show what they cost;
-- student alone: the compiled student on precomputed teacher logits, the bound for cached epochs.
+  live teacher, then with `--compile`, then with `--cache_teacher` (epoch 2, after the first filled the cache);
+- student alone: the compiled student on precomputed teacher logits, the bound for cached epochs;
+- compress distill again with the hidden-state and attention losses on, to show what they cost (last: the targets do
+  not need them, so they are the rows `--budget_s` drops first).
+
+Each row is printed, and the JSON rewritten, as soon as it is timed.
 
 FLOPs per step follow the anchor: teacher forward + 3x student forward (forward + backward), matmuls and attention.
 """
@@ -219,8 +223,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation happens here)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny models (what CI runs)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="also write the results here (rewritten after every row, so a cut-off run keeps "
+                                  "what it measured)")
+    p.add_argument("--budget_s", type=float, default=0.0,
+                   help="start no new row after this many seconds (0: no limit); rows that bear on the targets run "
+                        "first, so a run under a device's time limit still checks them")
     args = p.parse_args()
+    started = time.perf_counter()
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.batch, args.seq = (4, 16) if args.tiny else (64, 128)
@@ -240,65 +249,102 @@ def main() -> None:
     flops_student = tokens * 3 * fwd_flops_per_token(probe_s, args.seq)
 
     rows: list[tuple[str, float, int]] = []  # (name, seconds per step, flops per step)
+    skipped: list[str] = []
 
     def row(name: str, fn, flops: int) -> None:
+        elapsed = time.perf_counter() - started
+        if args.budget_s and elapsed > args.budget_s:
+            print(f"  {name}: skipped, {elapsed:.0f} s is past --budget_s {args.budget_s:.0f}", file=sys.stderr)
+            skipped.append(name)
+            return
         print(f"  timing {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
-            rows.append((name, fn(), flops))
+            seconds = fn()
         except Exception as error:  # noqa: BLE001 - one failing row (e.g. out of memory) must not lose the others
             print(f"  {name} FAILED: {str(error).splitlines()[0][:300]}", file=sys.stderr)
+        else:
+            rows.append((name, seconds, flops))
+            # Printed and saved as it lands: a run cut off by the device's time limit keeps every finished row.
+            print(f"  {name}: {seconds * 1e3:.1f} ms/step, {args.batch / seconds:.1f} samples/s "
+                  f"({time.perf_counter() - t0:.0f} s with set-up and compilation)", file=sys.stderr, flush=True)
+            if args.json:
+                write_json(args, device, card, peak, rows, skipped)
         release(device)  # the row's models went with its function's frame
 
-    row("plain fp32 loop (.item() each step)", lambda: plain_loop(args, device, autocast=False), flops_live)
-    row("bf16-autocast loop (.item() each step)", lambda: plain_loop(args, device, autocast=True), flops_live)
-    row("compress distill, live teacher", lambda: compress_step(args, device), flops_live)
+    # The rows the targets need come first; the loss-cost rows last, as the first to go under --budget_s.
+    row(FP32, lambda: plain_loop(args, device, autocast=False), flops_live)
+    row(BF16, lambda: plain_loop(args, device, autocast=True), flops_live)
+    row(LIVE, lambda: compress_step(args, device), flops_live)
     if args.compile:
-        row("compress distill --compile", lambda: compress_step(args, device, compile=True), flops_live)
-    row("compress distill --cache_teacher, epoch 2",
-        lambda: compress_step(args, device, cache=True, compile=args.compile), flops_student)
+        row(LIVE_COMPILED, lambda: compress_step(args, device, compile=True), flops_live)
+    row(CACHED, lambda: compress_step(args, device, cache=True, compile=args.compile), flops_student)
+    row(BOUND, lambda: plain_loop(args, device, autocast=True, student_only=True), flops_student)
     row("compress distill + hidden-state MSE", lambda: compress_step(args, device, hidden=1.0, compile=args.compile),
         flops_live)
     row("compress distill + attention KL (eager)", lambda: compress_step(args, device, attn=1.0), flops_live)
-    row("student alone on cached logits (bound)", lambda: plain_loop(args, device, autocast=True, student_only=True),
-        flops_student)
 
-    by_name = {name: seconds for name, seconds, _ in rows}
-    fp32 = by_name.get("plain fp32 loop (.item() each step)")
-    bf16 = by_name.get("bf16-autocast loop (.item() each step)")
+    results, checks = summarize(args, peak, rows)
     print(f"\nbf16 matmul peak measured in this run: {peak:.1f} TFLOP/s ({device}: {card})")
     print(f"{'loop':<44}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'% peak':>8}{'vs bf16':>9}{'vs fp32':>9}")
+    def ratio(v: float | None) -> str:
+        return f"{v:>8.2f}x" if v else f"{'-':>9}"
+
+    for r in results:
+        print(f"{r['name']:<44}{r['ms_per_step']:>9.1f}{r['samples_per_s']:>11.1f}{r['tflops']:>9.2f}"
+              f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}")
+    for name in skipped:
+        print(f"{name:<44}{'skipped (--budget_s)':>20}")
+    print("\ntargets (issue 7; meaningful on an H100/H200, not on a CPU):")
+    for c in checks:
+        print(f"  {c['check']}: {c['value']:.2f}x  {'met' if c['value'] >= c['need'] else 'NOT met'}")
+    print(f"wall: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.json:
+        write_json(args, device, card, peak, rows, skipped)
+
+
+FP32 = "plain fp32 loop (.item() each step)"
+BF16 = "bf16-autocast loop (.item() each step)"
+LIVE = "compress distill, live teacher"
+LIVE_COMPILED = "compress distill --compile"
+CACHED = "compress distill --cache_teacher, epoch 2"
+BOUND = "student alone on cached logits (bound)"
+
+
+def summarize(args, peak: float, rows: list[tuple[str, float, int]]) -> tuple[list[dict], list[dict]]:
+    """Per-row figures (samples/s, TFLOP/s, share of peak, ratios to both loops) and the issue's target checks."""
+    by_name = {name: seconds for name, seconds, _ in rows}
+    fp32, bf16 = by_name.get(FP32), by_name.get(BF16)
     results = []
     for name, seconds, flops in rows:
         tflops = flops / seconds / 1e12
-        r = {"name": name, "ms_per_step": seconds * 1e3, "samples_per_s": args.batch / seconds, "tflops": tflops,
-             "share_of_peak": tflops / peak, "vs_bf16_loop": bf16 / seconds if bf16 else None,
-             "vs_fp32_loop": fp32 / seconds if fp32 else None}
-        results.append(r)
-        ratio = lambda v: f"{v:>8.2f}x" if v else f"{'-':>9}"  # noqa: E731
-        print(f"{name:<44}{r['ms_per_step']:>9.1f}{r['samples_per_s']:>11.1f}{tflops:>9.2f}"
-              f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}")
-
-    best_live = min((by_name[n] for n in ("compress distill, live teacher", "compress distill --compile")
-                     if n in by_name), default=None)
-    cached = by_name.get("compress distill --cache_teacher, epoch 2")
-    bound = by_name.get("student alone on cached logits (bound)")
+        results.append({"name": name, "ms_per_step": seconds * 1e3, "samples_per_s": args.batch / seconds,
+                        "tflops": tflops, "share_of_peak": tflops / peak,
+                        "vs_bf16_loop": bf16 / seconds if bf16 else None,
+                        "vs_fp32_loop": fp32 / seconds if fp32 else None})
+    best_live = min((by_name[n] for n in (LIVE, LIVE_COMPILED) if n in by_name), default=None)
+    cached, bound = by_name.get(CACHED), by_name.get(BOUND)
     checks = []
     if best_live and bf16 and fp32:
         checks += [("live teacher >= 2x the bf16-autocast loop", bf16 / best_live, 2.0),
                    ("live teacher >= 7.5x the fp32 loop", fp32 / best_live, 7.5)]
     if cached and bound:
         checks.append(("cached epochs >= 0.8x the student-alone bound", bound / cached, 0.8))
-    print("\ntargets (issue 7; meaningful on an H100/H200, not on a CPU):")
-    for text, value, need in checks:
-        print(f"  {text}: {value:.2f}x  {'met' if value >= need else 'NOT met'}")
-    if args.json:
-        import transformers
+    return results, [{"check": t, "value": v, "need": n} for t, v, n in checks]
 
-        Path(args.json).write_text(json.dumps({
-            "device": device, "card": card, "torch": torch.__version__, "transformers": transformers.__version__,
-            "teacher": SHAPES[args.teacher_shape], "student": SHAPES[args.student_shape], "batch": args.batch,
-            "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "bf16_matmul_tflops": peak,
-            "rows": results, "targets": [{"check": t, "value": v, "need": n} for t, v, n in checks]}, indent=1))
+
+def write_json(args, device: str, card: str, peak: float, rows: list, skipped: list[str]) -> None:
+    import transformers
+
+    results, checks = summarize(args, peak, rows)
+    path = Path(args.json)
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never a half-written file
+    tmp.write_text(json.dumps({
+        "device": device, "card": card, "torch": torch.__version__, "transformers": transformers.__version__,
+        "teacher": SHAPES[args.teacher_shape], "student": SHAPES[args.student_shape], "batch": args.batch,
+        "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "bf16_matmul_tflops": peak,
+        "rows": results, "skipped": skipped, "targets": checks}, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
