@@ -40,7 +40,8 @@ def distill(
     devices: int | str = "auto",
     strategy: str = "auto",
     num_workers: int | None = None,
-    checkpoint_every: int = 100,
+    checkpoint_every: int = 0,
+    checkpoint_minutes: float = 5.0,
     latency_reps: int = 5,
     teacher_epochs: int = 2,
     teacher_lr: float = 5e-5,
@@ -94,7 +95,9 @@ def distill(
         devices: devices for the Lightning Trainer (a count, or auto).
         strategy: Lightning strategy, e.g. auto, ddp, fsdp.
         num_workers: data loader worker processes (default: 4 on a GPU, 0 on a CPU).
-        checkpoint_every: optimizer steps between checkpoints; a killed run loses at most this many.
+        checkpoint_every: optimizer steps between checkpoints; 0 (the default) checkpoints by time instead.
+        checkpoint_minutes: minutes of training between checkpoints when checkpoint_every is 0; a killed run
+            loses at most this much.
         latency_reps: timed rounds for the latency measurement.
         teacher_epochs: epochs when a head-less teacher must be fine-tuned first.
         teacher_lr: learning rate of that fine-tuning.
@@ -124,7 +127,8 @@ def distill(
         raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
     common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,
                   accelerator=accelerator, devices=devices, strategy=strategy, num_workers=num_workers,
-                  checkpoint_every=checkpoint_every, latency_reps=latency_reps)
+                  checkpoint_every=checkpoint_every,
+                  checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
     cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, compile=compile, **common)
     cfg.validate()
     teacher_cfg = TrainConfig(epochs=teacher_epochs, lr=teacher_lr, warmup=0.1, weight_decay=0.01, **common)

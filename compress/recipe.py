@@ -29,7 +29,8 @@ class TrainConfig:
     devices: int | str = "auto"
     strategy: str = "auto"
     num_workers: int | None = None
-    checkpoint_every: int = 100
+    checkpoint_every: int = 0  # steps; 0: every `checkpoint_minutes` of training instead
+    checkpoint_minutes: float = 5.0
     latency_reps: int = 5
     compile: bool = False
     progress: bool = True
@@ -44,7 +45,8 @@ class TrainConfig:
             (0 <= self.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (8 <= self.max_length <= 8192, "--max_length must be between 8 and 8192"),
-            (self.checkpoint_every >= 1, "--checkpoint_every must be at least 1"),
+            (self.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: by time, see --checkpoint_minutes)"),
+            (self.checkpoint_minutes > 0, "--checkpoint_minutes must be positive"),
             (self.latency_reps >= 1, "--latency_reps must be at least 1"),
         ]
         for ok, message in checks:
@@ -158,7 +160,8 @@ def run_training(
     # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
-                            checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                            checkpoint_every=cfg.checkpoint_every,
+                            checkpoint_minutes=cfg.checkpoint_minutes, progress=cfg.progress,
                             callbacks=hooks.get("callbacks"))
     logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                           run_id=saved.get("run_id"))

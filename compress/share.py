@@ -51,7 +51,8 @@ def share(
     devices: int | str = "auto",
     strategy: str = "auto",
     num_workers: int | None = None,
-    checkpoint_every: int = 100,
+    checkpoint_every: int = 0,
+    checkpoint_minutes: float = 5.0,
     latency_reps: int = 5,
     tracking: str = DEFAULT_TRACKING,
     experiment: str = DEFAULT_EXPERIMENT,
@@ -100,7 +101,9 @@ def share(
         devices: devices for the Lightning Trainer (a count, or auto).
         strategy: Lightning strategy, e.g. auto, ddp, fsdp.
         num_workers: data loader worker processes (default: 4 on a GPU, 0 on a CPU).
-        checkpoint_every: optimizer steps between checkpoints; a killed run loses at most this many.
+        checkpoint_every: optimizer steps between checkpoints; 0 (the default) checkpoints by time instead.
+        checkpoint_minutes: minutes of training between checkpoints when checkpoint_every is 0; a killed run
+            loses at most this much.
         latency_reps: timed rounds for the latency measurement (shared and original interleaved).
         tracking: MLflow tracking URI (default: sqlite under ./mlruns).
         experiment: MLflow experiment name.
@@ -129,7 +132,8 @@ def share(
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,
-                      checkpoint_every=checkpoint_every, latency_reps=latency_reps)
+                      checkpoint_every=checkpoint_every,
+                      checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
     cfg.validate(min_epochs=0)
 
     from compress.data import load_task

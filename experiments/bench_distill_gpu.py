@@ -210,7 +210,7 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
     timer = StepTimer(device, args.warmup, timed_epoch)
     with tempfile.TemporaryDirectory() as ckpt:
         trainer = build_trainer(epochs=timed_epoch + 1, accelerator=device, precision=resolve_precision("auto", device),
-                                devices=1, strategy="auto", logger=None, ckpt_dir=Path(ckpt), checkpoint_every=100,
+                                devices=1, strategy="auto", logger=None, ckpt_dir=Path(ckpt),
                                 progress=False, callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     return timer.seconds_per_step

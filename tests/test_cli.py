@@ -581,6 +581,8 @@ BAD_INPUTS = {
     "negative-alpha-kd": (lambda w, t, d: ["--teacher", t, "--data", d, "--alpha_kd", "-0.5"], ["--alpha_kd"]),
     "warmup-1.5": (lambda w, t, d: ["--teacher", t, "--data", d, "--warmup", "1.5"], ["--warmup"]),
     "epochs-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--epochs", "0"], ["--epochs"]),
+    "checkpoint-minutes-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--checkpoint_minutes", "0"],
+                             ["--checkpoint_minutes", "positive"]),
     "student-and-layers": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", t, "--layers", "2"],
                            ["--student", "--layers"]),
     "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),

@@ -18,7 +18,7 @@ from compress.errors import CompressError
 from compress.models import load_classifier, load_tokenizer, student_from_teacher
 from compress.models import teacher_placement as load_placement
 from compress.module import DistillModule, LossWeights
-from compress.training import resolve_precision
+from compress.training import build_trainer, resolve_precision
 
 
 class StepLosses(pl.Callback):
@@ -199,3 +199,30 @@ def test_teacher_device_map_errors(tmp_path):
     with pytest.raises(CompressError, match="module names to devices"):
         load_placement(str(tmp_path / "list.json"), bf16=False)
     assert load_placement("auto", bf16=True)["device_map"] == "auto"
+
+
+class SaveSteps(pl.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("when", "saved_at"), [
+    ({}, []),  # the default, 5 minutes of training: a run of seconds writes none
+    ({"checkpoint_minutes": 1e-9}, list(range(1, 13))),  # past the interval at every step
+    ({"checkpoint_every": 5}, [5, 10]),
+])
+def test_checkpoints_go_by_training_time_unless_steps_are_asked_for(tiny_teacher, tiny_data, tmp_path, when, saved_at):
+    """A save blocks training, so a fast GPU must not pay for one every 100 steps: by default they go by time."""
+    task = load_task(data=str(tiny_data))
+    student = load_classifier(str(tiny_teacher), task.label_names)
+    module = DistillModule(student, num_labels=2, lr=1e-3)
+    dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)  # 96 rows: 6 steps an epoch
+    saves = SaveSteps()
+    trainer = build_trainer(epochs=2, accelerator="cpu", precision="32-true", devices=1, strategy="auto", logger=None,
+                            ckpt_dir=tmp_path / "ckpt", progress=False, callbacks=[saves], **when)
+    trainer.fit(module, datamodule=dm)
+    assert saves.steps == saved_at
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == min(2, len(saved_at))  # the two newest are kept
