@@ -114,10 +114,7 @@ def distill(
     from compress.recipe import TrainConfig, check_distill_flags, run_training
 
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
-                                      "alpha_attn": alpha_attn})
-    if cache_teacher and (alpha_hidden or alpha_attn):
-        raise CompressError("--cache_teacher stores logits only: set --alpha_hidden 0 and --alpha_attn 0 with it "
-                            "(hidden-state and attention losses need the live teacher every step)")
+                                      "alpha_attn": alpha_attn}, cache_teacher=cache_teacher)
     if teacher_device_map is not None:
         if str(devices) not in ("auto", "1") or strategy != "auto":
             raise CompressError(f"--teacher_device_map {teacher_device_map}: the teacher takes the devices itself; "
@@ -155,10 +152,9 @@ def distill(
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
-    from compress.training import resolve_accelerator, resolve_precision
+    from compress.training import teacher_runs_bf16
 
-    # the dtype the teacher will run in: bf16 on a GPU under bf16 precision (module.on_fit_start), fp32 otherwise
-    teacher_bf16 = resolve_accelerator(accelerator) == "cuda" and "bf16" in resolve_precision(precision, "cuda")
+    teacher_bf16 = teacher_runs_bf16(accelerator, precision)
     placement = None
     if teacher_device_map is not None:
         from compress.models import teacher_placement
@@ -195,8 +191,8 @@ def distill(
     if cache_teacher:
         from compress import logit_cache
 
-        key = logit_cache.cache_key(teacher_path, task_data, tokenizer, max_length, "bf16" if teacher_bf16 else "fp32")
-        cache_file = logit_cache.cache_file(Path(teacher_cache), key)
+        cache_file = logit_cache.file_for_run(Path(teacher_cache), teacher_path, task_data, tokenizer, max_length,
+                                              accelerator, precision)
     run_training(
         command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
         teacher=teacher_model, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,

@@ -34,6 +34,16 @@ def cache_file(root: Path, key: str) -> Path:
     return root / "logits" / f"{key[:24]}.safetensors"
 
 
+def file_for_run(root: Path, teacher_path: str, task, tokenizer, max_length: int, accelerator: str,
+                 precision: str) -> Path:
+    """The cache file of a run whose frozen teacher is `teacher_path`: keyed as `cache_key`, with the dtype the
+    teacher will run in."""
+    from compress.training import teacher_runs_bf16
+
+    bf16 = teacher_runs_bf16(accelerator, precision)
+    return cache_file(root, cache_key(teacher_path, task, tokenizer, max_length, "bf16" if bf16 else "fp32"))
+
+
 def load(path: Path, rows: int, num_labels: int) -> torch.Tensor | None:
     """The stored (rows, num_labels) logits, or None when there is no usable file (a wrong shape is ignored)."""
     from safetensors.torch import load_file

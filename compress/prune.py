@@ -51,6 +51,8 @@ def prune(
     alpha_kd: float = 1.0,
     alpha_ce: float = 0.5,
     alpha_hidden: float = 1.0,
+    cache_teacher: bool = False,
+    teacher_cache: str = "outputs/teachers",
     max_length: int = 128,
     max_train: int | None = None,
     text_column: str | None = None,
@@ -103,6 +105,10 @@ def prune(
         alpha_kd: weight of the soft-target KL.
         alpha_ce: weight of the hard-label cross-entropy.
         alpha_hidden: weight of the hidden-state cosine loss against the parent's layers; 0 turns it off.
+        cache_teacher: keep the parent's logits from the first recovery epoch and skip it after that; they are also
+            stored under --teacher_cache (keyed by its weights, the training rows, tokenizer, --max_length and
+            precision), so the next run on the same parent and data never runs it. Needs --alpha_hidden 0.
+        teacher_cache: folder holding cached teacher logits for reuse (shared with compress distill).
         max_length: tokens per example; longer inputs are truncated.
         max_train: use a seeded random subset of this many training rows (importance and recovery).
         text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
@@ -138,7 +144,7 @@ def prune(
     if importance_batches < 1:
         raise CompressError(f"--importance_batches {importance_batches}: must be at least 1")
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden},
-                        training=recover_epochs > 0)
+                        training=recover_epochs > 0, cache_teacher=cache_teacher)
     if heads == ffn == sparsity == 0 and drop_layers in (None, 0, [], ""):
         raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers or --sparsity")
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
@@ -171,13 +177,15 @@ def prune(
                   dropped=dropped, criterion=criterion, scope=scope, sparsity=sparsity,
                   importance_batches=importance_batches, accelerator=accelerator_name, desc=desc,
                   temperature=temperature, alpha_kd=alpha_kd, alpha_ce=alpha_ce, alpha_hidden=alpha_hidden,
-                  tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite, max_train=max_train)
+                  tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite, max_train=max_train,
+                  cache_teacher=cache_teacher, teacher_cache=teacher_cache)
 
 
 def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: float, ffn: float, dropped: list[int],
            criterion: str, scope: str, sparsity: float, importance_batches: int, accelerator: str, desc: str,
            temperature: float, alpha_kd: float, alpha_ce: float, alpha_hidden: float, tracking: str,
-           experiment: str, resume: bool, overwrite: bool, max_train: int | None):
+           experiment: str, resume: bool, overwrite: bool, max_train: int | None, cache_teacher: bool,
+           teacher_cache: str):
     import copy
     import functools
     import itertools
@@ -245,13 +253,20 @@ def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: floa
     pruning = {"heads": heads, "ffn": ffn, "drop_layers": str(dropped), "criterion": criterion, "scope": scope,
                "sparsity_requested": sparsity, "importance_batches": importance_batches,
                "heads_per_layer": str(head_layers), "ffn_per_layer": str(ffn_layers)}
+    cache_file = None
+    if cache_teacher:
+        from compress import logit_cache
+
+        cache_file = logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg.max_length,
+                                              cfg.accelerator, cfg.precision)
     result = run_training(
         command="prune", run_name=f"prune {slug(model_name)} {desc} {criterion}/{scope}", student=student,
         teacher=parent, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,
         temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
+        cache_teacher=cache_teacher, cache_file=cache_file,
         params={"model": model_name, "model_path": path, "recover_epochs": cfg.epochs, "temperature": temperature,
                 "alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "max_train": max_train,
-                **pruning},
+                "cache_teacher": cache_teacher, **pruning},
         lineage={"parent": model_name, "parent_path": path, "pruning": pruning},
         extra_metrics=extra, finalize=make_permanent,
     )

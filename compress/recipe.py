@@ -54,8 +54,13 @@ class TrainConfig:
                 raise CompressError(message)
 
 
-def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True) -> None:
+def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True,
+                        cache_teacher: bool = False) -> None:
     """The flags distill shares with the recovery steps of prune and share; `alphas` maps flag name to weight."""
+    live = [f"--{name} 0" for name in ("alpha_hidden", "alpha_attn") if alphas.get(name)]
+    if cache_teacher and live:
+        raise CompressError(f"--cache_teacher stores logits only: set {' and '.join(live)} with it "
+                            "(hidden-state and attention losses need the live teacher every step)")
     if temperature <= 0:
         raise CompressError(f"--temperature {temperature}: must be > 0")
     for name, value in alphas.items():

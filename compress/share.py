@@ -41,6 +41,8 @@ def share(
     alpha_ce: float = 0.5,
     alpha_hidden: float = 1.0,
     alpha_attn: float = 0.0,
+    cache_teacher: bool = False,
+    teacher_cache: str = "outputs/teachers",
     max_length: int = 128,
     max_train: int | None = None,
     text_column: str | None = None,
@@ -91,6 +93,11 @@ def share(
         alpha_ce: weight of the hard-label cross-entropy.
         alpha_hidden: weight of the hidden-state cosine loss, each layer against the original's same layer.
         alpha_attn: weight of the attention-distribution KL; > 0 runs both models with eager attention (slower).
+        cache_teacher: keep the original's logits from the first recovery epoch and skip it after that; they are
+            also stored under --teacher_cache (keyed by its weights, the training rows, tokenizer, --max_length and
+            precision), so the next run on the same original and data never runs it. Needs --alpha_hidden 0 and
+            --alpha_attn 0.
+        teacher_cache: folder holding cached teacher logits for reuse (shared with compress distill).
         max_length: tokens per example; longer inputs are truncated.
         max_train: use a seeded random subset of this many training rows (calibration and recovery).
         text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
@@ -128,7 +135,8 @@ def share(
     if recover_epochs < 0:
         raise CompressError(f"--recover_epochs {recover_epochs}: must be >= 0 (0 skips recovery)")
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
-                                      "alpha_attn": alpha_attn}, training=recover_epochs > 0)
+                                      "alpha_attn": alpha_attn}, training=recover_epochs > 0,
+                        cache_teacher=cache_teacher)
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,
@@ -161,7 +169,8 @@ def share(
     _share(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, groups=groups, share=share,
            embedding=embedding, init=init, calibration=calibration, desc=desc, temperature=temperature,
            alpha_kd=alpha_kd, alpha_ce=alpha_ce, alpha_hidden=alpha_hidden, alpha_attn=alpha_attn,
-           tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite, max_train=max_train)
+           tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite, max_train=max_train,
+           cache_teacher=cache_teacher, teacher_cache=teacher_cache)
 
 
 def calibration_batches(datamodule, rows: int, batch_size: int):
@@ -193,7 +202,7 @@ def convert(teacher, *, share: str, groups: int, embedding: int | None, init: st
 def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int, share: str, embedding: int | None,
            init: str, calibration: int, desc: str, temperature: float, alpha_kd: float, alpha_ce: float,
            alpha_hidden: float, alpha_attn: float, tracking: str, experiment: str, resume: bool, overwrite: bool,
-           max_train: int | None) -> None:
+           max_train: int | None, cache_teacher: bool, teacher_cache: str) -> None:
     import torch
 
     from compress.datamodule import TaskDataModule
@@ -231,16 +240,24 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
     before = score(student, datamodule, task_data.metric, task_data.num_labels, accelerator, precision)
     print(f"{task_data.metric} before recovery: {before:.4f}", file=sys.stderr)
     student.cpu()
+    cache_file = None
+    if cache_teacher:
+        from compress import logit_cache
+
+        cache_file = logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg.max_length,
+                                              cfg.accelerator, cfg.precision)
 
     run_training(
         command="share", run_name=f"share {desc} init={init}", student=student, teacher=teacher, tokenizer=tokenizer,
         task=task_data, output=out, cfg=cfg,
         weights=LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn),
         temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
+        cache_teacher=cache_teacher, cache_file=cache_file,
         params={"model": model_name, "model_path": path, "share": share, "groups": groups,
                 "embedding": embedding or "", "init": init, "calibration": calibration if init == "regmean" else "",
                 "temperature": temperature, "alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
-                "alpha_attn": alpha_attn, "max_train": max_train, "recover_epochs": cfg.epochs},
+                "alpha_attn": alpha_attn, "max_train": max_train, "recover_epochs": cfg.epochs,
+                "cache_teacher": cache_teacher},
         lineage={"original": model_name, "original_path": path, "share": share, "groups": groups,
                  "layer_groups": layer_groups(config.num_hidden_layers, groups), "embedding_size": e, "init": init},
         extra_metrics={"groups": groups, "embedding_size": e, "svd_error": svd_error,

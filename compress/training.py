@@ -64,6 +64,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
+def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
+    """The frozen teacher runs in bf16 on a GPU under bf16 precision (DistillModule.on_fit_start), fp32 otherwise."""
+    return resolve_accelerator(accelerator) == "cuda" and "bf16" in resolve_precision(precision, "cuda")
+
+
 class RunState:
     """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id)."""
 

@@ -4,12 +4,15 @@
     python experiments/bench_share.py PARENT --groups 1,2 --embeddings full --inits first,mean,regmean  # inits
     python experiments/bench_share.py --tiny          # smoke run on a tiny model built here, a few minutes on a CPU
     python experiments/bench_share.py PARENT --compare_inits   # score before recovery of every init, no training
+    python experiments/bench_share.py PARENT --cache_cost --train_rows 4000 --epochs 2   # what caching saves
 
 PARENT is a fine-tuned BERT classifier folder, e.g. the SST-2 MiniLM-L6 teacher from distill's benchmark
 (outputs/bench_distill/teacher-4000) or `compress finetune --model minilm-l6 --data ../shared/data/sst2`. Every
 point is one `compress share --share all` run (its own MLflow run under OUT/mlruns): convert, score before
 recovery, distil from the parent on --train_rows training rows for --epochs, score, and time against the parent
-in the same process at batch 32 x 128. The table goes to stdout (markdown) and to OUT/bench_share.json.
+in the same process at batch 32 x 128. The table goes to stdout (markdown) and to OUT/bench_share.json. With
+--alpha_hidden 0 (the default) the parent's logits are cached under OUT/teachers by the first point and read by
+every later epoch and point (`compress share --cache_teacher`).
 
 Target (issue "compress share"): groups=1 with E=128 at <= 40% of the parent's parameters and retention >= 0.95
 after recovery.
@@ -103,6 +106,27 @@ def compare_inits(parent: str, data: str, groups: list[int], embedding: int, tra
     return rows
 
 
+def cache_cost(args, out: Path, groups: int, embedding: int | None, init: str, run_point) -> list[dict]:
+    """One point three ways, in one process: the parent live every step, `--cache_teacher` writing a fresh cache
+    (epoch 1 runs the parent, later epochs read it), and `--cache_teacher` reading the cache the second run wrote."""
+    teacher_cache = out / "cost-teachers"
+    if teacher_cache.exists():
+        import shutil
+
+        shutil.rmtree(teacher_cache)  # the "filling" run must start from no cache
+    rows = [{"how": how, **run_point(f"cost-{tag}", groups, embedding, init, cached, teacher_cache)}
+            for how, tag, cached in (("parent live", "live", False), ("--cache_teacher, filling", "fill", True),
+                                     ("--cache_teacher, reading", "read", True))]
+    print(f"\ng{groups} E={embedding or 'full'} {init}: {args.train_rows or 'all'} training rows, {args.epochs} "
+          "recovery epoch(s); seconds include conversion, scoring and latency\n")
+    print("| parent logits | score after | seconds | vs live |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        speedup = rows[0]["seconds"] / r["seconds"]
+        print(f"| {r['how']} | {r['student_score']:.4f} | {r['seconds']:.0f} | {speedup:.2f}x |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("parent", nargs="?", help="fine-tuned BERT classifier folder (not needed with --tiny)")
@@ -122,6 +146,12 @@ def main() -> None:
     p.add_argument("--compare_inits", action="store_true",
                    help="no training: how close every --share x groups x init (and embedding basis) starts")
     p.add_argument("--calibration", type=int, default=256, help="training rows regmean records inputs on")
+    p.add_argument("--no_cache", action="store_true",
+                   help="run the parent live at every point (by default, with --alpha_hidden 0, its logits are cached "
+                        "once and read by every later epoch and point)")
+    p.add_argument("--cache_cost", action="store_true",
+                   help="what the cache saves: the first point three times, side by side: parent live, filling the "
+                        "cache, and reading it")
     args = p.parse_args()
 
     from compress.share import share
@@ -146,28 +176,41 @@ def main() -> None:
         (out / "compare_inits.json").write_text(json.dumps(rows, indent=2))
         return
     tracking = f"sqlite:///{out.resolve()}/mlruns/mlflow.db"
+    # Without the hidden-state loss only the parent's logits are needed: every point after the first reads them
+    # from the cache the first one wrote (the parent and rows are the same), and never runs the parent.
+    cache = args.alpha_hidden == 0 and not args.no_cache
+
+    def run_point(name: str, groups: int, embedding: int | None, init: str, cache: bool, teacher_cache: Path) -> dict:
+        folder = out / name
+        t0 = time.perf_counter()
+        share(model=args.parent, data=args.data, groups=groups, share="all", embedding=embedding, init=init,
+              recover_epochs=args.epochs, max_train=args.train_rows or None, lr=args.lr,
+              alpha_hidden=args.alpha_hidden, cache_teacher=cache, teacher_cache=str(teacher_cache),
+              output=str(folder), calibration=args.calibration, overwrite=True, tracking=tracking,
+              experiment="bench_share", latency_reps=3)
+        m = json.loads((folder / "compress.json").read_text())["metrics"]
+        return {"config": name, "groups": groups, "embedding": embedding or "full", "init": init, **m,
+                "params_fraction": m["student_params"] / m["teacher_params"], "seconds": time.perf_counter() - t0}
+
+    if args.cache_cost:
+        if args.alpha_hidden:
+            sys.exit("--cache_cost needs --alpha_hidden 0: the hidden-state loss runs the parent every step")
+        rows = cache_cost(args, out, groups_list[0], embeddings[0], inits[0], run_point)
+        (out / "cache_cost.json").write_text(json.dumps(rows, indent=2))
+        return
 
     rows = []
     for groups in groups_list:
         for embedding in embeddings:
             for init in inits:
-                name = f"g{groups}-e{embedding or 'full'}-{init}"
-                folder = out / name
-                t0 = time.perf_counter()
-                share(model=args.parent, data=args.data, groups=groups, share="all", embedding=embedding, init=init,
-                      recover_epochs=args.epochs, max_train=args.train_rows or None, lr=args.lr,
-                      alpha_hidden=args.alpha_hidden, output=str(folder),
-                      calibration=args.calibration, overwrite=True, tracking=tracking, experiment="bench_share",
-                      latency_reps=3)
-                m = json.loads((folder / "compress.json").read_text())["metrics"]
-                rows.append({"config": name, "groups": groups, "embedding": embedding or "full", "init": init, **m,
-                             "params_fraction": m["student_params"] / m["teacher_params"],
-                             "seconds": time.perf_counter() - t0})
+                rows.append(run_point(f"g{groups}-e{embedding or 'full'}-{init}", groups, embedding, init, cache,
+                                      out / "teachers"))
 
     first = rows[0]
     parent_mb = sum(f.stat().st_size for f in Path(args.parent).glob("*.safetensors")) / 1e6
     print(f"\n{Path(args.parent).name} on {Path(args.data).name}: {args.train_rows or 'all'} training rows, "
-          f"{args.epochs} recovery epoch(s), lr {args.lr:g}, alpha_hidden {args.alpha_hidden:g}; "
+          f"{args.epochs} recovery epoch(s), lr {args.lr:g}, alpha_hidden {args.alpha_hidden:g}, parent logits "
+          f"{'cached' if cache else 'live'}; "
           f"dev metric of the parent {first['teacher_score']:.4f}, "
           f"{first['teacher_params']:,} params, {parent_mb:.1f} MB\n")
     print("| groups | E | init | params | % of parent | MB | score before | score after | retention | speedup "

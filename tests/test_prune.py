@@ -272,6 +272,19 @@ def test_cli_without_recovery_saves_the_pruned_model_as_scored(tiny_teacher, tin
     assert metrics["ffn_kept"] == 128 and metrics["heads_kept"] == 16 and metrics["sparsity"] == 0
 
 
+def test_cli_recovery_reads_the_parents_cached_logits(tiny_teacher, tiny_data, tracking, workdir, capsys):
+    """A second prune of the same parent and data (here: another ratio) skips the parent, reading its logits."""
+    common = ["--model", str(tiny_teacher), "--data", str(tiny_data), "--recover_epochs", "1", "--alpha_hidden", "0",
+              "--cache_teacher", "--teacher_cache", "cache", "--latency_reps", "1", "--tracking", tracking]
+    code, err = _run([*common, "--ffn", "0.5", "--output", "first"], capsys)
+    assert code == 0, err
+    assert "teacher logits cached in" in err
+    code, err = _run([*common, "--ffn", "0.25", "--output", "second"], capsys)
+    assert code == 0, err
+    assert "; the teacher is not run" in err
+    assert json.loads((workdir / "second" / "compress.json").read_text())["metrics"]["ffn_kept"] == 192
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--heads", "1.0"], "--heads"),
     (["--ffn", "-0.1"], "--ffn"),
@@ -281,6 +294,7 @@ def test_cli_without_recovery_saves_the_pruned_model_as_scored(tiny_teacher, tin
     (["--drop-layers", "1,1"], "--drop_layers"),
     (["--heads", "0.5", "--scope", "model"], "--scope"),
     (["--heads", "0.5", "--recover_epochs", "-1"], "--recover_epochs"),
+    (["--heads", "0.5", "--cache_teacher"], "--cache_teacher"),  # the default hidden loss needs the live parent
     ([], "nothing to prune"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, flag, tiny_teacher, tiny_data, workdir, capsys):

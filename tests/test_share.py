@@ -228,6 +228,33 @@ def test_cli_share_all_writes_an_albert_that_transformers_loads_alone(tiny_teach
     assert code == 0, err
 
 
+def test_cli_share_recovery_with_cached_teacher_logits_trains_as_with_the_live_teacher(tiny_teacher, tiny_data,
+                                                                                       workdir, capsys):
+    """--cache_teacher: the same student as a live-teacher run, and the next run reads the logits from disk."""
+    from safetensors.torch import load_file
+
+    common = ["share", "--model", str(tiny_teacher), "--data", str(tiny_data), "--groups", "2", "--recover_epochs",
+              "2", "--alpha_hidden", "0", "--latency_reps", "1", "--teacher_cache", "cache",
+              "--tracking", f"sqlite:///{workdir}/mlruns/mlflow.db"]
+    code, err = run_cli([*common, "--output", "live"], capsys)
+    assert code == 0, err
+    code, err = run_cli([*common, "--output", "cached", "--cache_teacher"], capsys)
+    assert code == 0, err
+    assert "teacher logits cached in" in err
+    (stored,) = (workdir / "cache" / "logits").glob("*.safetensors")
+    assert load_file(stored)["logits"].shape == (96, 2)  # every training row, both labels
+    code, err = run_cli([*common, "--output", "reread", "--cache_teacher"], capsys)
+    assert code == 0, err
+    assert f"read from {stored.relative_to(workdir)}; the teacher is not run" in err
+
+    live, cached, reread = (load_file(workdir / name / "model.safetensors") for name in ("live", "cached", "reread"))
+    assert live.keys() == cached.keys() == reread.keys()
+    for key in live:
+        # cached rows were scored in epoch 1's batches, padded otherwise than epoch 2's: equal to rounding
+        torch.testing.assert_close(cached[key], live[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(reread[key], cached[key], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["attention", "ffn"])
 def test_cli_share_attention_or_ffn_recovers_and_loads_with_its_code(tiny_teacher, tiny_data, workdir, capsys, kind):
     code, err = run_cli(["share", "--model", str(tiny_teacher), "--data", str(tiny_data), "--share", kind,
@@ -266,6 +293,7 @@ def not_bert(tiny_root) -> Path:
     (["--share", "heads"], "--share"),
     (["--init", "svd"], "--init"),
     (["--recover_epochs=-1"], "--recover_epochs"),
+    (["--cache_teacher"], "--cache_teacher"),  # with the default hidden-state loss, which needs the live teacher
     (["NOT_BERT"], "--model"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_teacher, tiny_data, not_bert, workdir, capsys, extra, flag):
