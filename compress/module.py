@@ -122,11 +122,12 @@ class DistillModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_fit_start(self) -> None:
-        # The frozen teacher needs no fp32 master weights: on a GPU under bf16-mixed it runs in bf16 outright,
-        # halving its memory traffic. (On a CPU precision stays 32-true, so this never fires there.)
+        # The frozen teacher needs no fp32 master weights: under bf16 precision it runs in bf16 outright, halving its
+        # memory traffic. That is the GPU default; on a CPU, auto precision is 32-true and this fires only when bf16
+        # is asked for (training.teacher_runs_bf16 is the same rule, for the logit cache's key).
         # (A placed teacher was loaded in bf16 already; it cannot be cast or compiled as a whole.)
         live_teacher = self.teacher if not self.teacher_placed else None
-        if live_teacher is not None and self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+        if live_teacher is not None and "bf16" in str(self.trainer.precision):
             live_teacher.to(torch.bfloat16)
         if self._compile:
             # In-place nn.Module.compile keeps parameter names, so checkpoints and the saved student are unchanged.

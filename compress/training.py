@@ -65,8 +65,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
-    """The frozen teacher runs in bf16 on a GPU under bf16 precision (DistillModule.on_fit_start), fp32 otherwise."""
-    return resolve_accelerator(accelerator) == "cuda" and "bf16" in resolve_precision(precision, "cuda")
+    """The frozen teacher runs in bf16 under bf16 precision (DistillModule.on_fit_start): auto's choice on a GPU."""
+    return "bf16" in resolve_precision(precision, resolve_accelerator(accelerator))
 
 
 class RunState:

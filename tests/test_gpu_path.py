@@ -18,7 +18,7 @@ from compress.errors import CompressError
 from compress.models import load_classifier, load_tokenizer, student_from_teacher
 from compress.models import teacher_placement as load_placement
 from compress.module import DistillModule, LossWeights
-from compress.training import build_trainer, resolve_precision
+from compress.training import build_trainer, resolve_precision, teacher_runs_bf16
 
 
 class StepLosses(pl.Callback):
@@ -30,7 +30,7 @@ class StepLosses(pl.Callback):
 
 
 def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False, placement=None,
-          weights=None):
+          weights=None, precision="32-true"):
     task = load_task(data=str(tiny_data))
     attn = "eager" if weights and weights.attn else None
     teacher = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn, placement=placement)
@@ -41,7 +41,8 @@ def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None
                            lr=1e-3, cache_teacher=cache, cache_file=cache_file, compile=compile)
     dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)
     record = StepLosses()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", precision=precision, logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
                          use_distributed_sampler=False, num_sanity_val_steps=0)
     calls = {"n": 0}
@@ -78,6 +79,29 @@ def test_gpu_switches_are_off_on_cpu(tiny_teacher, tiny_data):
     assert trainer.optimizers[0].defaults["fused"] is False
     dm = trainer.datamodule
     assert dm.num_workers == 0 and trainer.train_dataloader.pin_memory is False
+
+
+@pytest.mark.parametrize("extra", [{}, {"hidden": 1.0}, {"attn": 1.0}], ids=["logits", "hidden", "attn"])
+def test_bf16_precision_runs_the_teacher_in_bf16_with_every_loss(tiny_teacher, tiny_data, extra):
+    """The GPU's precision path, on a CPU that is asked for bf16: teacher cast to bf16, student kept in fp32 under
+    autocast, and every loss term computes from bf16 outputs to about what full precision gives."""
+    weights = LossWeights(**{"kd": 1.0, "ce": 0.5, "hidden": 0.0} | extra)
+    fp32, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
+    bf16, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
+                                     precision="bf16-mixed")
+    assert module.teacher.dtype == torch.bfloat16 and module.student.dtype == torch.float32
+    assert len(bf16) == len(fp32) == 6
+    assert bf16 == pytest.approx(fp32, rel=0.02)  # bf16 keeps 8 bits of mantissa
+    assert {f"loss_{k}" for k in extra} <= trainer.callback_metrics.keys()
+
+
+def test_bf16_teacher_logits_cache_like_the_live_teacher(tiny_teacher, tiny_data, tmp_path):
+    assert teacher_runs_bf16("cpu", "bf16-mixed") and not teacher_runs_bf16("cpu", "auto")  # the cache key's dtype
+    live, _, _, _ = train(tiny_teacher, tiny_data, cache=False, precision="bf16-mixed")
+    cached, calls, module, _ = train(tiny_teacher, tiny_data, cache=True, precision="bf16-mixed",
+                                     cache_file=tmp_path / "logits.safetensors")
+    assert calls == 6 and module._cache.dtype == torch.float32  # bf16 logits, stored widened
+    assert cached == pytest.approx(live, abs=1e-3)
 
 
 def test_logit_cache_on_disk_is_reused_by_the_next_run(tiny_teacher, tiny_data, tmp_path):
