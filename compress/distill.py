@@ -124,8 +124,7 @@ def distill(
         raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
     common = dict(batch_size=batch_size, max_length=max_length, seed=seed, precision=precision,
                   accelerator=accelerator, devices=devices, strategy=strategy, num_workers=num_workers,
-                  checkpoint_every=checkpoint_every,
-                  checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
+                  checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
     cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, compile=compile, **common)
     cfg.validate()
     teacher_cfg = TrainConfig(epochs=teacher_epochs, lr=teacher_lr, warmup=0.1, weight_decay=0.01, **common)

@@ -129,8 +129,8 @@ def finetune(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,
-                      checkpoint_every=checkpoint_every,
-                      checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
+                      checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                      latency_reps=latency_reps)
     cfg.validate()
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
                           seed=seed)

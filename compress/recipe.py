@@ -165,8 +165,8 @@ def run_training(
     # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
-                            checkpoint_every=cfg.checkpoint_every,
-                            checkpoint_minutes=cfg.checkpoint_minutes, progress=cfg.progress,
+                            checkpoint_every=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
+                            progress=cfg.progress,
                             callbacks=hooks.get("callbacks"))
     logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                           run_id=saved.get("run_id"))

@@ -642,8 +642,8 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
                       batch_size=get("batch_size"), max_length=get("max_length"), seed=get("seed"),
                       precision=get("precision"), accelerator=get("accelerator"), devices=get("devices"),
                       strategy=get("strategy"), num_workers=get("num_workers"),
-                      checkpoint_every=get("checkpoint_every"),
-                      checkpoint_minutes=get("checkpoint_minutes"), latency_reps=get("latency_reps"))
+                      checkpoint_every=get("checkpoint_every"), checkpoint_minutes=get("checkpoint_minutes"),
+                      latency_reps=get("latency_reps"))
     cfg.validate()
 
     def finetuned(parent_run_id: str, tracking: str, experiment: str, progress: bool | None = None) -> str:

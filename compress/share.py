@@ -140,8 +140,8 @@ def share(
     cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
                       devices=devices, strategy=strategy, num_workers=num_workers,
-                      checkpoint_every=checkpoint_every,
-                      checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
+                      checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                      latency_reps=latency_reps)
     cfg.validate(min_epochs=0)
 
     from compress.data import load_task
