@@ -52,6 +52,13 @@ SHAPES = {  # layers, hidden, heads, intermediate
 }
 T = 4.0
 VOCAB = 30522
+# the rows the targets are checked on
+FP32 = "plain fp32 loop (.item() each step)"
+BF16 = "bf16-autocast loop (.item() each step)"
+LIVE = "compress distill, live teacher"
+LIVE_COMPILED = "compress distill --compile"
+CACHED = "compress distill --cache_teacher, epoch 2"
+BOUND = "student alone on cached logits (bound)"
 
 
 def make_model(shape: tuple[int, int, int, int], device: str, attn: str = "sdpa"):
@@ -286,10 +293,11 @@ def main() -> None:
 
     results, checks = summarize(args, peak, rows)
     print(f"\nbf16 matmul peak measured in this run: {peak:.1f} TFLOP/s ({device}: {card})")
-    print(f"{'loop':<44}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'% peak':>8}{'vs bf16':>9}{'vs fp32':>9}")
+
     def ratio(v: float | None) -> str:
         return f"{v:>8.2f}x" if v else f"{'-':>9}"
 
+    print(f"{'loop':<44}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'% peak':>8}{'vs bf16':>9}{'vs fp32':>9}")
     for r in results:
         print(f"{r['name']:<44}{r['ms_per_step']:>9.1f}{r['samples_per_s']:>11.1f}{r['tflops']:>9.2f}"
               f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}")
@@ -301,14 +309,6 @@ def main() -> None:
     print(f"wall: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         write_json(args, device, card, peak, rows, skipped)
-
-
-FP32 = "plain fp32 loop (.item() each step)"
-BF16 = "bf16-autocast loop (.item() each step)"
-LIVE = "compress distill, live teacher"
-LIVE_COMPILED = "compress distill --compile"
-CACHED = "compress distill --cache_teacher, epoch 2"
-BOUND = "student alone on cached logits (bound)"
 
 
 def summarize(args, peak: float, rows: list[tuple[str, float, int]]) -> tuple[list[dict], list[dict]]:
