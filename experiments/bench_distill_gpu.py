@@ -197,8 +197,11 @@ class StepTimer(pl.Callback):
 
 
 def compress_step(args, device: str, *, compile: bool = False, cache: bool = False, hidden: float = 0.0,
-                  attn: float = 0.0) -> float:
-    """Seconds per step of `compress distill`'s training as the command builds it (module, datamodule, Trainer)."""
+                  attn: float = 0.0, save_probe: dict | None = None) -> float:
+    """Seconds per step of `compress distill`'s training as the command builds it (module, datamodule, Trainer).
+
+    With `save_probe`, also times one checkpoint save after training (Lightning's own, student and AdamW state, as
+    the command writes them) into it: the cost that decides how often the command can afford to checkpoint."""
     from compress.datamodule import TaskDataModule
     from compress.module import DistillModule, LossWeights
     from compress.training import build_trainer, quiet_libraries, resolve_precision
@@ -220,6 +223,12 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
                                 devices=1, strategy="auto", logger=None, ckpt_dir=Path(ckpt),
                                 progress=False, callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
+        if save_probe is not None:
+            path = Path(ckpt) / "probe.ckpt"
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.save_checkpoint(path)
+            save_probe |= {"seconds": time.perf_counter() - t0, "mb": path.stat().st_size / 1e6}
     return timer.seconds_per_step
 
 
@@ -257,6 +266,7 @@ def main() -> None:
 
     rows: list[tuple[str, float, int]] = []  # (name, seconds per step, flops per step)
     skipped: list[str] = []
+    save: dict = {}  # one timed checkpoint save, filled by the live row
 
     def row(name: str, fn, flops: int) -> None:
         elapsed = time.perf_counter() - started
@@ -276,13 +286,13 @@ def main() -> None:
             print(f"  {name}: {seconds * 1e3:.1f} ms/step, {args.batch / seconds:.1f} samples/s "
                   f"({time.perf_counter() - t0:.0f} s with set-up and compilation)", file=sys.stderr, flush=True)
             if args.json:
-                write_json(args, device, card, peak, rows, skipped)
+                write_json(args, device, card, peak, rows, skipped, save)
         release(device)  # the row's models went with its function's frame
 
     # The rows the targets need come first; the loss-cost rows last, as the first to go under --budget_s.
     row(FP32, lambda: plain_loop(args, device, autocast=False), flops_live)
     row(BF16, lambda: plain_loop(args, device, autocast=True), flops_live)
-    row(LIVE, lambda: compress_step(args, device), flops_live)
+    row(LIVE, lambda: compress_step(args, device, save_probe=save), flops_live)
     if args.compile:
         row(LIVE_COMPILED, lambda: compress_step(args, device, compile=True), flops_live)
     row(CACHED, lambda: compress_step(args, device, cache=True, compile=args.compile), flops_student)
@@ -303,12 +313,19 @@ def main() -> None:
               f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}")
     for name in skipped:
         print(f"{name:<44}{'skipped (--budget_s)':>20}")
+    live = next((r for r in results if r["name"] == LIVE), None)
+    if save and live:
+        # Why compress checkpoints by time (every --checkpoint_minutes, 5 by default) and not every N steps.
+        every_100 = save["seconds"] / (save["seconds"] + 100 * live["ms_per_step"] / 1e3)
+        print(f"\ncheckpoint save ({save['mb']:.0f} MB, student + AdamW state): {save['seconds']:.2f} s, "
+              f"{save['seconds'] / (live['ms_per_step'] / 1e3):.0f} live steps; one every 100 steps would take "
+              f"{every_100:.0%} of a run, one every 5 minutes {save['seconds'] / (300 + save['seconds']):.2%}")
     print("\ntargets (issue 7; meaningful on an H100/H200, not on a CPU):")
     for c in checks:
         print(f"  {c['check']}: {c['value']:.2f}x  {'met' if c['value'] >= c['need'] else 'NOT met'}")
     print(f"wall: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
-        write_json(args, device, card, peak, rows, skipped)
+        write_json(args, device, card, peak, rows, skipped, save)
 
 
 def summarize(args, peak: float, rows: list[tuple[str, float, int]]) -> tuple[list[dict], list[dict]]:
@@ -333,7 +350,8 @@ def summarize(args, peak: float, rows: list[tuple[str, float, int]]) -> tuple[li
     return results, [{"check": t, "value": v, "need": n} for t, v, n in checks]
 
 
-def write_json(args, device: str, card: str, peak: float, rows: list, skipped: list[str]) -> None:
+def write_json(args, device: str, card: str, peak: float, rows: list, skipped: list[str],
+               save: dict) -> None:
     import transformers
 
     results, checks = summarize(args, peak, rows)
@@ -343,7 +361,7 @@ def write_json(args, device: str, card: str, peak: float, rows: list, skipped: l
         "device": device, "card": card, "torch": torch.__version__, "transformers": transformers.__version__,
         "teacher": SHAPES[args.teacher_shape], "student": SHAPES[args.student_shape], "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "bf16_matmul_tflops": peak,
-        "rows": results, "skipped": skipped, "targets": checks}, indent=1))
+        "rows": results, "skipped": skipped, "targets": checks, "checkpoint_save": save}, indent=1))
     tmp.replace(path)
 
 

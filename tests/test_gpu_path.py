@@ -166,6 +166,8 @@ def test_gpu_benchmark_tiny_mode_runs_every_row(tmp_path):
         "live teacher >= 2x the bf16-autocast loop", "live teacher >= 7.5x the fp32 loop",
         "cached epochs >= 0.8x the student-alone bound"]
     assert result["skipped"] == [] and not out.with_name("bench.json.tmp").exists()
+    assert result["checkpoint_save"]["seconds"] > 0 and result["checkpoint_save"]["mb"] > 1  # student + AdamW state
+    assert "checkpoint save (" in proc.stdout
 
 
 def test_gpu_benchmark_budget_skips_rows_and_still_writes_its_json(tmp_path):
