@@ -250,6 +250,34 @@ def test_single_objective_feeds_epoch_scores_to_the_pruner(tmp_path, tiny_teache
     assert [s.info.status for s in steps] == ["KILLED"]  # pruned in distill: prune never started
 
 
+def test_distill_trials_without_hidden_losses_share_the_teachers_cached_logits(tmp_path, tiny_teacher, tiny_data,
+                                                                               capsys):
+    """The study's teacher and rows are the same in every trial: the first logits-only trial caches the teacher's
+    logits in the study's teacher folder, and the next reads them and never runs the teacher."""
+    paths = store(tmp_path)
+    run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score,params", trials=2, study="cached",
+               output=str(tmp_path / "out"), **paths,
+               space={"layers": [1, 2], "alpha_hidden": 0.0, "teacher_cache": str(tmp_path / "teachers"), **QUICK})
+    err = capsys.readouterr().err
+    assert [t.state.name for t in trials_of(paths["storage"], "cached")] == ["COMPLETE"] * 2
+    (logits,) = (tmp_path / "teachers" / "logits").glob("*.safetensors")
+    assert err.count(f"teacher logits cached in {logits}") == 1
+    assert err.count(f"teacher logits: read from {logits}; the teacher is not run") == 1
+
+
+def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
+    from compress.search import with_logit_cache
+
+    assert with_logit_cache({"alpha_hidden": 0.0}, {}, flags) == {
+        "alpha_hidden": 0.0, "cache_teacher": True, "teacher_cache": flags["distill"]["teacher_cache"]}
+    assert with_logit_cache({"alpha_hidden": 0.0, "cache_teacher": False}, {}, flags) == {
+        "alpha_hidden": 0.0, "cache_teacher": False}
+    assert with_logit_cache({}, {}, flags) == {}  # distill's default hidden-state loss needs the live teacher
+    assert with_logit_cache({"alpha_hidden": 0.0, "alpha_attn": 0.5}, {}, flags) == {"alpha_hidden": 0.0,
+                                                                                      "alpha_attn": 0.5}
+    assert with_logit_cache({"alpha_hidden": 0.0}, {"teacher_cache": "t"}, flags)["teacher_cache"] == "t"
+
+
 def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
     """Before anything is trained or logged: share maps a plain BERT, prune writes CompressBert."""
     import optuna
