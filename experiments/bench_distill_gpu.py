@@ -19,7 +19,8 @@ KL at T=4 plus hard-label CE, AdamW, every batch full length. Rows, in one proce
 - compress distill again with the hidden-state and attention losses on, to show what they cost (last: the targets do
   not need them, so they are the rows `--budget_s` drops first).
 
-Each row is printed, and the JSON rewritten, as soon as it is timed.
+Each row is printed, and the JSON rewritten, as soon as it is timed. On a GPU each row also counts the host syncs in
+its timed steps (CUDA's sync debug mode): the hand-written loops show their .item(), and compress should show none.
 
 FLOPs per step follow the anchor: teacher forward + 3x student forward (forward + backward), matmuls and attention.
 """
@@ -34,6 +35,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -88,6 +90,29 @@ def release(device: str) -> None:
     torch._dynamo.reset()  # a fresh compile per row: no recompile limit is hit, no graph is shared
 
 
+class SyncCount:
+    """Host syncs between start() and stop(), as CUDA's sync debug mode reports them (one warning each): the issue
+    asks for none per step. A CPU has no syncs to report, so the count stays 0 there and the table shows '-'."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self, device: str) -> None:
+        self.device, self.count = device, 0
+
+    def start(self) -> None:
+        self._context = warnings.catch_warnings(record=True)
+        self._seen = self._context.__enter__()
+        warnings.simplefilter("always")  # every sync, not the first per call site
+        if self.device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        self._context.__exit__(None, None, None)
+        self.count = sum(self.MESSAGE in str(w.message) for w in self._seen)
+
+
 def matmul_peak(device: str, tiny: bool) -> float:
     n = 256 if tiny else 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -105,8 +130,9 @@ def matmul_peak(device: str, tiny: bool) -> float:
 # --- hand-written loops (the baselines) ------------------------------------------------------------------------------
 
 
-def plain_loop(args, device: str, *, autocast: bool, student_only: bool = False) -> float:
-    """Seconds per step of a hand-written loop; `student_only` is the compiled student on precomputed logits."""
+def plain_loop(args, device: str, *, autocast: bool, student_only: bool = False) -> tuple[float, float]:
+    """Seconds and host syncs per step of a hand-written loop; `student_only` is the compiled student on precomputed
+    logits."""
     teacher = make_model(SHAPES[args.teacher_shape], device).eval()
     student = make_model(SHAPES[args.student_shape], device).train()
     g = torch.Generator().manual_seed(0)
@@ -142,11 +168,14 @@ def plain_loop(args, device: str, *, autocast: bool, student_only: bool = False)
     for _ in range(args.warmup):
         step()
     sync(device)
+    syncs = SyncCount(device)
     t0 = time.perf_counter()
+    syncs.start()
     for _ in range(args.steps):
         step()
+    syncs.stop()
     sync(device)
-    return (time.perf_counter() - t0) / args.steps
+    return (time.perf_counter() - t0) / args.steps, syncs.count / args.steps
 
 
 # --- compress's own pipeline ----------------------------------------------------------------------------------------
@@ -178,27 +207,32 @@ class StepTimer(pl.Callback):
         self.device, self.warmup, self.epoch = device, warmup, epoch
         self.t0 = self.t1 = 0.0
         self.steps = 0
+        self.syncs = SyncCount(device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.warmup:
             sync(self.device)
             self.t0 = time.perf_counter()
+            self.syncs.start()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
             self.steps = batch_idx - self.warmup + 1
             if batch_idx == trainer.num_training_batches - 1:
+                self.syncs.stop()
                 sync(self.device)
                 self.t1 = time.perf_counter()
 
     @property
-    def seconds_per_step(self) -> float:
-        return (self.t1 - self.t0) / self.steps
+    def per_step(self) -> tuple[float, float]:
+        """Seconds and host syncs per timed step."""
+        return (self.t1 - self.t0) / self.steps, self.syncs.count / self.steps
 
 
 def compress_step(args, device: str, *, compile: bool = False, cache: bool = False, hidden: float = 0.0,
-                  attn: float = 0.0, save_probe: dict | None = None) -> float:
-    """Seconds per step of `compress distill`'s training as the command builds it (module, datamodule, Trainer).
+                  attn: float = 0.0, save_probe: dict | None = None) -> tuple[float, float]:
+    """Seconds and host syncs per step of `compress distill`'s training as the command builds it (module,
+    datamodule, Trainer).
 
     With `save_probe`, also times one checkpoint save after training (Lightning's own, student and AdamW state, as
     the command writes them) into it: the cost that decides how often the command can afford to checkpoint."""
@@ -229,7 +263,7 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
             t0 = time.perf_counter()
             trainer.save_checkpoint(path)
             save_probe |= {"seconds": time.perf_counter() - t0, "mb": path.stat().st_size / 1e6}
-    return timer.seconds_per_step
+    return timer.per_step
 
 
 def main() -> None:
@@ -247,7 +281,7 @@ def main() -> None:
     args = p.parse_args()
     started = time.perf_counter()
 
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    device = args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.batch, args.seq = (4, 16) if args.tiny else (64, 128)
     args.teacher_shape, args.student_shape = ("tiny-teacher", "tiny-student") if args.tiny else (args.teacher,
                                                                                                  "student")
@@ -264,7 +298,7 @@ def main() -> None:
     flops_live = tokens * (fwd_flops_per_token(probe_t, args.seq) + 3 * fwd_flops_per_token(probe_s, args.seq))
     flops_student = tokens * 3 * fwd_flops_per_token(probe_s, args.seq)
 
-    rows: list[tuple[str, float, int]] = []  # (name, seconds per step, flops per step)
+    rows: list[tuple[str, float, int, float]] = []  # (name, seconds per step, flops per step, host syncs per step)
     skipped: list[str] = []
     save: dict = {}  # one timed checkpoint save, filled by the live row
 
@@ -277,11 +311,11 @@ def main() -> None:
         print(f"  timing {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
-            seconds = fn()
+            seconds, syncs = fn()
         except Exception as error:  # noqa: BLE001 - one failing row (e.g. out of memory) must not lose the others
             print(f"  {name} FAILED: {str(error).splitlines()[0][:300]}", file=sys.stderr)
         else:
-            rows.append((name, seconds, flops))
+            rows.append((name, seconds, flops, syncs))
             # Printed and saved as it lands: a run cut off by the device's time limit keeps every finished row.
             print(f"  {name}: {seconds * 1e3:.1f} ms/step, {args.batch / seconds:.1f} samples/s "
                   f"({time.perf_counter() - t0:.0f} s with set-up and compilation)", file=sys.stderr, flush=True)
@@ -307,10 +341,12 @@ def main() -> None:
     def ratio(v: float | None) -> str:
         return f"{v:>8.2f}x" if v else f"{'-':>9}"
 
-    print(f"{'loop':<44}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'% peak':>8}{'vs bf16':>9}{'vs fp32':>9}")
+    print(f"{'loop':<44}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'% peak':>8}{'vs bf16':>9}{'vs fp32':>9}"
+          f"{'syncs/step':>12}")
     for r in results:
         print(f"{r['name']:<44}{r['ms_per_step']:>9.1f}{r['samples_per_s']:>11.1f}{r['tflops']:>9.2f}"
-              f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}")
+              f"{100 * r['share_of_peak']:>7.1f}%{ratio(r['vs_bf16_loop'])}{ratio(r['vs_fp32_loop'])}"
+              + (f"{r['host_syncs_per_step']:>12.2f}" if r["host_syncs_per_step"] is not None else f"{'-':>12}"))
     for name in skipped:
         print(f"{name:<44}{'skipped (--budget_s)':>20}")
     live = next((r for r in results if r["name"] == LIVE), None)
@@ -328,17 +364,19 @@ def main() -> None:
         write_json(args, device, card, peak, rows, skipped, save)
 
 
-def summarize(args, peak: float, rows: list[tuple[str, float, int]]) -> tuple[list[dict], list[dict]]:
-    """Per-row figures (samples/s, TFLOP/s, share of peak, ratios to both loops) and the issue's target checks."""
-    by_name = {name: seconds for name, seconds, _ in rows}
+def summarize(args, peak: float, rows: list[tuple[str, float, int, float]]) -> tuple[list[dict], list[dict]]:
+    """Per-row figures (samples/s, TFLOP/s, share of peak, ratios to both loops, host syncs) and the issue's target
+    checks."""
+    by_name = {name: seconds for name, seconds, _, _ in rows}
     fp32, bf16 = by_name.get(FP32), by_name.get(BF16)
     results = []
-    for name, seconds, flops in rows:
+    for name, seconds, flops, syncs in rows:
         tflops = flops / seconds / 1e12
         results.append({"name": name, "ms_per_step": seconds * 1e3, "samples_per_s": args.batch / seconds,
                         "tflops": tflops, "share_of_peak": tflops / peak,
                         "vs_bf16_loop": bf16 / seconds if bf16 else None,
-                        "vs_fp32_loop": fp32 / seconds if fp32 else None})
+                        "vs_fp32_loop": fp32 / seconds if fp32 else None,
+                        "host_syncs_per_step": syncs if args.device == "cuda" else None})
     best_live = min((by_name[n] for n in (LIVE, LIVE_COMPILED) if n in by_name), default=None)
     cached, bound = by_name.get(CACHED), by_name.get(BOUND)
     checks = []

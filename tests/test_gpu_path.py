@@ -167,7 +167,31 @@ def test_gpu_benchmark_tiny_mode_runs_every_row(tmp_path):
         "cached epochs >= 0.8x the student-alone bound"]
     assert result["skipped"] == [] and not out.with_name("bench.json.tmp").exists()
     assert result["checkpoint_save"]["seconds"] > 0 and result["checkpoint_save"]["mb"] > 1  # student + AdamW state
+    assert all(r["host_syncs_per_step"] is None for r in result["rows"])  # counted on a GPU only
     assert "checkpoint save (" in proc.stdout
+
+
+def test_gpu_benchmark_counts_each_sync_warning_in_its_window():
+    """The counter behind the table's syncs/step: every sync-debug warning between start and stop, repeats included,
+    and nothing after stop. (On a GPU the warnings come from torch.cuda.set_sync_debug_mode; here they are raised
+    by hand.)"""
+    import importlib.util
+    import warnings
+
+    spec = importlib.util.spec_from_file_location("bench_distill_gpu", Path(__file__).resolve().parents[1] /
+                                                  "experiments" / "bench_distill_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counter = bench.SyncCount("cpu")
+    counter.start()
+    for _ in range(3):
+        warnings.warn("called a synchronizing CUDA operation (from the same line each time)", stacklevel=1)
+    warnings.warn("something else", stacklevel=1)
+    counter.stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert counter.count == 3
 
 
 def test_gpu_benchmark_budget_skips_rows_and_still_writes_its_json(tmp_path):
