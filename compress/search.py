@@ -197,18 +197,18 @@ def plan(values: dict, flags: dict[str, dict[str, Any]]) -> list[tuple[str, dict
     return steps
 
 
-def with_logit_cache(kwargs: dict, values: dict, flags: dict[str, dict[str, Any]]) -> dict:
-    """A distill step whose losses need only the teacher's logits reads them from disk: every trial of a study distils
-    from the same teacher on the same rows, so only the first such trial runs the teacher. A space that sets
-    cache_teacher itself (true or false) is left as it is."""
+def with_logit_cache(step: str, kwargs: dict, values: dict, flags: dict[str, dict[str, Any]]) -> dict:
+    """A step that learns from the study's teacher with no hidden-state or attention loss reads the teacher's logits
+    from disk: every trial has the same teacher and rows, so only the first such trial runs the teacher. A space
+    that sets cache_teacher itself (true or false) is left as it is."""
     def get(k):
-        return kwargs.get(k, flags["distill"][k])
+        return kwargs.get(k, flags[step].get(k, 0))
 
     if "cache_teacher" in kwargs or get("alpha_hidden") or get("alpha_attn"):
         return kwargs
     # the study's teacher folder (a STUDY_LEVEL flag, so not among the step's own flags) holds the logits too
     return kwargs | {"cache_teacher": True, "teacher_cache": kwargs.get("teacher_cache", values.get(
-        "teacher_cache", flags["distill"]["teacher_cache"]))}
+        "teacher_cache", flags[step]["teacher_cache"]))}
 
 
 def describe(step: str, kwargs: dict, flags: dict[str, dict[str, Any]]) -> str:
@@ -375,8 +375,8 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
 
                 callbacks.append(PyTorchLightningPruningCallback(_OffsetTrial(trial, offset), monitor="val_score"))
             source = {"teacher": model} if step == "distill" else {"model": model}
-            if step == "distill":
-                kwargs = with_logit_cache(kwargs, values, flags)
+            if model == ctx.teacher_path:  # a later step learns from this trial's own model: nothing to share
+                kwargs = with_logit_cache(step, kwargs, values, flags)
             tags = {"mlflow.parentRunId": run_id, "optuna.study": ctx.study, "optuna.trial": str(trial.number)}
             with run_hooks(callbacks=callbacks, tags=tags, progress=ctx.progress):
                 functions[step](**source, task=ctx.task, data=ctx.data, text_column=ctx.text_column,

@@ -268,14 +268,31 @@ def test_distill_trials_without_hidden_losses_share_the_teachers_cached_logits(t
 def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
     from compress.search import with_logit_cache
 
-    assert with_logit_cache({"alpha_hidden": 0.0}, {}, flags) == {
-        "alpha_hidden": 0.0, "cache_teacher": True, "teacher_cache": flags["distill"]["teacher_cache"]}
-    assert with_logit_cache({"alpha_hidden": 0.0, "cache_teacher": False}, {}, flags) == {
+    default_folder = flags["distill"]["teacher_cache"]
+    assert with_logit_cache("distill", {"alpha_hidden": 0.0}, {}, flags) == {
+        "alpha_hidden": 0.0, "cache_teacher": True, "teacher_cache": default_folder}
+    assert with_logit_cache("distill", {"alpha_hidden": 0.0, "cache_teacher": False}, {}, flags) == {
         "alpha_hidden": 0.0, "cache_teacher": False}
-    assert with_logit_cache({}, {}, flags) == {}  # distill's default hidden-state loss needs the live teacher
-    assert with_logit_cache({"alpha_hidden": 0.0, "alpha_attn": 0.5}, {}, flags) == {"alpha_hidden": 0.0,
-                                                                                      "alpha_attn": 0.5}
-    assert with_logit_cache({"alpha_hidden": 0.0}, {"teacher_cache": "t"}, flags)["teacher_cache"] == "t"
+    assert with_logit_cache("distill", {}, {}, flags) == {}  # distill's default hidden-state loss needs the teacher
+    assert with_logit_cache("distill", {"alpha_hidden": 0.0, "alpha_attn": 0.5}, {}, flags) == {
+        "alpha_hidden": 0.0, "alpha_attn": 0.5}
+    assert with_logit_cache("distill", {"alpha_hidden": 0.0}, {"teacher_cache": "t"}, flags)["teacher_cache"] == "t"
+    assert with_logit_cache("prune", {"alpha_hidden": 0.0, "heads": 0.5}, {}, flags)["cache_teacher"] is True
+    assert with_logit_cache("share", {"groups": 1}, {}, flags) == {"groups": 1}  # share's default hidden loss
+
+
+def test_prune_only_trials_share_the_teachers_cached_logits_too(tmp_path, tiny_teacher, tiny_data, capsys):
+    """A trial that prunes the study's teacher itself recovers from it: the same logits in every trial."""
+    paths = store(tmp_path)
+    run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score,params", trials=2, study="pruned",
+               output=str(tmp_path / "out"), **paths,
+               space={"heads": [0.25, 0.5], "alpha_hidden": 0.0, "teacher_cache": str(tmp_path / "teachers"),
+                      **QUICK, "recover_epochs": 1})
+    err = capsys.readouterr().err
+    assert [t.state.name for t in trials_of(paths["storage"], "pruned")] == ["COMPLETE"] * 2
+    (logits,) = (tmp_path / "teachers" / "logits").glob("*.safetensors")
+    assert err.count(f"teacher logits cached in {logits}") == 1
+    assert err.count(f"teacher logits: read from {logits}; the teacher is not run") == 1
 
 
 def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
