@@ -142,8 +142,9 @@ def distill(
         student_path = resolve_model(student, "--student")
         check_encoder(load_config(student_path, "--student"), "--student")
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
+    from compress import logit_cache
     from compress.module import LossWeights
-    from compress.training import quiet_libraries
+    from compress.training import quiet_libraries, teacher_runs_bf16
 
     quiet_libraries()
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
@@ -151,14 +152,11 @@ def distill(
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
-    from compress.training import teacher_runs_bf16
-
-    teacher_bf16 = teacher_runs_bf16(accelerator, precision)
     placement = None
     if teacher_device_map is not None:
         from compress.models import teacher_placement
 
-        placement = teacher_placement(teacher_device_map, bf16=teacher_bf16)
+        placement = teacher_placement(teacher_device_map, bf16=teacher_runs_bf16(accelerator, precision))
     teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
                                     placement=placement)
     if placement is not None:
@@ -186,12 +184,8 @@ def distill(
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
     out = Path(output or f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
-    cache_file = None
-    if cache_teacher:
-        from compress import logit_cache
-
-        cache_file = logit_cache.file_for_run(Path(teacher_cache), teacher_path, task_data, tokenizer, max_length,
-                                              accelerator, precision)
+    cache_file = (logit_cache.file_for_run(Path(teacher_cache), teacher_path, task_data, tokenizer, cfg)
+                  if cache_teacher else None)
     run_training(
         command="distill", run_name=f"distill {desc} T={temperature:g}", student=student_model,
         teacher=teacher_model, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,

@@ -34,14 +34,13 @@ def cache_file(root: Path, key: str) -> Path:
     return root / "logits" / f"{key[:24]}.safetensors"
 
 
-def file_for_run(root: Path, teacher_path: str, task, tokenizer, max_length: int, accelerator: str,
-                 precision: str) -> Path:
-    """The cache file of a run whose frozen teacher is `teacher_path`: keyed as `cache_key`, with the dtype the
-    teacher will run in."""
+def file_for_run(root: Path, teacher_path: str, task, tokenizer, cfg) -> Path:
+    """The cache file of a run (a recipe.TrainConfig) whose frozen teacher is `teacher_path`: keyed as `cache_key`,
+    with the run's --max_length and the dtype the teacher will run in."""
     from compress.training import teacher_runs_bf16
 
-    bf16 = teacher_runs_bf16(accelerator, precision)
-    return cache_file(root, cache_key(teacher_path, task, tokenizer, max_length, "bf16" if bf16 else "fp32"))
+    dtype = "bf16" if teacher_runs_bf16(cfg.accelerator, cfg.precision) else "fp32"
+    return cache_file(root, cache_key(teacher_path, task, tokenizer, cfg.max_length, dtype))
 
 
 def load(path: Path, rows: int, num_labels: int) -> torch.Tensor | None:

@@ -192,6 +192,7 @@ def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: floa
 
     import torch
 
+    from compress import logit_cache
     from compress.datamodule import TaskDataModule
     from compress.modeling import from_bert, to_compress_config
     from compress.models import load_classifier, load_tokenizer
@@ -253,12 +254,8 @@ def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: floa
     pruning = {"heads": heads, "ffn": ffn, "drop_layers": str(dropped), "criterion": criterion, "scope": scope,
                "sparsity_requested": sparsity, "importance_batches": importance_batches,
                "heads_per_layer": str(head_layers), "ffn_per_layer": str(ffn_layers)}
-    cache_file = None
-    if cache_teacher:
-        from compress import logit_cache
-
-        cache_file = logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg.max_length,
-                                              cfg.accelerator, cfg.precision)
+    cache_file = (logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg)
+                  if cache_teacher else None)
     result = run_training(
         command="prune", run_name=f"prune {slug(model_name)} {desc} {criterion}/{scope}", student=student,
         teacher=parent, tokenizer=tokenizer, task=task_data, output=out, cfg=cfg, weights=weights,

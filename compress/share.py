@@ -205,6 +205,7 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
            max_train: int | None, cache_teacher: bool, teacher_cache: str) -> None:
     import torch
 
+    from compress import logit_cache
     from compress.datamodule import TaskDataModule
     from compress.measure import count_params
     from compress.models import load_classifier, load_tokenizer
@@ -240,12 +241,8 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
     before = score(student, datamodule, task_data.metric, task_data.num_labels, accelerator, precision)
     print(f"{task_data.metric} before recovery: {before:.4f}", file=sys.stderr)
     student.cpu()
-    cache_file = None
-    if cache_teacher:
-        from compress import logit_cache
-
-        cache_file = logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg.max_length,
-                                              cfg.accelerator, cfg.precision)
+    cache_file = (logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg)
+                  if cache_teacher else None)
 
     run_training(
         command="share", run_name=f"share {desc} init={init}", student=student, teacher=teacher, tokenizer=tokenizer,
