@@ -320,7 +320,7 @@ def main() -> None:
             print(f"  {name}: {seconds * 1e3:.1f} ms/step, {args.batch / seconds:.1f} samples/s "
                   f"({time.perf_counter() - t0:.0f} s with set-up and compilation)", file=sys.stderr, flush=True)
             if args.json:
-                write_json(args, device, card, peak, rows, skipped, save)
+                write_json(args, card, peak, rows, skipped, save)
         release(device)  # the row's models went with its function's frame
 
     # The rows the targets need come first; the loss-cost rows last, as the first to go under --budget_s.
@@ -351,17 +351,21 @@ def main() -> None:
         print(f"{name:<44}{'skipped (--budget_s)':>20}")
     live = next((r for r in results if r["name"] == LIVE), None)
     if save and live:
-        # Why compress checkpoints by time (every --checkpoint_minutes, 5 by default) and not every N steps.
+        # Why compress checkpoints by time (every --checkpoint_minutes) and not every N steps.
+        from compress.recipe import TrainConfig
+
+        minutes = TrainConfig().checkpoint_minutes
         every_100 = save["seconds"] / (save["seconds"] + 100 * live["ms_per_step"] / 1e3)
         print(f"\ncheckpoint save ({save['mb']:.0f} MB, student + AdamW state): {save['seconds']:.2f} s, "
               f"{save['seconds'] / (live['ms_per_step'] / 1e3):.0f} live steps; one every 100 steps would take "
-              f"{every_100:.0%} of a run, one every 5 minutes {save['seconds'] / (300 + save['seconds']):.2%}")
+              f"{every_100:.0%} of a run, one every {minutes:g} minutes (the default) "
+              f"{save['seconds'] / (60 * minutes + save['seconds']):.2%}")
     print("\ntargets (issue 7; meaningful on an H100/H200, not on a CPU):")
     for c in checks:
         print(f"  {c['check']}: {c['value']:.2f}x  {'met' if c['value'] >= c['need'] else 'NOT met'}")
     print(f"wall: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
-        write_json(args, device, card, peak, rows, skipped, save)
+        write_json(args, card, peak, rows, skipped, save)
 
 
 def summarize(args, peak: float, rows: list[tuple[str, float, int, float]]) -> tuple[list[dict], list[dict]]:
@@ -388,15 +392,14 @@ def summarize(args, peak: float, rows: list[tuple[str, float, int, float]]) -> t
     return results, [{"check": t, "value": v, "need": n} for t, v, n in checks]
 
 
-def write_json(args, device: str, card: str, peak: float, rows: list, skipped: list[str],
-               save: dict) -> None:
+def write_json(args, card: str, peak: float, rows: list, skipped: list[str], save: dict) -> None:
     import transformers
 
     results, checks = summarize(args, peak, rows)
     path = Path(args.json)
     tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never a half-written file
     tmp.write_text(json.dumps({
-        "device": device, "card": card, "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": args.device, "card": card, "torch": torch.__version__, "transformers": transformers.__version__,
         "teacher": SHAPES[args.teacher_shape], "student": SHAPES[args.student_shape], "batch": args.batch,
         "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "bf16_matmul_tflops": peak,
         "rows": results, "skipped": skipped, "targets": checks, "checkpoint_save": save}, indent=1))

@@ -180,12 +180,12 @@ def main() -> None:
     # from the cache the first one wrote (the parent and rows are the same), and never runs the parent.
     cache = args.alpha_hidden == 0 and not args.no_cache
 
-    def run_point(name: str, groups: int, embedding: int | None, init: str, cache: bool, teacher_cache: Path) -> dict:
+    def run_point(name: str, groups: int, embedding: int | None, init: str, cached: bool, teacher_cache: Path) -> dict:
         folder = out / name
         t0 = time.perf_counter()
         share(model=args.parent, data=args.data, groups=groups, share="all", embedding=embedding, init=init,
               recover_epochs=args.epochs, max_train=args.train_rows or None, lr=args.lr,
-              alpha_hidden=args.alpha_hidden, cache_teacher=cache, teacher_cache=str(teacher_cache),
+              alpha_hidden=args.alpha_hidden, cache_teacher=cached, teacher_cache=str(teacher_cache),
               output=str(folder), calibration=args.calibration, overwrite=True, tracking=tracking,
               experiment="bench_share", latency_reps=3)
         m = json.loads((folder / "compress.json").read_text())["metrics"]
