@@ -21,6 +21,9 @@ from compress.module import DistillModule, LossWeights
 from compress.training import build_trainer, resolve_precision, teacher_runs_bf16
 
 
+BENCH_GPU = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
+
+
 class StepLosses(pl.Callback):
     def __init__(self):
         self.losses = []
@@ -146,7 +149,7 @@ def test_compiled_training_matches_eager(tiny_teacher, tiny_data):
 
 def test_gpu_benchmark_tiny_mode_runs_every_row(tmp_path):
     """The GPU benchmark's CPU smoke mode: every row is timed through the real pipeline, the table and JSON agree."""
-    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
+    script = BENCH_GPU
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(script), "--tiny", "--json", str(out)], capture_output=True,
                           text=True, timeout=300, check=False)
@@ -178,8 +181,7 @@ def test_gpu_benchmark_counts_each_sync_warning_in_its_window():
     import importlib.util
     import warnings
 
-    spec = importlib.util.spec_from_file_location("bench_distill_gpu", Path(__file__).resolve().parents[1] /
-                                                  "experiments" / "bench_distill_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_distill_gpu", BENCH_GPU)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     counter = bench.SyncCount("cpu")
@@ -196,7 +198,7 @@ def test_gpu_benchmark_counts_each_sync_warning_in_its_window():
 
 def test_gpu_benchmark_budget_skips_rows_and_still_writes_its_json(tmp_path):
     """Past --budget_s no row starts; the run still ends cleanly with a JSON that says what it skipped."""
-    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
+    script = BENCH_GPU
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(script), "--tiny", "--budget_s", "1e-9", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, check=False)

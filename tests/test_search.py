@@ -250,14 +250,17 @@ def test_single_objective_feeds_epoch_scores_to_the_pruner(tmp_path, tiny_teache
     assert [s.info.status for s in steps] == ["KILLED"]  # pruned in distill: prune never started
 
 
-def test_distill_trials_without_hidden_losses_share_the_teachers_cached_logits(tmp_path, tiny_teacher, tiny_data,
-                                                                               capsys):
-    """The study's teacher and rows are the same in every trial: the first logits-only trial caches the teacher's
-    logits in the study's teacher folder, and the next reads them and never runs the teacher."""
+@pytest.mark.parametrize("steps", [{"layers": [1, 2]}, {"heads": [0.25, 0.5], "recover_epochs": 1}],
+                         ids=["distill", "prune-the-teacher"])
+def test_trials_without_hidden_losses_share_the_teachers_cached_logits(tmp_path, tiny_teacher, tiny_data, capsys,
+                                                                       steps):
+    """The study's teacher and rows are the same in every trial, whether a trial distils from the teacher or prunes
+    it and recovers from it: the first logits-only trial caches the teacher's logits in the study's teacher folder,
+    and the next reads them and never runs the teacher."""
     paths = store(tmp_path)
     run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score,params", trials=2, study="cached",
                output=str(tmp_path / "out"), **paths,
-               space={"layers": [1, 2], "alpha_hidden": 0.0, "teacher_cache": str(tmp_path / "teachers"), **QUICK})
+               space={**steps, "alpha_hidden": 0.0, "teacher_cache": str(tmp_path / "teachers"), **QUICK})
     err = capsys.readouterr().err
     assert [t.state.name for t in trials_of(paths["storage"], "cached")] == ["COMPLETE"] * 2
     (logits,) = (tmp_path / "teachers" / "logits").glob("*.safetensors")
@@ -279,20 +282,6 @@ def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
     assert with_logit_cache("distill", {"alpha_hidden": 0.0}, {"teacher_cache": "t"}, flags)["teacher_cache"] == "t"
     assert with_logit_cache("prune", {"alpha_hidden": 0.0, "heads": 0.5}, {}, flags)["cache_teacher"] is True
     assert with_logit_cache("share", {"groups": 1}, {}, flags) == {"groups": 1}  # share's default hidden loss
-
-
-def test_prune_only_trials_share_the_teachers_cached_logits_too(tmp_path, tiny_teacher, tiny_data, capsys):
-    """A trial that prunes the study's teacher itself recovers from it: the same logits in every trial."""
-    paths = store(tmp_path)
-    run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score,params", trials=2, study="pruned",
-               output=str(tmp_path / "out"), **paths,
-               space={"heads": [0.25, 0.5], "alpha_hidden": 0.0, "teacher_cache": str(tmp_path / "teachers"),
-                      **QUICK, "recover_epochs": 1})
-    err = capsys.readouterr().err
-    assert [t.state.name for t in trials_of(paths["storage"], "pruned")] == ["COMPLETE"] * 2
-    (logits,) = (tmp_path / "teachers" / "logits").glob("*.safetensors")
-    assert err.count(f"teacher logits cached in {logits}") == 1
-    assert err.count(f"teacher logits: read from {logits}; the teacher is not run") == 1
 
 
 def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
