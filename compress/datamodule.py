@@ -79,10 +79,10 @@ class PadCollator:
     def __init__(self, pad_id: int, multiple: int = 1) -> None:
         self.pad_id, self.multiple = pad_id, multiple
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | bool]:
         width = max(len(r["input_ids"]) for r in rows)
         width = -(-width // self.multiple) * self.multiple
-        batch: dict[str, torch.Tensor] = {}
+        batch: dict[str, torch.Tensor | bool] = {}
         for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0)):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
@@ -90,6 +90,8 @@ class PadCollator:
         batch["attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
         batch["labels"] = torch.tensor([r["label"] for r in rows])
         batch["idx"] = torch.tensor([r["idx"] for r in rows])  # row ids: the key for cached teacher outputs
+        # Known here for free; on a GPU, transformers would ask the mask itself, a host sync (compress.masks)
+        batch["padded"] = min(lengths) < width
         return batch
 
 

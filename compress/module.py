@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from compress import logit_cache, losses
+from compress import logit_cache, losses, masks
 
 
 @dataclass
@@ -170,12 +170,13 @@ class DistillModule(pl.LightningModule):
             print(f"teacher logits cached in {self.cache_file}; later epochs and runs skip the teacher",
                   file=sys.stderr)
 
-    def teacher_logits(self, batch: dict, inputs: dict, want_hidden: bool, want_attn: bool):
+    def teacher_logits(self, batch: dict, want_hidden: bool, want_attn: bool):
         """Teacher outputs for this batch: from the cache once it is complete, else a live forward pass."""
         if self.cache_teacher and self._cache_ready and self.training:
             return None, self._cache[batch["idx"]]
         with torch.no_grad():
-            out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+            out = self.teacher(**self._inputs(batch, self.teacher), output_hidden_states=want_hidden,
+                               output_attentions=want_attn)
         logits = out.logits.to(self.device)  # a placed teacher may answer from another device; else a no-op
         if self.cache_teacher and self.training and self._cache is not None:
             self._cache[batch["idx"]] = logits.float()
@@ -184,24 +185,30 @@ class DistillModule(pl.LightningModule):
 
     # --- the step
     @staticmethod
-    def _inputs(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    def _inputs(batch: dict, model: nn.Module) -> dict:
+        # The collator says whether it padded ("padded"), so the mask reaches each model in a form that transformers
+        # does not have to inspect on the GPU (compress.masks)
+        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids") if k in batch}
+        if "attention_mask" in batch:
+            inputs["attention_mask"] = masks.for_model(model, batch["attention_mask"], batch.get("padded"))
+        return inputs
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Each weighted-in loss term by name; 'loss' is their weighted sum."""
-        inputs, w = self._inputs(batch), self.weights
+        w = self.weights
         distilling = self.teacher is not None
         want_hidden = distilling and w.hidden > 0
         want_attn = distilling and w.attn > 0
-        out = self.student(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+        out = self.student(**self._inputs(batch, self.student), output_hidden_states=want_hidden,
+                           output_attentions=want_attn)
         terms: dict[str, torch.Tensor] = {}
         if not distilling or w.ce:
             terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"])
         if distilling:
-            t_out, t_logits = self.teacher_logits(batch, inputs, want_hidden, want_attn)
+            t_out, t_logits = self.teacher_logits(batch, want_hidden, want_attn)
             if w.kd:
                 terms["kd"] = losses.soft_target_kl(out.logits, t_logits, self.temperature)
-            mask = inputs["attention_mask"]
+            mask = batch["attention_mask"]  # (B, S) 1/0: the losses average over real tokens
             if want_hidden:
                 pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t].to(self.device))
                          for k, t in enumerate(self.layer_map)]
@@ -233,7 +240,7 @@ class DistillModule(pl.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.student(**self._inputs(batch)).logits
+        logits = self.student(**self._inputs(batch, self.student)).logits
         self.log("val_loss", losses.hard_label_ce(logits, batch["labels"]), batch_size=batch["labels"].shape[0],
                  sync_dist=True)
         preds = logits.argmax(dim=-1)

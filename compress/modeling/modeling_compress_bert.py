@@ -35,8 +35,8 @@ class CompressAttention(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, want_probs: bool):
-        # hidden: (B, S, H); mask: (B, 1, 1, S) additive (0 or -inf-like)
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, want_probs: bool):
+        # hidden: (B, S, H); mask: (B, 1, 1, S) additive (0 or -inf-like), or None when nothing is padded
         if self.heads == 0:  # every head pruned: the sublayer contributes only its output bias
             out = self.dense.bias.expand_as(hidden)
             return self.LayerNorm(self.dropout(out) + hidden), None
@@ -48,12 +48,15 @@ class CompressAttention(nn.Module):
         q, k, v = split(self.query(hidden)), split(self.key(hidden)), split(self.value(hidden))
         dropout = self.attn_dropout if self.training else 0.0
         if want_probs:  # eager path: the attention maps themselves are wanted (attention transfer)
-            scores = q @ k.transpose(-1, -2) / self.head_size**0.5 + mask  # (B, A, S, S)
+            scores = q @ k.transpose(-1, -2) / self.head_size**0.5  # (B, A, S, S)
+            if mask is not None:
+                scores = scores + mask
             probs = scores.softmax(dim=-1)
             ctx = F.dropout(probs, dropout, self.training) @ v
         else:
             probs = None
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                                 dropout_p=dropout)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_size)  # (B, S, A*D)
         return self.LayerNorm(self.dropout(self.dense(ctx)) + hidden), probs
 
@@ -80,7 +83,7 @@ class CompressBertEncoder(nn.Module):
         self.attention = nn.ModuleList(CompressAttention(config, h) for h in config.attention_heads)
         self.ffn = nn.ModuleList(CompressFeedForward(config, w) for w in config.intermediate_sizes)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, want_hidden: bool, want_probs: bool):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool, want_probs: bool):
         all_hidden = [hidden] if want_hidden else None
         all_probs = [] if want_probs else None
         for a, f in zip(self.attention_map, self.ffn_map):
@@ -147,10 +150,11 @@ class CompressBertModel(CompressBertPreTrainedModel):
                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds)
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        # (B, S) 1/0 -> (B, 1, 1, S) additive, in the activations' dtype so bf16 stays bf16
-        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        # (B, S) 1/0 -> (B, 1, 1, S) additive, in the activations' dtype so bf16 stays bf16. No mask (nothing padded)
+        # stays None, which lets SDPA pick its flash kernel.
+        mask = None
+        if attention_mask is not None:
+            mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         last, all_hidden, all_probs = self.encoder(hidden, mask, bool(output_hidden_states), bool(output_attentions))
         pooled = self.pooler(last) if self.pooler is not None else None
         return BaseModelOutputWithPooling(

@@ -1,0 +1,144 @@
+"""Masks that spare the GPU a host sync: the same outputs as transformers' own masks, and a training step that never
+turns a tensor into a Python value (the CPU's view of a host sync)."""
+
+import traceback
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from compress import masks
+from compress.data import load_task
+from compress.datamodule import PadCollator, TaskDataModule
+from compress.modeling.convert import from_bert
+from compress.models import load_classifier, load_tokenizer, student_from_teacher
+from compress.module import DistillModule, LossWeights
+
+
+class TensorToPython(TorchFunctionMode):
+    """Records every tensor read back into Python (bool(t), t.item(), t.tolist(), int(t), float(t)). On a GPU each is
+    a host sync; on a CPU they are free but just as visible, so a CPU test can forbid them."""
+
+    READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = traceback.extract_stack(limit=2)[0]
+            # The CPU's AdamW reads its step counter, a CPU tensor on every device; a GPU run uses fused AdamW,
+            # whose counter stays on the GPU. Not a sync either way.
+            if "torch/optim/" not in caller.filename:
+                self.reads.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+class CountReads(pl.Callback):
+    """Tensor reads from the start to the end of each training batch: forward, losses, backward, optimizer step and
+    Lightning's logging."""
+
+    def __init__(self) -> None:
+        self.mode: TensorToPython | None = None
+        self.reads: list[str] = []
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.mode = TensorToPython().__enter__()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.mode.__exit__(None, None, None)
+        self.reads += self.mode.reads
+        self.steps += 1
+
+
+def batch_of(tokenizer, texts: list[str]) -> dict:
+    rows = [{"input_ids": tokenizer(t)["input_ids"], "label": 0, "idx": i} for i, t in enumerate(texts)]
+    return PadCollator(tokenizer.pad_token_id)(rows)
+
+
+def test_the_collator_says_whether_it_padded():
+    rows = [{"input_ids": [2, 7, 3], "label": 0, "idx": 0}, {"input_ids": [2, 5, 3], "label": 1, "idx": 1}]
+    assert PadCollator(0)(rows)["padded"] is False
+    assert PadCollator(0, multiple=8)(rows)["padded"] is True  # rounded up to 8: every row is padded
+    rows[1]["input_ids"] = [2, 3]
+    assert PadCollator(0)(rows)["padded"] is True
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_masks_give_transformers_own_outputs(tiny_teacher, attn, dtype):
+    model = load_classifier(str(tiny_teacher), ["0", "1"], attn_implementation=attn).to(dtype)
+    tokenizer = load_tokenizer(str(tiny_teacher))
+    for texts in (["good film", "a truly bad and boring film"], ["good film", "bad film"]):
+        batch = batch_of(tokenizer, texts)
+        mask = masks.for_model(model, batch["attention_mask"], batch["padded"])
+        if batch["padded"]:
+            assert mask.shape == (2, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+            assert mask.dtype == (torch.bool if attn == "sdpa" else dtype)
+        else:
+            assert mask is None
+        kwargs = {"output_hidden_states": True, "output_attentions": attn == "eager"}
+        with torch.no_grad():
+            ours = model(input_ids=batch["input_ids"], attention_mask=mask, **kwargs)
+            theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        assert torch.equal(ours.logits, theirs.logits)
+        assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+        if attn == "eager":
+            assert all(torch.equal(a, b) for a, b in zip(ours.attentions, theirs.attentions))
+
+
+def test_compress_bert_gets_its_2d_mask_or_none(tiny_teacher):
+    model = from_bert(load_classifier(str(tiny_teacher), ["0", "1"])).eval()
+    tokenizer = load_tokenizer(str(tiny_teacher))
+    padded, full = batch_of(tokenizer, ["good film", "a bad film"]), batch_of(tokenizer, ["good film", "bad film"])
+    assert masks.for_model(model, padded["attention_mask"], True) is padded["attention_mask"]
+    assert masks.for_model(model, full["attention_mask"], False) is None
+    with torch.no_grad():
+        for probs in (False, True):  # SDPA, and the eager path that returns attention maps
+            no_mask = model(input_ids=full["input_ids"], output_attentions=probs).logits
+            ones = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"], output_attentions=probs)
+            torch.testing.assert_close(no_mask, ones.logits, rtol=0, atol=1e-6)
+
+
+def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bool, drop_flag: bool, monkeypatch):
+    if drop_flag:  # the control: a batch that does not say whether it is padded, as before this change
+        collate = PadCollator.__call__
+        monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: {
+            k: v for k, v in collate(self, rows).items() if k != "padded"})
+    task = load_task(data=str(tiny_data))
+    attn = "eager" if weights.attn else None
+    teacher = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn)
+    student = student_from_teacher(load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn),
+                                   [0, 2])
+    if pruned:
+        student = from_bert(student)
+    module = DistillModule(student, teacher, num_labels=2, weights=weights)
+    reads = CountReads()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[reads],
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0))
+    return reads
+
+
+@pytest.mark.parametrize("weights,pruned", [
+    (LossWeights(hidden=0.0), False),
+    (LossWeights(), False),
+    (LossWeights(attn=1.0), False),
+    (LossWeights(), True),
+], ids=["logits", "hidden", "attention", "compress_bert-student"])
+def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, weights, pruned, monkeypatch):
+    reads = fit_counting_reads(tiny_teacher, tiny_data, weights, pruned, drop_flag=False, monkeypatch=monkeypatch)
+    assert reads.steps == 6  # 96 rows / 16
+    assert reads.reads == []
+
+
+def test_without_the_collators_flag_transformers_reads_the_mask_each_forward(tiny_teacher, tiny_data, monkeypatch):
+    reads = fit_counting_reads(tiny_teacher, tiny_data, LossWeights(hidden=0.0), False, drop_flag=True,
+                               monkeypatch=monkeypatch)
+    # one `padding_mask.all()` per forward pass: the student's and the teacher's
+    assert len(reads.reads) == 2 * reads.steps
+    assert all("masking_utils" in r for r in reads.reads)
