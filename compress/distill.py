@@ -167,7 +167,8 @@ def distill(
     if student_path is not None:
         check_same_vocab(tokenizer, load_tokenizer(student_path, "--student"),
                          load_config(student_path, "--student"), teacher_model.config)
-        student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn)
+        student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn,
+                                        seed=cfg.seed)
         kept = None
         desc = f"{slug(student)}"
     else:

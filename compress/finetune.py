@@ -23,7 +23,7 @@ def finetune_model(model_path: str, model_name: str, task, output: Path, cfg, *,
     from compress.models import load_classifier, load_tokenizer
     from compress.recipe import run_training
 
-    model = load_classifier(model_path, task.label_names, "--model")
+    model = load_classifier(model_path, task.label_names, "--model", seed=cfg.seed)
     tokenizer = load_tokenizer(model_path, "--model")
     return run_training(
         command="finetune", run_name=f"finetune {model_name} on {task.name}", student=model, teacher=None,

@@ -124,12 +124,15 @@ def require_task_head(config, task, model: str, flag: str = "--model") -> None:
 
 def load_classifier(
     path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None,
-    placement: dict | None = None,
+    placement: dict | None = None, seed: int = 0,
 ) -> PreTrainedModel:
     """Load a sequence classifier for `label_names`, adding a fresh head when the checkpoint has none.
 
-    `placement` (from `teacher_placement`) spreads the model over devices with accelerate while it loads.
+    A fresh head is drawn from `seed` alone, so the same command and seed start from the same weights, whatever ran
+    before in the process. `placement` (from `teacher_placement`) spreads the model over devices with accelerate
+    while it loads.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +153,11 @@ def load_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=None, **kwargs)
+        # fork_rng: the seed governs the head, and the caller's random state is left as it was. Heads are drawn on
+        # the CPU, so only its generator is forked (forking every GPU's warns under multi-GPU runs).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=None, **kwargs)
     except (OSError, ValueError) as err:
         raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
     finally:

@@ -343,6 +343,20 @@ def test_distill_layers_1_and_default_output_name(tiny_teacher: Path, tiny_data:
     assert config["num_hidden_layers"] == 1
 
 
+def test_finetune_with_the_same_seed_gives_the_same_weights(tiny_encoder: Path, tiny_data: Path, workdir: Path) -> None:
+    # A head-less encoder gets a fresh classifier: it must come from --seed, not from whatever random state the
+    # process is in (here, a different one before each run).
+    weights = {}
+    for name, process_seed, seed in (("a", 1, 42), ("b", 2, 42), ("c", 1, 43)):
+        torch.manual_seed(process_seed)
+        ok(["finetune", "--model", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--seed", seed,
+            "--output", name, *FAST, *track(workdir)])
+        weights[name] = load_weights(workdir / name)
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not torch.equal(weights["a"]["classifier.weight"], weights["c"]["classifier.weight"])
+
+
 def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny_data: Path, workdir: Path) -> None:
     args = ["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--teacher_epochs", "1", *FAST,
             *track(workdir)]

@@ -162,6 +162,19 @@ def test_load_classifier_keeps_or_adds_the_head(tiny_teacher: Path, tiny_encoder
     assert added.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
+def test_a_fresh_head_comes_from_the_seed_alone(tiny_encoder: Path) -> None:
+    heads = []
+    for caller_seed, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(caller_seed)
+        heads.append(load_classifier(str(tiny_encoder), ["a", "b", "c"], seed=seed).classifier.weight)
+        # the caller's random stream goes on as if nothing had been drawn
+        after = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        assert torch.equal(after, torch.rand(3))
+    assert torch.equal(heads[0], heads[1])  # same seed, whatever the caller's random state
+    assert not torch.equal(heads[0], heads[2])
+
+
 # --- resolve_model ----------------------------------------------------------------------------------------------------
 
 
