@@ -103,7 +103,8 @@ def test_compress_bert_gets_its_2d_mask_or_none(tiny_teacher):
             torch.testing.assert_close(no_mask, ones.logits, rtol=0, atol=1e-6)
 
 
-def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bool, drop_flag: bool, monkeypatch):
+def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bool, drop_flag: bool, monkeypatch,
+                       precision: str = "32-true"):
     if drop_flag:  # the control: a batch that does not say whether it is padded, as before this change
         collate = PadCollator.__call__
         monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: {
@@ -117,21 +118,23 @@ def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bo
         student = from_bert(student)
     module = DistillModule(student, teacher, num_labels=2, weights=weights)
     reads = CountReads()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[reads],
                          num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0))
     return reads
 
 
-@pytest.mark.parametrize("weights,pruned", [
-    (LossWeights(hidden=0.0), False),
-    (LossWeights(), False),
-    (LossWeights(attn=1.0), False),
-    (LossWeights(), True),
-], ids=["logits", "hidden", "attention", "compress_bert-student"])
-def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, weights, pruned, monkeypatch):
-    reads = fit_counting_reads(tiny_teacher, tiny_data, weights, pruned, drop_flag=False, monkeypatch=monkeypatch)
+@pytest.mark.parametrize("weights,pruned,precision", [
+    (LossWeights(hidden=0.0), False, "32-true"),
+    (LossWeights(), False, "32-true"),
+    (LossWeights(attn=1.0), False, "32-true"),
+    (LossWeights(), True, "32-true"),
+    (LossWeights(attn=1.0), False, "bf16-mixed"),  # the GPU's precision: bf16 teacher, autocast student
+], ids=["logits", "hidden", "attention", "compress_bert-student", "bf16-mixed"])
+def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, weights, pruned, precision, monkeypatch):
+    reads = fit_counting_reads(tiny_teacher, tiny_data, weights, pruned, drop_flag=False, monkeypatch=monkeypatch,
+                               precision=precision)
     assert reads.steps == 6  # 96 rows / 16
     assert reads.reads == []
 
