@@ -227,15 +227,18 @@ class DistillModule(pl.LightningModule):
         terms["loss"] = sum(weight[k] * v for k, v in terms.items())
         return terms
 
+    def shows_step_loss(self) -> bool:
+        """A per-step loss in the progress bar costs a host sync every step (the bar calls .item()), which stalls a
+        GPU; on a CPU it is free, so it is shown there only."""
+        return self.device.type != "cuda"
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.compute_losses(batch)
         size = batch["labels"].shape[0]
-        # Epoch means accumulate on the device and are averaged over DDP ranks once per epoch. A per-step value in
-        # the progress bar costs a host sync every step (the bar calls .item()), which stalls a GPU; on a CPU it
-        # is free, so it is shown there only.
+        # Epoch means accumulate on the device and are averaged over DDP ranks once per epoch.
         epoch_means = {f"loss_{k}": v for k, v in terms.items() if k != "loss"} | {"loss_epoch": terms["loss"]}
         self.log_dict(epoch_means, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
-        if self.device.type != "cuda":
+        if self.shows_step_loss():
             self.log("loss_step", terms["loss"], on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         return terms["loss"]
 

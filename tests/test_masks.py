@@ -14,6 +14,8 @@ from compress.datamodule import PadCollator, TaskDataModule
 from compress.modeling.convert import from_bert
 from compress.models import load_classifier, load_tokenizer, student_from_teacher
 from compress.module import DistillModule, LossWeights
+from compress.tracking import make_logger
+from compress.training import build_trainer
 
 
 class TensorToPython(TorchFunctionMode):
@@ -37,21 +39,30 @@ class TensorToPython(TorchFunctionMode):
 
 
 class CountReads(pl.Callback):
-    """Tensor reads from the start to the end of each training batch: forward, losses, backward, optimizer step and
-    Lightning's logging."""
+    """Tensor reads over whole training steps in the middle of the first epoch: from the start of batch 1 to the
+    start of the last batch, so every hook in between counts (forward, losses, backward, optimizer, Lightning's
+    logging, the progress bar, the checkpoint timer, the next batch's loading)."""
 
     def __init__(self) -> None:
         self.mode: TensorToPython | None = None
         self.reads: list[str] = []
         self.steps = 0
 
-    def on_train_batch_start(self, *args) -> None:
-        self.mode = TensorToPython().__enter__()
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.current_epoch != 0:
+            return
+        if batch_idx == 1:
+            self.mode = TensorToPython().__enter__()
+        elif batch_idx == trainer.num_training_batches - 1:
+            self.mode.__exit__(None, None, None)
+            self.reads, self.steps = self.mode.reads, batch_idx - 1
 
-    def on_train_batch_end(self, *args) -> None:
-        self.mode.__exit__(None, None, None)
-        self.reads += self.mode.reads
-        self.steps += 1
+
+class OnAGPU(DistillModule):
+    """The module as it behaves on a GPU, where it shows no per-step loss (the progress bar would read it)."""
+
+    def shows_step_loss(self) -> bool:
+        return False
 
 
 def batch_of(tokenizer, texts: list[str]) -> dict:
@@ -103,8 +114,8 @@ def test_compress_bert_gets_its_2d_mask_or_none(tiny_teacher):
             torch.testing.assert_close(no_mask, ones.logits, rtol=0, atol=1e-6)
 
 
-def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bool, drop_flag: bool, monkeypatch,
-                       precision: str = "32-true"):
+def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossWeights, pruned: bool, drop_flag: bool,
+                       monkeypatch, precision: str = "32-true"):
     if drop_flag:  # the control: a batch that does not say whether it is padded, as before this change
         collate = PadCollator.__call__
         monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: {
@@ -116,12 +127,14 @@ def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bo
                                    [0, 2])
     if pruned:
         student = from_bert(student)
-    module = DistillModule(student, teacher, num_labels=2, weights=weights)
+    module = OnAGPU(student, teacher, num_labels=2, weights=weights)
     reads = CountReads()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[reads],
-                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, datamodule=TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0))
+    # The Trainer the commands build, with its progress bar, time-based checkpoints and MLflow logger
+    logger = make_logger(f"sqlite:///{tmp_path / 'mlflow.db'}", "reads", "run", {})
+    trainer = build_trainer(epochs=1, accelerator="cpu", precision=precision, devices=1, strategy="auto",
+                            logger=logger, ckpt_dir=tmp_path / "ckpt", callbacks=[reads])
+    data = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=4, seed=0)  # 24 steps: logs at 10, 20
+    trainer.fit(module, datamodule=data)
     return reads
 
 
@@ -132,15 +145,17 @@ def fit_counting_reads(tiny_teacher, tiny_data, weights: LossWeights, pruned: bo
     (LossWeights(), True, "32-true"),
     (LossWeights(attn=1.0), False, "bf16-mixed"),  # the GPU's precision: bf16 teacher, autocast student
 ], ids=["logits", "hidden", "attention", "compress_bert-student", "bf16-mixed"])
-def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, weights, pruned, precision, monkeypatch):
-    reads = fit_counting_reads(tiny_teacher, tiny_data, weights, pruned, drop_flag=False, monkeypatch=monkeypatch,
-                               precision=precision)
-    assert reads.steps == 6  # 96 rows / 16
+def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, tmp_path, weights, pruned, precision,
+                                              monkeypatch):
+    reads = fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights, pruned, drop_flag=False,
+                               monkeypatch=monkeypatch, precision=precision)
+    assert reads.steps == 22  # 96 rows / 4 = 24 steps; the first and last are outside the window
     assert reads.reads == []
 
 
-def test_without_the_collators_flag_transformers_reads_the_mask_each_forward(tiny_teacher, tiny_data, monkeypatch):
-    reads = fit_counting_reads(tiny_teacher, tiny_data, LossWeights(hidden=0.0), False, drop_flag=True,
+def test_without_the_collators_flag_transformers_reads_the_mask_each_forward(tiny_teacher, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    reads = fit_counting_reads(tiny_teacher, tiny_data, tmp_path, LossWeights(hidden=0.0), False, drop_flag=True,
                                monkeypatch=monkeypatch)
     # one `padding_mask.all()` per forward pass: the student's and the teacher's
     assert len(reads.reads) == 2 * reads.steps
