@@ -90,6 +90,7 @@ class DistillModule(pl.LightningModule):
         # the teacher, not even in its first epoch.
         self.cache_file = cache_file if self.cache_teacher else None
         self._compile = compile
+        self._teacher_fp32: dict[str, torch.Tensor] | None = None  # the exact weights while the teacher runs in bf16
         self.save_hyperparameters(
             {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
              "weight_decay": weight_decay, "warmup": warmup,
@@ -128,6 +129,10 @@ class DistillModule(pl.LightningModule):
         # (A placed teacher was loaded in bf16 already; it cannot be cast or compiled as a whole.)
         live_teacher = self.teacher if not self.teacher_placed else None
         if live_teacher is not None and "bf16" in str(self.trainer.precision):
+            if self.trainer.is_global_zero:
+                # Rank 0 scores the teacher after training, and bf16 rounding is not undone by .float(): it keeps
+                # the exact weights on the CPU and puts them back at the end, so teacher_score is the teacher's own.
+                self._teacher_fp32 = {k: v.detach().to("cpu", copy=True) for k, v in live_teacher.state_dict().items()}
             live_teacher.to(torch.bfloat16)
         if self._compile:
             # In-place nn.Module.compile keeps parameter names, so checkpoints and the saved student are unchanged.
@@ -141,6 +146,9 @@ class DistillModule(pl.LightningModule):
         for model in (self.student, self.teacher):
             if model is not None:
                 model._compiled_call_impl = None
+        if self._teacher_fp32 is not None:
+            self.teacher.float().load_state_dict(self._teacher_fp32)
+            self._teacher_fp32 = None
 
     def on_train_start(self) -> None:
         if self.cache_teacher and self._cache is None:

@@ -27,9 +27,11 @@ BENCH_GPU = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill
 class StepLosses(pl.Callback):
     def __init__(self):
         self.losses = []
+        self.teacher_dtypes = set()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+        self.teacher_dtypes.add(module.teacher.dtype if module.teacher is not None else None)
 
 
 def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False, placement=None,
@@ -52,6 +54,7 @@ def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None
     hook = teacher.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     trainer.fit(module, datamodule=dm)
     hook.remove()
+    trainer.teacher_dtypes = record.teacher_dtypes  # what the teacher ran in (it is restored at the end of fit)
     return record.losses, calls["n"], module, trainer
 
 
@@ -92,10 +95,23 @@ def test_bf16_precision_runs_the_teacher_in_bf16_with_every_loss(tiny_teacher, t
     fp32, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
     bf16, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
                                      precision="bf16-mixed")
-    assert module.teacher.dtype == torch.bfloat16 and module.student.dtype == torch.float32
+    assert trainer.teacher_dtypes == {torch.bfloat16} and module.student.dtype == torch.float32
     assert len(bf16) == len(fp32) == 6
     assert bf16 == pytest.approx(fp32, rel=0.02)  # bf16 keeps 8 bits of mantissa
     assert {f"loss_{k}" for k in extra} <= trainer.callback_metrics.keys()
+
+
+def test_a_bf16_teacher_gets_its_exact_weights_back_after_training(tiny_teacher, tiny_data):
+    """Rank 0 scores the teacher after fit; bf16 rounding would otherwise leave teacher_score measuring other weights."""
+    from safetensors.torch import load_file
+
+    _, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, precision="bf16-mixed")
+    assert trainer.teacher_dtypes == {torch.bfloat16}
+    saved = load_file(str(tiny_teacher / "model.safetensors"))
+    state = module.teacher.state_dict()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in saved.items())
+    word = saved["bert.embeddings.word_embeddings.weight"]
+    assert not torch.equal(word.bfloat16().float(), word)  # a round trip through bf16 would have changed them
 
 
 def test_bf16_teacher_logits_cache_like_the_live_teacher(tiny_teacher, tiny_data, tmp_path):
