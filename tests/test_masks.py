@@ -19,23 +19,45 @@ from compress.training import build_trainer
 
 
 class TensorToPython(TorchFunctionMode):
-    """Records every tensor read back into Python (bool(t), t.item(), t.tolist(), int(t), float(t)). On a GPU each is
-    a host sync; on a CPU they are free but just as visible, so a CPU test can forbid them."""
+    """Records every tensor read back into Python (bool(t), t.item(), t.tolist(), int(t), float(t)), and every op
+    whose output size depends on the values (nonzero, masked_select, unique, indexing with a boolean mask). On a GPU
+    each is a host sync; on a CPU they are free but just as visible, so a CPU test can forbid them."""
 
-    READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+    READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__",
+             "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive")
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
 
+    @staticmethod
+    def _boolean_index(func, args) -> bool:
+        if getattr(func, "__name__", "") not in ("__getitem__", "__setitem__", "index_put_", "index_put"):
+            return False
+        index = args[1] if len(args) > 1 else None
+        parts = index if isinstance(index, (tuple, list)) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
+        if getattr(func, "__name__", "") in self.READS or self._boolean_index(func, args):
             caller = traceback.extract_stack(limit=2)[0]
             # The CPU's AdamW reads its step counter, a CPU tensor on every device; a GPU run uses fused AdamW,
             # whose counter stays on the GPU. Not a sync either way.
             if "torch/optim/" not in caller.filename:
                 self.reads.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
         return func(*args, **(kwargs or {}))
+
+
+def test_the_read_counter_sees_each_kind_of_read():
+    x, keep = torch.arange(4.0), torch.tensor([True, False, True, True])
+    with TensorToPython() as mode:
+        bool(x.all()), x.sum().item(), x.tolist(), int(x[0]), float(x[1])
+        x.nonzero(), x.masked_select(keep), x.unique(), x[keep]
+        x[keep] = 0.0
+        x[torch.tensor([0, 1])], x * 2  # integer indexing and arithmetic are not reads
+    names = [r.split(" at ")[0] for r in mode.reads]
+    assert names == ["__bool__", "item", "tolist", "__int__", "__float__", "nonzero", "masked_select", "unique",
+                     "__getitem__", "__setitem__"]
 
 
 class CountReads(pl.Callback):
