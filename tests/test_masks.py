@@ -12,7 +12,7 @@ from compress import masks
 from compress.data import load_task
 from compress.datamodule import PadCollator, TaskDataModule
 from compress.modeling.convert import from_bert
-from compress.models import load_classifier, load_tokenizer, student_from_teacher
+from compress.models import ENCODER_TYPES, load_classifier, load_tokenizer, student_from_teacher
 from compress.module import DistillModule, LossWeights
 from compress.tracking import make_logger
 from compress.training import build_trainer
@@ -121,6 +121,28 @@ def test_prepared_masks_give_transformers_own_outputs(tiny_teacher, attn, dtype)
         assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
         if attn == "eager":
             assert all(torch.equal(a, b) for a, b in zip(ours.attentions, theirs.attentions))
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODER_TYPES - {"compress_bert"} | {"albert"}))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_every_supported_encoder_takes_the_prepared_mask_without_reading_it(model_type, attn):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    factorised = {"embedding_size": 16} if model_type in ("albert", "electra") else {}
+    config = AutoConfig.for_model(model_type, vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
+                                  num_labels=2, **factorised)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = mask[2, 3:] = 0
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        with TensorToPython() as mode:
+            ours = model(input_ids=ids, attention_mask=masks.for_model(model, mask, True)).logits
+    assert torch.equal(ours, theirs)
+    assert mode.reads == []
 
 
 def test_compress_bert_gets_its_2d_mask_or_none(tiny_teacher):
