@@ -178,7 +178,11 @@ def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossWeights, 
     trainer = build_trainer(epochs=1, accelerator="cpu", precision=precision, devices=1, strategy="auto",
                             logger=logger, ckpt_dir=tmp_path / "ckpt", callbacks=[reads])
     data = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=4, seed=0)  # 24 steps: logs at 10, 20
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        if reads.mode is not None and not reads.steps:  # fit failed inside the window: leave no mode behind
+            reads.mode.__exit__(None, None, None)
     return reads
 
 
