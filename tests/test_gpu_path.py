@@ -54,8 +54,12 @@ def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None
     hook = teacher.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     trainer.fit(module, datamodule=dm)
     hook.remove()
-    trainer.teacher_dtypes = record.teacher_dtypes  # what the teacher ran in (it is restored at the end of fit)
     return record.losses, calls["n"], module, trainer
+
+
+def teacher_ran_in(trainer) -> set:
+    """The dtypes the teacher ran in during fit (a bf16 teacher is restored to fp32 when fit ends)."""
+    return next(c for c in trainer.callbacks if isinstance(c, StepLosses)).teacher_dtypes
 
 
 def test_cached_teacher_gives_the_same_losses_and_skips_the_teacher(tiny_teacher, tiny_data):
@@ -95,7 +99,7 @@ def test_bf16_precision_runs_the_teacher_in_bf16_with_every_loss(tiny_teacher, t
     fp32, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
     bf16, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
                                      precision="bf16-mixed")
-    assert trainer.teacher_dtypes == {torch.bfloat16} and module.student.dtype == torch.float32
+    assert teacher_ran_in(trainer) == {torch.bfloat16} and module.student.dtype == torch.float32
     assert len(bf16) == len(fp32) == 6
     assert bf16 == pytest.approx(fp32, rel=0.02)  # bf16 keeps 8 bits of mantissa
     assert {f"loss_{k}" for k in extra} <= trainer.callback_metrics.keys()
@@ -106,7 +110,7 @@ def test_a_bf16_teacher_gets_its_exact_weights_back_after_training(tiny_teacher,
     from safetensors.torch import load_file
 
     _, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, precision="bf16-mixed")
-    assert trainer.teacher_dtypes == {torch.bfloat16}
+    assert teacher_ran_in(trainer) == {torch.bfloat16}
     saved = load_file(str(tiny_teacher / "model.safetensors"))
     state = module.teacher.state_dict()
     assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in saved.items())
@@ -165,9 +169,8 @@ def test_compiled_training_matches_eager(tiny_teacher, tiny_data):
 
 def test_gpu_benchmark_tiny_mode_runs_every_row(tmp_path):
     """The GPU benchmark's CPU smoke mode: every row is timed through the real pipeline, the table and JSON agree."""
-    script = BENCH_GPU
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--json", str(out)], capture_output=True,
+    proc = subprocess.run([sys.executable, str(BENCH_GPU), "--tiny", "--json", str(out)], capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FAILED" not in proc.stderr
@@ -214,9 +217,8 @@ def test_gpu_benchmark_counts_each_sync_warning_in_its_window():
 
 def test_gpu_benchmark_budget_skips_rows_and_still_writes_its_json(tmp_path):
     """Past --budget_s no row starts; the run still ends cleanly with a JSON that says what it skipped."""
-    script = BENCH_GPU
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--budget_s", "1e-9", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH_GPU), "--tiny", "--budget_s", "1e-9", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
