@@ -14,8 +14,6 @@ from compress.errors import CompressError
 from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
-# model types whose weights from_bert maps one to one (RoBERTa & co. have other embeddings and heads)
-PRUNABLE_TYPES = ("bert", "compress_bert")
 SCOPES = ("layer", "global")
 
 
@@ -71,7 +69,8 @@ def prune(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Prune heads, FFN neurons, layers and/or weights of a BERT classifier, then recover by distilling from it.
+    """Prune heads, FFN neurons, layers and/or weights of a BERT or RoBERTa classifier, then recover by distilling
+    from it.
 
     Score, size, FLOPs and speed measured against the unpruned parent in the same run are logged to MLflow.
 
@@ -80,7 +79,8 @@ def prune(
 
     Args:
         model: the parent: a saved model folder (or hub name) with a classifier for the task, e.g. from
-            `compress finetune`. BERT architecture (model type bert, or compress_bert from an earlier prune).
+            `compress finetune`. Model type bert, roberta, xlm-roberta or camembert, or compress_bert from an
+            earlier prune or share.
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         heads: fraction of the attention heads to remove, in [0, 1).
@@ -163,9 +163,11 @@ def prune(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    if config.model_type not in PRUNABLE_TYPES:
-        raise CompressError(f"--model: model type '{config.model_type}' cannot be pruned yet; prune slices BERT "
-                            f"architectures ({', '.join(PRUNABLE_TYPES)})")
+    from compress.modeling.convert import CONVERTIBLE_TYPES  # what from_bert maps weight for weight
+
+    if config.model_type not in CONVERTIBLE_TYPES:
+        raise CompressError(f"--model: model type '{config.model_type}' cannot be pruned yet; prune slices BERT and "
+                            f"RoBERTa architectures ({', '.join(CONVERTIBLE_TYPES)})")
     require_task_head(config, task_data, model)
     dropped = parse_drop_layers(drop_layers, config.num_hidden_layers)
     accelerator_name = resolve_accelerator(accelerator)

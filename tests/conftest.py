@@ -60,6 +60,28 @@ def save_tiny_bert(folder: Path, *, layers: int = 4, hidden: int = 32, heads: in
     return folder
 
 
+def save_tiny_roberta(folder: Path, model_type: str = "roberta", *, layers: int = 4, hidden: int = 32, heads: int = 4,
+                      intermediate: int = 64, seed: int = 0) -> Path:
+    """A RoBERTa-family classifier (roberta, xlm-roberta, camembert) of the tiny BERT's size, random weights.
+
+    As in the real models, the pad id is 1 and position ids count from 2, and there is one token type. The
+    tokenizer is a word-level one (a BPE vocabulary would only slow the tests); compress reads any tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 1, as RoBERTa's <pad>
+    vocab = specials + sorted(set(POSITIVE + NEGATIVE + FILLER))
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    config = AutoConfig.for_model(model_type, vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=intermediate,
+                                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int
                              ) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and

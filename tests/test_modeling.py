@@ -78,3 +78,67 @@ def test_shared_modules_count_once_and_zero_heads_run():
     assert ffn == (16 * 32 + 32 + 32 * 16 + 16 + 32) + (16 * 8 + 8 + 8 * 16 + 16 + 32)
     out = model(input_ids=torch.tensor([[2, 7, 9, 3]]), output_hidden_states=True)
     assert len(out.hidden_states) == 5 and torch.isfinite(out.logits).all()
+
+
+# --- RoBERTa and the models built on it -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert"])
+def test_from_bert_converts_roberta_family_exactly(model_type, tmp_path):
+    from conftest import save_tiny_roberta
+
+    roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path / model_type, model_type))
+    roberta.eval()
+    converted = from_bert(roberta).eval()
+    assert converted.config.roberta_positions and converted.config.pad_token_id == 1
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in roberta.parameters())
+    b = batch()
+    b["input_ids"][0, 6:] = 1  # RoBERTa's pad id: those positions get position id 1, the real tokens 2, 3, ...
+    ref = roberta(**b, output_hidden_states=True)
+    out = converted(**b, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):  # padded positions included
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    # from embeddings the padding is unknown: both number every position from 2
+    embeds = roberta.get_input_embeddings()(b["input_ids"])
+    torch.testing.assert_close(converted(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits,
+                               roberta(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits,
+                               atol=1e-6, rtol=0)
+
+
+def test_roberta_position_ids_by_hand():
+    from compress.modeling.modeling_compress_bert import roberta_position_ids
+
+    ids = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 5, 6, 7, 8, 2]])  # pad id 1, right-padded
+    assert roberta_position_ids(ids, None, pad=1).tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]
+    assert roberta_position_ids(None, torch.zeros(2, 3, 8), pad=1).tolist() == [[2, 3, 4]] * 2
+
+
+def test_converted_roberta_reloads_without_compress(tmp_path):
+    from conftest import save_tiny_roberta
+
+    roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path / "r")).eval()
+    from_bert(roberta).save_pretrained(tmp_path / "m")
+    b = batch()
+    b["input_ids"][0, 6:] = 1
+    expected = roberta(**b).logits
+    torch.save(b, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+        "assert 'compress' not in sys.modules, 'compress was imported'\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+
+
+def test_from_bert_refuses_other_architectures():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("electra", vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, embedding_size=16)
+    with pytest.raises(ValueError, match="cannot convert model type electra"):
+        from_bert(AutoModelForSequenceClassification.from_config(config))

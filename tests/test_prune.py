@@ -304,7 +304,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, flag, tiny_teacher, tiny
 
 
 @pytest.mark.parametrize("model_type, message", [("gpt2", "not a BERT-family encoder"),
-                                                 ("roberta", "cannot be pruned yet")])
+                                                 ("electra", "cannot be pruned yet")])
 def test_non_bert_model_is_refused(model_type, message, tmp_path_factory, tiny_data, workdir, capsys):
     from transformers import AutoConfig
 
@@ -314,3 +314,42 @@ def test_non_bert_model_is_refused(model_type, message, tmp_path_factory, tiny_d
     assert code == 1 and message in err and "--model" in err and err.count("\n") == 1, err
     assert list(workdir.iterdir()) == []
 
+
+def test_cli_prunes_a_roberta(tiny_data, tracking, workdir, tmp_path_factory, capsys):
+    """RoBERTa converts weight for weight, so prune runs on it as on BERT; the result keeps RoBERTa's position ids
+    and tokenizer (pad id 1) and reloads where compress is not installed."""
+    from conftest import save_tiny_roberta
+
+    parent = save_tiny_roberta(tmp_path_factory.mktemp("roberta") / "parent")
+    code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
+                      "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
+                      "--latency-reps", "1", "--tracking", tracking, "--output", "out"], capsys)
+    assert code == 0, err
+    out = workdir / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["roberta_positions"] and config["pad_token_id"] == 1 and config["num_hidden_layers"] == 3
+    assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
+    # 3 layers of 2 heads x 8 wide and 32 FFN neurons, over the parent's 4 layers of 4 heads and 64 neurons
+    def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
+        return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
+
+    rest = 27 * 32 + 130 * 32 + 1 * 32 + 2 * 32 + (32 * 32 + 32) + (32 * 2 + 2)  # embeddings (27 words), norm, pooler, head
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert sum(p.numel() for p in model.parameters()) == 3 * layer(2, 32) + rest
+    parent_model = AutoModelForSequenceClassification.from_pretrained(parent)
+    assert sum(p.numel() for p in parent_model.parameters()) == 4 * layer(4, 64) + rest
+    b = batch()
+    b["input_ids"][0, 6:] = 1  # RoBERTa's pad id
+    torch.save(b, workdir / "batch.pt")
+    with torch.no_grad():
+        expected = model(**b).logits
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification as A, AutoTokenizer\n"
+        f"m = A.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "assert 'compress' not in sys.modules, 'compress was imported'\n"
+        f"assert AutoTokenizer.from_pretrained({str(out)!r}).pad_token_id == 1\n"
+        f"torch.save(m(**torch.load({str(workdir / 'batch.pt')!r})).logits, {str(workdir / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=workdir, capture_output=True)
+    torch.testing.assert_close(torch.load(workdir / "out.pt"), expected, atol=0, rtol=0)

@@ -12,6 +12,8 @@ class CompressBertConfig(BertConfig):
     attention_heads[j]: heads kept in attention module j (0 is allowed: the sublayer is then just its bias).
     intermediate_sizes[j]: FFN neurons kept in feed-forward module j.
     embedding_size: if set, the word embedding is V x E times E x H (no bias) instead of V x H.
+    roberta_positions: position ids count from pad_token_id + 1 over the non-pad tokens, as RoBERTa's (and
+    XLM-R's, CamemBERT's) do, instead of from 0; the rest of those models is BERT's, weight for weight.
     attention_map[i] / ffn_map[i]: which attention / feed-forward module layer i runs. Identity maps give an
     ordinary (possibly pruned) BERT; repeated entries share one module across layers, as ALBERT does.
     """
@@ -26,11 +28,13 @@ class CompressBertConfig(BertConfig):
         ffn_map: list[int] | None = None,
         attention_head_size: int | None = None,
         embedding_size: int | None = None,
+        roberta_positions: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         # None: BERT's V x H word embedding; E: factorised into V x E and E x H (ALBERT's idea; compress share)
         self.embedding_size = embedding_size
+        self.roberta_positions = roberta_positions
         layers = self.num_hidden_layers
         self.attention_map = list(attention_map) if attention_map is not None else list(range(layers))
         self.ffn_map = list(ffn_map) if ffn_map is not None else list(range(layers))

@@ -17,6 +17,11 @@ _RENAMES = [
     (r"output\.LayerNorm\.", r"ffn.{i}.LayerNorm."),
 ]
 _LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<rest>.*)$")
+# RoBERTa and the models built on it: BERT's layers, position ids counted from the pad id, and the head below
+ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
+# the RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names
+_ROBERTA_HEAD = {"classifier.dense.": "bert.pooler.dense.", "classifier.out_proj.": "classifier."}
+CONVERTIBLE_TYPES = ("bert", "compress_bert", *ROBERTA_TYPES)
 
 
 def to_compress_config(config) -> CompressBertConfig:
@@ -26,7 +31,7 @@ def to_compress_config(config) -> CompressBertConfig:
     values = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         values.pop(key, None)
-    return CompressBertConfig(**values)
+    return CompressBertConfig(**values, roberta_positions=config.model_type in ROBERTA_TYPES)
 
 
 def rename_key(key: str) -> str:
@@ -40,9 +45,12 @@ def rename_key(key: str) -> str:
 
 
 def from_bert(model) -> CompressBertForSequenceClassification:
-    """The same classifier as a CompressBertForSequenceClassification (BERT-named weights, any BERT-family)."""
+    """The same classifier as a CompressBertForSequenceClassification: a BERT or RoBERTa-family one
+    (CONVERTIBLE_TYPES), whose logits, hidden states and attention maps it keeps."""
     if isinstance(model, CompressBertForSequenceClassification):
         return model
+    if model.config.model_type not in CONVERTIBLE_TYPES:
+        raise ValueError(f"cannot convert model type {model.config.model_type}: only {', '.join(CONVERTIBLE_TYPES)}")
     config = to_compress_config(model.config)
     config._attn_implementation = "sdpa"
     out = CompressBertForSequenceClassification(config)
@@ -51,6 +59,10 @@ def from_bert(model) -> CompressBertForSequenceClassification:
     for key, value in model.state_dict().items():
         if key.startswith(prefix + "."):
             key = "bert." + key[len(prefix) + 1:]
+        if config.roberta_positions:
+            for theirs, ours in _ROBERTA_HEAD.items():
+                if key.startswith(theirs):
+                    key = ours + key[len(theirs):]
         state[rename_key(key)] = value
     missing, unexpected = out.load_state_dict(state, strict=False)
     missing = [k for k in missing if "position_ids" not in k and "token_type_ids" not in k]

@@ -1,4 +1,5 @@
 """A BERT encoder with per-module head counts and FFN widths, and optional cross-layer sharing.
+RoBERTa-family classifiers convert too: they are BERT with other position ids and the same head under other names.
 
 transformers 5 dropped `prune_heads` and ignores `head_mask`, and BertConfig cannot describe layers of
 different sizes, so pruned and partially shared models need this class. Embeddings and pooler are BERT's own,
@@ -108,6 +109,17 @@ class FactorisedEmbedding(nn.Module):
         return self.project(self.embed(input_ids))  # (B, S) -> (B, S, E) -> (B, S, H)
 
 
+def roberta_position_ids(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """RoBERTa's position ids: pad + 1, pad + 2, ... over the real tokens, `pad` on padding. Computed on the device,
+    with no read back to the host. From embeddings alone the padding is unknown, so every token counts, as in
+    RoBERTa."""
+    if input_ids is None:
+        b, s = inputs_embeds.shape[:2]
+        return torch.arange(pad + 1, pad + 1 + s, device=inputs_embeds.device).expand(b, s)
+    real = input_ids.ne(pad).int()  # (B, S)
+    return (real.cumsum(dim=1) * real).long() + pad  # (B, S)
+
+
 class CompressBertPreTrainedModel(PreTrainedModel):
     config_class = CompressBertConfig
     base_model_prefix = "bert"
@@ -148,6 +160,8 @@ class CompressBertModel(CompressBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        if position_ids is None and self.config.roberta_positions:
+            position_ids = roberta_position_ids(input_ids, inputs_embeds, self.config.pad_token_id)
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds)
         # (B, S) 1/0 -> (B, 1, 1, S) additive, in the activations' dtype so bf16 stays bf16. No mask (nothing padded)
@@ -180,6 +194,8 @@ class CompressBertForSequenceClassification(CompressBertPreTrainedModel):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        # A converted RoBERTa head (dense, tanh, out_proj on the first token) is this pooler and classifier; it
+        # only differs in training, where RoBERTa also drops out the pooler's input.
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, C)
         loss = None
         if labels is not None:
