@@ -61,14 +61,15 @@ def share(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Share weights across layers and factorise the embedding of a trained BERT, then recover by distilling from it.
+    """Share weights across layers and factorise the embedding of a trained BERT or RoBERTa, then recover by
+    distilling from it.
 
     Sharing cuts parameters and size, not FLOPs: every layer still runs. Score, size and the measured speed are
     logged to MLflow against the original, in the same run.
 
     Args:
-        model: the original: a saved BERT classifier folder (model type bert) for the task, e.g. from
-            `compress finetune`.
+        model: the original: a saved classifier folder for the task, e.g. from `compress finetune`, of model
+            type bert, roberta, xlm-roberta or camembert.
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         groups: distinct layer groups, each of consecutive layers sharing one set of weights (ALBERT's rule,
@@ -152,9 +153,12 @@ def share(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    if config.model_type != "bert":
-        raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps BERT "
-                            "weights (model type bert) onto ALBERT or CompressBert")
+    from compress.modeling.convert import ROBERTA_TYPES
+
+    if config.model_type not in ("bert", *ROBERTA_TYPES):
+        raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps BERT and "
+                            f"RoBERTa weights (model type bert, {', '.join(ROBERTA_TYPES)}) onto ALBERT or "
+                            "CompressBert")
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if groups > layers:
         raise CompressError(f"--groups {groups}: must be between 1 and the model's {layers} layers")
@@ -187,7 +191,7 @@ def calibration_batches(datamodule, rows: int, batch_size: int):
 
 
 def convert(teacher, *, share: str, groups: int, embedding: int | None, init: str, batches=None):
-    """The shared student of `teacher` (a BertForSequenceClassification) and the word-embedding svd_error.
+    """The shared student of `teacher` (a BERT or RoBERTa-family classifier) and the word-embedding svd_error.
 
     `batches` (training batches) are needed for init regmean only.
     """

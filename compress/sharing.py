@@ -2,9 +2,9 @@
 embedding, and the mapping of a trained BERT's weights onto ALBERT or CompressBert.
 
 Shapes: V vocabulary, P positions, T token types, H hidden, E embedding size, I FFN width, L layers, G groups.
-Weights are in BERT's naming on the way in (`bert.encoder.layer.<i>.attention.self.query.weight`); each
-converter returns a model whose function equals the teacher's whenever nothing is actually shared or cut
-(G = L, no factorisation), which is what the tests check.
+Weights are in BERT's naming on the way in (`bert.encoder.layer.<i>.attention.self.query.weight`; a RoBERTa-family
+teacher's are renamed by `bert_named_state`); each converter returns a model whose function equals the teacher's
+whenever nothing is actually shared or cut (G = L, no factorisation), which is what the tests check.
 """
 
 from __future__ import annotations
@@ -272,7 +272,9 @@ def albert_embeddings(word: Tensor, position: Tensor, token_type: Tensor, norm_w
 
 def _group_modules(teacher, groups: list[int], init: str, kinds: tuple[str, ...], grams, alpha: float):
     """Merged BERT-named sublayer weights per group, for the sublayers in `kinds`."""
-    per_layer = bert_layers(teacher.state_dict(), teacher.config.num_hidden_layers)
+    from compress.modeling.convert import bert_named_state
+
+    per_layer = bert_layers(bert_named_state(teacher), teacher.config.num_hidden_layers)
     keep = lambda layer: {k: v for k, v in layer.items() if k.rsplit(".", 1)[0] in kinds}  # noqa: E731
     merged = []
     for g in range(max(groups) + 1):
@@ -292,21 +294,31 @@ def _load(model, state: dict[str, Tensor]):
 
 def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str = "mean", grams=None,
               alpha: float = REGMEAN_ALPHA, basis: str = "balanced"):
-    """An AlbertForSequenceClassification from a BertForSequenceClassification: --share all.
+    """An AlbertForSequenceClassification from a BERT or RoBERTa-family classifier: --share all.
 
     G groups of consecutive layers (ALBERT's rule), each one shared layer started by `init`; embedding_size
     None keeps BERT's H-wide embeddings (identity mapping). Returns (model, svd_error).
+
+    ALBERT numbers positions from 0, RoBERTa from its pad id + 1, so a RoBERTa's position table loses its first
+    pad + 1 rows: every real token keeps its position vector. Padding tokens get other positions than in RoBERTa,
+    which changes nothing that is not masked.
     """
     from transformers import AlbertConfig, AlbertForSequenceClassification
 
+    from compress.modeling.convert import ROBERTA_TYPES, bert_named_state
+
     c = teacher.config
     e = embedding_size or c.hidden_size
+    state_in = bert_named_state(teacher)
+    position = state_in["bert.embeddings.position_embeddings.weight"]  # (P, H)
+    if c.model_type in ROBERTA_TYPES:
+        position = position[c.pad_token_id + 1:]
     config = AlbertConfig(
         vocab_size=c.vocab_size, embedding_size=e, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_hidden_groups=groups, inner_group_num=1, num_attention_heads=c.num_attention_heads,
         intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,  # ALBERT's default is gelu_new, not BERT's
         hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        max_position_embeddings=len(position), type_vocab_size=c.type_vocab_size,
         initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps,
         classifier_dropout_prob=c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob,
         pad_token_id=c.pad_token_id, bos_token_id=getattr(c, "bos_token_id", None),
@@ -314,9 +326,8 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
         label2id=dict(c.label2id), problem_type=c.problem_type,
     )
     config._attn_implementation = c._attn_implementation or "sdpa"
-    state_in = teacher.state_dict()
     embeddings, svd_error = albert_embeddings(
-        state_in["bert.embeddings.word_embeddings.weight"], state_in["bert.embeddings.position_embeddings.weight"],
+        state_in["bert.embeddings.word_embeddings.weight"], position,
         state_in["bert.embeddings.token_type_embeddings.weight"], state_in["bert.embeddings.LayerNorm.weight"],
         state_in["bert.embeddings.LayerNorm.bias"], e, basis)
     state = {f"albert.{k}": v for k, v in embeddings.items()}
@@ -340,7 +351,7 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     the word embedding (CompressBertConfig.embedding_size). Returns (model, svd_error).
     """
     from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification
-    from compress.modeling.convert import rename_key
+    from compress.modeling.convert import ROBERTA_TYPES, bert_named_state, rename_key
 
     c = teacher.config
     group_of = layer_groups(c.num_hidden_layers, groups)
@@ -349,10 +360,11 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         values.pop(key, None)
     maps = {"attention_map": group_of} if share == "attention" else {"ffn_map": group_of}
-    config = CompressBertConfig(**values, **maps, embedding_size=embedding_size)
+    config = CompressBertConfig(**values, **maps, embedding_size=embedding_size,
+                                roberta_positions=c.model_type in ROBERTA_TYPES)
     config._attn_implementation = c._attn_implementation or "sdpa"
 
-    state_in = teacher.state_dict()
+    state_in = bert_named_state(teacher)
     state = {}
     for key, value in state_in.items():
         if not key.startswith(_LAYER_PREFIX):

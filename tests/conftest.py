@@ -96,6 +96,28 @@ def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: i
     return parent, data
 
 
+def logits_without_compress(folder: Path, inputs: dict, tmp: Path, trust: bool = True):
+    """Logits of `folder` on `inputs`, loaded by transformers in a fresh interpreter that never imports compress
+    (through the code saved beside the weights when `trust`), and the class it loaded."""
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save(inputs, tmp / "inputs.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"m = A.from_pretrained({str(folder)!r}, trust_remote_code={trust}).eval()\n"
+        "assert 'compress' not in sys.modules, 'compress was imported'\n"
+        f"torch.save(m(**torch.load({str(tmp / 'inputs.pt')!r})).logits, {str(tmp / 'out.pt')!r})\n"
+        "print(type(m).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp / "out.pt"), done.stdout.strip()
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -1,10 +1,8 @@
 """CompressBert: converting a BERT keeps its function, and both load paths give the same logits."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import logits_without_compress, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification
 
 from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
@@ -46,17 +44,9 @@ def test_both_load_paths_give_the_same_logits(bert, tmp_path):
     assert isinstance(reloaded, CompressBertForSequenceClassification)
     torch.testing.assert_close(reloaded(**b).logits, expected, atol=0, rtol=0)
     # a fresh interpreter that never imports compress, through the code saved beside the weights
-    torch.save(b, tmp_path / "batch.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForSequenceClassification as A\n"
-        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
-        "assert 'compress' not in sys.modules, 'compress was imported'\n"
-        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
-        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+    elsewhere, name = logits_without_compress(tmp_path / "m", b, tmp_path)
+    assert name == "CompressBertForSequenceClassification"
+    torch.testing.assert_close(elsewhere, expected, atol=0, rtol=0)
 
 
 def test_config_rejects_inconsistent_maps():
@@ -85,8 +75,6 @@ def test_shared_modules_count_once_and_zero_heads_run():
 
 @pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert"])
 def test_from_bert_converts_roberta_family_exactly(model_type, tmp_path):
-    from conftest import save_tiny_roberta
-
     roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path / model_type, model_type))
     roberta.eval()
     converted = from_bert(roberta).eval()
@@ -115,24 +103,13 @@ def test_roberta_position_ids_by_hand():
 
 
 def test_converted_roberta_reloads_without_compress(tmp_path):
-    from conftest import save_tiny_roberta
-
     roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path / "r")).eval()
     from_bert(roberta).save_pretrained(tmp_path / "m")
     b = batch()
     b["input_ids"][0, 6:] = 1
     expected = roberta(**b).logits
-    torch.save(b, tmp_path / "batch.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForSequenceClassification as A\n"
-        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
-        "assert 'compress' not in sys.modules, 'compress was imported'\n"
-        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
-        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+    elsewhere, _ = logits_without_compress(tmp_path / "m", b, tmp_path)
+    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
 
 
 def test_from_bert_refuses_other_architectures():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from conftest import logits_without_compress, save_tiny_roberta
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from compress.__main__ import main
 from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
@@ -249,17 +248,8 @@ def test_reload_on_both_load_paths(pruned, tmp_path):
     assert isinstance(model, CompressBertForSequenceClassification)
     with torch.no_grad():
         expected = model(**batch()).logits
-    torch.save(batch(), tmp_path / "batch.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForSequenceClassification as A\n"
-        f"m = A.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
-        "assert 'compress' not in sys.modules, 'compress was imported'\n"
-        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
-        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, capture_output=True)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+    elsewhere, _ = logits_without_compress(out, batch(), tmp_path)
+    torch.testing.assert_close(elsewhere, expected, atol=0, rtol=0)
 
 
 def test_cli_without_recovery_saves_the_pruned_model_as_scored(tiny_teacher, tiny_data, tracking, workdir, capsys):
@@ -318,8 +308,6 @@ def test_non_bert_model_is_refused(model_type, message, tmp_path_factory, tiny_d
 def test_cli_prunes_a_roberta(tiny_data, tracking, workdir, tmp_path_factory, capsys):
     """RoBERTa converts weight for weight, so prune runs on it as on BERT; the result keeps RoBERTa's position ids
     and tokenizer (pad id 1) and reloads where compress is not installed."""
-    from conftest import save_tiny_roberta
-
     parent = save_tiny_roberta(tmp_path_factory.mktemp("roberta") / "parent")
     code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
                       "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
@@ -333,23 +321,17 @@ def test_cli_prunes_a_roberta(tiny_data, tracking, workdir, tmp_path_factory, ca
     def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
         return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
 
-    rest = 27 * 32 + 130 * 32 + 1 * 32 + 2 * 32 + (32 * 32 + 32) + (32 * 2 + 2)  # embeddings (27 words), norm, pooler, head
+    # word (27 words), position and type embeddings, their norm, pooler, classifier
+    rest = 27 * 32 + 130 * 32 + 1 * 32 + 2 * 32 + (32 * 32 + 32) + (32 * 2 + 2)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert sum(p.numel() for p in model.parameters()) == 3 * layer(2, 32) + rest
     parent_model = AutoModelForSequenceClassification.from_pretrained(parent)
     assert sum(p.numel() for p in parent_model.parameters()) == 4 * layer(4, 64) + rest
     b = batch()
     b["input_ids"][0, 6:] = 1  # RoBERTa's pad id
-    torch.save(b, workdir / "batch.pt")
     with torch.no_grad():
         expected = model(**b).logits
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForSequenceClassification as A, AutoTokenizer\n"
-        f"m = A.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
-        "assert 'compress' not in sys.modules, 'compress was imported'\n"
-        f"assert AutoTokenizer.from_pretrained({str(out)!r}).pad_token_id == 1\n"
-        f"torch.save(m(**torch.load({str(workdir / 'batch.pt')!r})).logits, {str(workdir / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=workdir, capture_output=True)
-    torch.testing.assert_close(torch.load(workdir / "out.pt"), expected, atol=0, rtol=0)
+    elsewhere, name = logits_without_compress(out, b, workdir)
+    assert name == "CompressBertForSequenceClassification"
+    torch.testing.assert_close(elsewhere, expected, atol=0, rtol=0)
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == 1  # the parent's tokenizer, saved beside it

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits_without_compress, save_tiny_roberta
 from transformers import AlbertForSequenceClassification, AutoModelForSequenceClassification
 
 from compress.__main__ import main
@@ -180,19 +179,8 @@ def test_parameter_count_matches_the_formula(bert, kind, groups, embedding):
 # --- saved models load without compress ------------------------------------------------------------------------
 
 def load_elsewhere(folder: Path, tmp: Path, trust: bool = False) -> tuple[torch.Tensor, str]:
-    """Logits of `folder` loaded by transformers in a fresh interpreter that never imports compress."""
-    torch.save(batch(), tmp / "batch.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForSequenceClassification as A\n"
-        f"m = A.from_pretrained({str(folder)!r}, trust_remote_code={trust}).eval()\n"
-        "assert 'compress' not in sys.modules, 'compress was imported'\n"
-        f"torch.save(m(**torch.load({str(tmp / 'batch.pt')!r})).logits, {str(tmp / 'out.pt')!r})\n"
-        "print(type(m).__name__)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(tmp / "out.pt"), done.stdout.strip()
+    """Logits of `folder` on batch() loaded by transformers in a fresh interpreter that never imports compress."""
+    return logits_without_compress(folder, batch(), tmp, trust)
 
 
 def test_cli_share_all_writes_an_albert_that_transformers_loads_alone(tiny_teacher, tiny_data, workdir, capsys):
@@ -304,3 +292,70 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_teacher, tiny_data, not_b
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("compress: error: ") and flag in lines[0], err
     assert list(workdir.iterdir()) == []  # no outputs/, no mlruns/
+
+
+# --- RoBERTa and the models built on it -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def roberta_folder(tiny_root) -> Path:
+    return save_tiny_roberta(tiny_root / "roberta")
+
+
+def roberta_batch() -> dict:
+    b = batch()
+    b["input_ids"][0, 6:] = 1  # RoBERTa's pad id on the padded positions, as its tokenizer writes them
+    return b
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_a_group_per_layer_is_the_roberta_itself(model_type, tmp_path):
+    """RoBERTa's weights map onto ALBERT (its position table shifted by pad + 1) and CompressBert exactly."""
+    roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path, model_type)).eval()
+    b = roberta_batch()
+    real = b["attention_mask"].bool()
+    expected = roberta(**b, output_hidden_states=True)
+    albert, error = convert(roberta, share="all", groups=4, embedding=None, init="regmean", batches=[b])
+    assert isinstance(albert, AlbertForSequenceClassification) and error == 0.0
+    assert albert.config.max_position_embeddings == 130 - 2
+    out = albert.eval()(**b, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=0)
+    for mine, theirs in zip(out.hidden_states[1:], expected.hidden_states[1:], strict=True):
+        torch.testing.assert_close(mine[real], theirs[real], atol=1e-4, rtol=0)  # padding sits at other positions
+    for kind in ("attention", "ffn"):
+        shared, _ = convert(roberta, share=kind, groups=4, embedding=None, init="mean")
+        assert shared.config.roberta_positions
+        torch.testing.assert_close(shared.eval()(**b).logits, expected.logits, atol=1e-5, rtol=0)
+
+
+def test_roberta_shares_into_one_group_as_its_first_layer(roberta_folder):
+    """groups 1, init first: every layer runs layer 0's weights; so must the converted model."""
+    import copy
+
+    roberta = AutoModelForSequenceClassification.from_pretrained(roberta_folder).eval()
+    reference = copy.deepcopy(roberta)
+    for layer in reference.roberta.encoder.layer:
+        layer.load_state_dict(roberta.roberta.encoder.layer[0].state_dict())
+    expected = reference(**roberta_batch()).logits
+    albert, _ = to_albert(roberta, 1, None, "first")
+    torch.testing.assert_close(albert.eval()(**roberta_batch()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["all", "attention"])
+def test_cli_shares_a_roberta(roberta_folder, tiny_data, workdir, capsys, kind):
+    code, err = run_cli(["share", "--model", str(roberta_folder), "--data", str(tiny_data), "--share", kind,
+                         "--groups", "2", "--embedding", "12", "--recover-epochs", "1", "--max_train", "64",
+                         "--output", "out", "--latency_reps", "1"], capsys)
+    assert code == 0, err
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
+    with torch.no_grad():
+        expected = model(**roberta_batch()).logits
+    elsewhere, name = logits_without_compress(workdir / "out", roberta_batch(), workdir, trust=kind != "all")
+    assert name == ("AlbertForSequenceClassification" if kind == "all" else "CompressBertForSequenceClassification")
+    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    if kind == "all":  # ALBERT numbers positions from 0: RoBERTa's 130-row table loses its first pad + 1 rows
+        assert (config["max_position_embeddings"], config["num_hidden_groups"]) == (128, 2)
+    else:
+        assert config["roberta_positions"] and config["attention_map"] == [0, 0, 1, 1]
+    metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
+    assert metrics["student_params"] < metrics["teacher_params"] and metrics["embedding_size"] == 12

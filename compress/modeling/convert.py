@@ -44,6 +44,23 @@ def rename_key(key: str) -> str:
     raise KeyError(f"unexpected BERT layer weight {key}")
 
 
+def bert_named_state(model) -> dict:
+    """A BERT or RoBERTa-family classifier's state dict in BertForSequenceClassification's names: `bert.` for the
+    base model's prefix, and RoBERTa's head as BERT's pooler and classifier. Tensors are shared, not copied."""
+    roberta = model.config.model_type in ROBERTA_TYPES
+    prefix = model.base_model_prefix + "."
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            key = "bert." + key[len(prefix):]
+        if roberta:
+            for theirs, ours in _ROBERTA_HEAD.items():
+                if key.startswith(theirs):
+                    key = ours + key[len(theirs):]
+        state[key] = value
+    return state
+
+
 def from_bert(model) -> CompressBertForSequenceClassification:
     """The same classifier as a CompressBertForSequenceClassification: a BERT or RoBERTa-family one
     (CONVERTIBLE_TYPES), whose logits, hidden states and attention maps it keeps."""
@@ -54,16 +71,7 @@ def from_bert(model) -> CompressBertForSequenceClassification:
     config = to_compress_config(model.config)
     config._attn_implementation = "sdpa"
     out = CompressBertForSequenceClassification(config)
-    prefix = model.base_model_prefix
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefix + "."):
-            key = "bert." + key[len(prefix) + 1:]
-        if config.roberta_positions:
-            for theirs, ours in _ROBERTA_HEAD.items():
-                if key.startswith(theirs):
-                    key = ours + key[len(theirs):]
-        state[rename_key(key)] = value
+    state = {rename_key(key): value for key, value in bert_named_state(model).items()}
     missing, unexpected = out.load_state_dict(state, strict=False)
     missing = [k for k in missing if "position_ids" not in k and "token_type_ids" not in k]
     if missing or unexpected:
