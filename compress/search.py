@@ -37,7 +37,7 @@ STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
 PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers")
 SAMPLERS = ("auto", "nsga2", "tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
-CONFLICT = ("prune and share cannot run in one trial: share maps a plain BERT (model type bert) and prune writes "
+CONFLICT = ("prune and share cannot run in one trial: share maps a plain BERT or RoBERTa and prune writes "
             "CompressBert")
 
 

@@ -285,7 +285,7 @@ def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
 
 
 def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
-    """Before anything is trained or logged: share maps a plain BERT, prune writes CompressBert."""
+    """Before anything is trained or logged: share maps a plain BERT or RoBERTa, prune writes CompressBert."""
     import optuna
 
     from compress.search import objective
