@@ -300,8 +300,8 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
     None keeps BERT's H-wide embeddings (identity mapping). Returns (model, svd_error).
 
     ALBERT numbers positions from 0, RoBERTa from its pad id + 1, so a RoBERTa's position table loses its first
-    pad + 1 rows: every real token keeps its position vector. Padding tokens get other positions than in RoBERTa,
-    which changes nothing that is not masked.
+    pad + 1 rows: every real token keeps its position vector, as compress pads on the right. Padding tokens get
+    other positions than in RoBERTa, which changes nothing that is not masked.
     """
     from transformers import AlbertConfig, AlbertForSequenceClassification
 

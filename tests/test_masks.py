@@ -158,6 +158,27 @@ def test_compress_bert_gets_its_2d_mask_or_none(tiny_teacher):
             torch.testing.assert_close(no_mask, ones.logits, rtol=0, atol=1e-6)
 
 
+def test_a_converted_roberta_counts_its_positions_without_reading():
+    """RoBERTa's position ids come from the pad id in the batch: CompressBert computes them on the device."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("roberta", vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    roberta = AutoModelForSequenceClassification.from_config(config).eval()
+    converted = from_bert(roberta).eval()
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = mask[2, 3:] = 0
+    ids[mask == 0] = config.pad_token_id
+    with torch.no_grad():
+        theirs = roberta(input_ids=ids, attention_mask=mask).logits
+        with TensorToPython() as mode:
+            ours = converted(input_ids=ids, attention_mask=masks.for_model(converted, mask, True)).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert mode.reads == []
+
+
 def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossWeights, pruned: bool, drop_flag: bool,
                        monkeypatch, precision: str = "32-true"):
     if drop_flag:  # the control: a batch that does not say whether it is padded, as before this change
