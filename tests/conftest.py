@@ -64,18 +64,25 @@ def save_tiny_roberta(folder: Path, model_type: str = "roberta", *, layers: int 
                       intermediate: int = 64, seed: int = 0) -> Path:
     """A RoBERTa-family classifier (roberta, xlm-roberta, camembert) of the tiny BERT's size, random weights.
 
-    As in the real models, the pad id is 1 and position ids count from 2, and there is one token type. The
-    tokenizer is a word-level one (a BPE vocabulary would only slow the tests); compress reads any tokenizer."""
+    As in the real models, the tokenizer is byte-level BPE (trained here on the tiny corpus' words) with <pad> at id
+    1 and no token type ids, position ids count from 2, and there is one token type."""
+    import tempfile
+
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, RobertaTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 1, as RoBERTa's <pad>
-    vocab = specials + sorted(set(POSITIVE + NEGATIVE + FILLER))
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
-    config = AutoConfig.for_model(model_type, vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(POSITIVE + NEGATIVE + FILLER)] * 4, vocab_size=400, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    with tempfile.TemporaryDirectory() as files:
+        vocab, merges = bpe.save_model(files)
+        tokenizer = RobertaTokenizer(vocab=vocab, merges=merges)
+        tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, intermediate_size=intermediate,
-                                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
+                                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
     torch.manual_seed(seed)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
