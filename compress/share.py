@@ -153,12 +153,11 @@ def share(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    from compress.modeling.convert import ROBERTA_TYPES
+    from compress.modeling.convert import BERT_LIKE_TYPES
 
-    if config.model_type not in ("bert", *ROBERTA_TYPES):
+    if config.model_type not in BERT_LIKE_TYPES:
         raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps BERT and "
-                            f"RoBERTa weights (model type bert, {', '.join(ROBERTA_TYPES)}) onto ALBERT or "
-                            "CompressBert")
+                            f"RoBERTa weights (model type {', '.join(BERT_LIKE_TYPES)}) onto ALBERT or CompressBert")
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if groups > layers:
         raise CompressError(f"--groups {groups}: must be between 1 and the model's {layers} layers")

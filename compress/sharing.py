@@ -350,18 +350,14 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     The other sublayer kind keeps one module per layer, with the teacher's weights. embedding_size factorises
     the word embedding (CompressBertConfig.embedding_size). Returns (model, svd_error).
     """
-    from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification
-    from compress.modeling.convert import ROBERTA_TYPES, bert_named_state, rename_key
+    from compress.modeling import CompressBertForSequenceClassification
+    from compress.modeling.convert import bert_named_state, rename_key, to_compress_config
 
     c = teacher.config
     group_of = layer_groups(c.num_hidden_layers, groups)
     kinds = ATTENTION if share == "attention" else FFN
-    values = c.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        values.pop(key, None)
     maps = {"attention_map": group_of} if share == "attention" else {"ffn_map": group_of}
-    config = CompressBertConfig(**values, **maps, embedding_size=embedding_size,
-                                roberta_positions=c.model_type in ROBERTA_TYPES)
+    config = to_compress_config(c, **maps, embedding_size=embedding_size)
     config._attn_implementation = c._attn_implementation or "sdpa"
 
     state_in = bert_named_state(teacher)

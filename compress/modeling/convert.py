@@ -21,17 +21,20 @@ _LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<rest>.*)$")
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 # the RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names
 _ROBERTA_HEAD = {"classifier.dense.": "bert.pooler.dense.", "classifier.out_proj.": "classifier."}
-CONVERTIBLE_TYPES = ("bert", "compress_bert", *ROBERTA_TYPES)
+# what bert_named_state renames to BERT's weight names (what share maps); from_bert also takes its own class
+BERT_LIKE_TYPES = ("bert", *ROBERTA_TYPES)
+CONVERTIBLE_TYPES = (*BERT_LIKE_TYPES, "compress_bert")
 
 
-def to_compress_config(config) -> CompressBertConfig:
-    """A CompressBertConfig equal in function to a BertConfig (identity maps, full sizes)."""
+def to_compress_config(config, **changes) -> CompressBertConfig:
+    """A CompressBertConfig equal in function to a BERT or RoBERTa-family config (identity maps, full sizes), with
+    `changes` (CompressBertConfig's own fields, e.g. attention_map or embedding_size) applied."""
     if isinstance(config, CompressBertConfig):
-        return CompressBertConfig.from_dict(config.to_dict())
+        return CompressBertConfig.from_dict(config.to_dict() | changes)
     values = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         values.pop(key, None)
-    return CompressBertConfig(**values, roberta_positions=config.model_type in ROBERTA_TYPES)
+    return CompressBertConfig(**values | changes, roberta_positions=config.model_type in ROBERTA_TYPES)
 
 
 def rename_key(key: str) -> str:
