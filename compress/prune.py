@@ -69,7 +69,7 @@ def prune(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Prune heads, FFN neurons, layers and/or weights of a BERT or RoBERTa classifier, then recover by distilling
+    """Prune heads, FFN neurons, layers and/or weights of a BERT-family classifier, then recover by distilling
     from it.
 
     Score, size, FLOPs and speed measured against the unpruned parent in the same run are logged to MLflow.
@@ -79,8 +79,8 @@ def prune(
 
     Args:
         model: the parent: a saved model folder (or hub name) with a classifier for the task, e.g. from
-            `compress finetune`. Model type bert, roberta, xlm-roberta or camembert, or compress_bert from an
-            earlier prune or share.
+            `compress finetune`. Model type bert, ernie, electra, roberta, xlm-roberta or camembert, or
+            compress_bert from an earlier prune or share.
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         heads: fraction of the attention heads to remove, in [0, 1).
@@ -162,12 +162,7 @@ def prune(
                           seed=seed)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
-    check_encoder(config, "--model")
-    from compress.modeling.convert import CONVERTIBLE_TYPES  # what from_bert maps weight for weight
-
-    if config.model_type not in CONVERTIBLE_TYPES:
-        raise CompressError(f"--model: model type '{config.model_type}' cannot be pruned yet; prune slices BERT and "
-                            f"RoBERTa architectures ({', '.join(CONVERTIBLE_TYPES)})")
+    check_encoder(config, "--model")  # every encoder distill takes converts to CompressBert (test_prune checks)
     require_task_head(config, task_data, model)
     dropped = parse_drop_layers(drop_layers, config.num_hidden_layers)
     accelerator_name = resolve_accelerator(accelerator)

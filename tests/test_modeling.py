@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import logits_without_compress, save_tiny_roberta
+from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification
 
 from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
@@ -112,10 +112,50 @@ def test_converted_roberta_reloads_without_compress(tmp_path):
     torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
 
 
+# --- ELECTRA and ERNIE ---------------------------------------------------------------------------------------------
+
+# ELECTRA-small's layout (16-wide embeddings projected to 32), ELECTRA-base's (no projection), and ERNIE with and
+# without its task embedding (3 task types x 32 folded away)
+ELECTRA_ERNIE = [("electra", {"embedding_size": 16}, 0), ("electra", {"embedding_size": 32}, 0),
+                 ("ernie", {"use_task_id": True, "task_type_vocab_size": 3}, 3 * 32), ("ernie", {}, 0)]
+
+
+@pytest.mark.parametrize(("model_type", "extra", "folded"), ELECTRA_ERNIE)
+def test_from_bert_converts_electra_and_ernie_exactly(model_type, extra, folded, tmp_path):
+    parent = AutoModelForSequenceClassification.from_pretrained(
+        save_tiny_bert(tmp_path / model_type, model_type=model_type, num_labels=3, **extra)).eval()
+    converted = from_bert(parent).eval()
+    c = converted.config
+    assert c.pooler_act == ("gelu" if model_type == "electra" else "tanh") and c.embedding_size is None
+    assert c.projected_embedding_size == (16 if extra.get("embedding_size") == 16 else None)
+    n_parent, n_converted = (sum(p.numel() for p in m.parameters()) for m in (parent, converted))
+    assert n_parent - n_converted == folded
+    b = batch()
+    ref = parent(**b, output_hidden_states=True)
+    out = converted(**b, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):  # after ELECTRA's projection
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_converted_electra_small_reloads_without_compress(tmp_path):
+    electra = AutoModelForSequenceClassification.from_pretrained(
+        save_tiny_bert(tmp_path / "e", model_type="electra", embedding_size=16)).eval()
+    from_bert(electra).save_pretrained(tmp_path / "m")
+    b = batch()
+    elsewhere, name = logits_without_compress(tmp_path / "m", b, tmp_path)
+    assert name == "CompressBertForSequenceClassification"
+    torch.testing.assert_close(elsewhere, electra(**b).logits, atol=1e-6, rtol=0)
+
+
+def test_compress_bert_refuses_two_kinds_of_narrow_embedding():
+    with pytest.raises(ValueError, match="exclusive"):
+        CompressBertConfig(embedding_size=8, projected_embedding_size=16)
+
+
 def test_from_bert_refuses_other_architectures():
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("electra", vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, embedding_size=16)
-    with pytest.raises(ValueError, match="cannot convert model type electra"):
+    config = AutoConfig.for_model("distilbert", vocab_size=30, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    with pytest.raises(ValueError, match="cannot convert model type distilbert"):
         from_bert(AutoModelForSequenceClassification.from_config(config))

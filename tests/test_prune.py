@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits_without_compress, save_tiny_roberta
+from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from compress.__main__ import main
@@ -184,6 +184,14 @@ def test_flops_by_hand(model):
     slice_neurons(model, [list(range(32))] * 4)
     drop_layers(model, [3])
     assert flops_per_token(model.config) == 3 * layer / 2 + head
+    # ELECTRA-small's layout adds its 16 -> 32 projection of every token, whether it is ELECTRA's config or ours
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    electra = ElectraConfig(vocab_size=30, embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                            num_attention_heads=4, intermediate_size=64)
+    project = 2 * 16 * 32
+    assert flops_per_token(electra) == 4 * layer + head + project
+    assert flops_per_token(from_bert(ElectraForSequenceClassification(electra)).config) == 4 * layer + head + project
 
 
 # --- the command
@@ -293,16 +301,58 @@ def test_bad_input_is_one_line_and_writes_nothing(args, flag, tiny_teacher, tiny
     assert list(workdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("model_type, message", [("gpt2", "not a BERT-family encoder"),
-                                                 ("electra", "cannot be pruned yet")])
-def test_non_bert_model_is_refused(model_type, message, tmp_path_factory, tiny_data, workdir, capsys):
+@pytest.mark.parametrize("model_type", ["gpt2", "distilbert"])
+def test_non_bert_model_is_refused(model_type, tmp_path_factory, tiny_data, workdir, capsys):
     from transformers import AutoConfig
 
     folder = tmp_path_factory.mktemp(model_type)
     AutoConfig.for_model(model_type).save_pretrained(folder)
     code, err = _run(["--model", str(folder), "--data", str(tiny_data), "--heads", "0.5"], capsys)
-    assert code == 1 and message in err and "--model" in err and err.count("\n") == 1, err
+    assert code == 1 and "not a BERT-family encoder" in err and "--model" in err and err.count("\n") == 1, err
     assert list(workdir.iterdir()) == []
+
+
+def test_prune_takes_every_encoder_distill_takes():
+    """prune checks only models.ENCODER_TYPES, so each of them must convert weight for weight."""
+    from compress.modeling.convert import CONVERTIBLE_TYPES
+    from compress.models import ENCODER_TYPES
+
+    assert ENCODER_TYPES <= set(CONVERTIBLE_TYPES)
+
+
+@pytest.mark.parametrize(("model_type", "extra"), [("electra", {"embedding_size": 16}),
+                                                   ("ernie", {"use_task_id": True, "task_type_vocab_size": 3})])
+def test_cli_prunes_an_electra_small_and_an_ernie(model_type, extra, tiny_data, tracking, workdir, tmp_path_factory,
+                                                  capsys):
+    """ELECTRA-small's 16-wide embeddings and projection, and ERNIE's task embedding (folded into the token types),
+    come through pruning; the head counts and FFN widths are cut as in BERT, and the result reloads without compress."""
+    parent = save_tiny_bert(tmp_path_factory.mktemp(model_type) / "parent", model_type=model_type, **extra)
+    code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
+                      "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
+                      "--latency-reps", "1", "--tracking", tracking, "--output", "out"], capsys)
+    assert code == 0, err
+    out = workdir / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
+    assert config["pooler_act"] == ("gelu" if model_type == "electra" else "tanh")
+
+    def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
+        return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
+
+    vocab = len(AutoTokenizer.from_pretrained(parent))
+    e = 16 if model_type == "electra" else 32  # the embedding block's width
+    rest = (vocab + 128 + 2) * e + 2 * e + (32 * 32 + 32) + (32 * 2 + 2)  # tables, norm, pooler/dense, head
+    rest += (16 * 32 + 32) if model_type == "electra" else 0  # embeddings_project, 16 -> 32
+    task = 3 * 32 if model_type == "ernie" else 0  # the parent's task table, folded away
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert sum(p.numel() for p in model.parameters()) == 3 * layer(2, 32) + rest
+    parent_model = AutoModelForSequenceClassification.from_pretrained(parent)
+    assert sum(p.numel() for p in parent_model.parameters()) == 4 * layer(4, 64) + rest + task
+    b = batch()
+    with torch.no_grad():
+        expected = model(**b).logits
+    elsewhere, _ = logits_without_compress(out, b, workdir)
+    torch.testing.assert_close(elsewhere, expected, atol=0, rtol=0)
 
 
 def test_cli_prunes_a_roberta(tiny_data, tracking, workdir, tmp_path_factory, capsys):

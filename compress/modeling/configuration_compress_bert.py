@@ -14,6 +14,10 @@ class CompressBertConfig(BertConfig):
     embedding_size: if set, the word embedding is V x E times E x H (no bias) instead of V x H.
     roberta_positions: position ids count from pad_token_id + 1 over the non-pad tokens, as RoBERTa's (and
     XLM-R's, CamemBERT's) do, instead of from 0; the rest of those models is BERT's, weight for weight.
+    projected_embedding_size: if set, the whole embedding block (word, position and type tables, LayerNorm) is this
+    wide and `embeddings_project` (a Linear with bias) maps it to hidden_size: ELECTRA-small's layout. Exclusive
+    with embedding_size.
+    pooler_act: the pooler's activation: tanh (BERT's, RoBERTa's) or gelu (ELECTRA's head: dense, gelu, out_proj).
     attention_map[i] / ffn_map[i]: which attention / feed-forward module layer i runs. Identity maps give an
     ordinary (possibly pruned) BERT; repeated entries share one module across layers, as ALBERT does.
     """
@@ -29,12 +33,19 @@ class CompressBertConfig(BertConfig):
         attention_head_size: int | None = None,
         embedding_size: int | None = None,
         roberta_positions: bool = False,
+        projected_embedding_size: int | None = None,
+        pooler_act: str = "tanh",
         **kwargs,
     ):
         super().__init__(**kwargs)
         # None: BERT's V x H word embedding; E: factorised into V x E and E x H (ALBERT's idea; compress share)
         self.embedding_size = embedding_size
         self.roberta_positions = roberta_positions
+        self.projected_embedding_size = projected_embedding_size
+        self.pooler_act = pooler_act
+        if embedding_size and projected_embedding_size:
+            raise ValueError("embedding_size (a factorised word table) and projected_embedding_size (a narrow "
+                             "embedding block) are exclusive")
         layers = self.num_hidden_layers
         self.attention_map = list(attention_map) if attention_map is not None else list(range(layers))
         self.ffn_map = list(ffn_map) if ffn_map is not None else list(range(layers))

@@ -19,21 +19,31 @@ _RENAMES = [
 _LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<rest>.*)$")
 # RoBERTa and the models built on it: BERT's layers, position ids counted from the pad id, and the head below
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
-# the RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names
-_ROBERTA_HEAD = {"classifier.dense.": "bert.pooler.dense.", "classifier.out_proj.": "classifier."}
+# The RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names;
+# so is ELECTRA's, with gelu for tanh (CompressBertConfig.pooler_act).
+_HEAD = {"classifier.dense.": "bert.pooler.dense.", "classifier.out_proj.": "classifier."}
+_HEAD_TYPES = (*ROBERTA_TYPES, "electra")
+# ERNIE is BERT plus a task-type embedding added to every token (task_type_ids are all 0 unless a caller passes
+# them, and compress never does), so its row 0 folds into every token-type row.
+_TASK_TYPE = "bert.embeddings.task_type_embeddings.weight"
 # what bert_named_state renames to BERT's weight names (what share maps); from_bert also takes its own class
-BERT_LIKE_TYPES = ("bert", *ROBERTA_TYPES)
+BERT_LIKE_TYPES = ("bert", "ernie", "electra", *ROBERTA_TYPES)
 CONVERTIBLE_TYPES = (*BERT_LIKE_TYPES, "compress_bert")
 
 
 def to_compress_config(config, **changes) -> CompressBertConfig:
-    """A CompressBertConfig equal in function to a BERT or RoBERTa-family config (identity maps, full sizes), with
+    """A CompressBertConfig equal in function to a config of BERT_LIKE_TYPES (identity maps, full sizes), with
     `changes` (CompressBertConfig's own fields, e.g. attention_map or embedding_size) applied."""
     if isinstance(config, CompressBertConfig):
         return CompressBertConfig.from_dict(config.to_dict() | changes)
     values = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "use_task_id",
+                "task_type_vocab_size"):
         values.pop(key, None)
+    if config.model_type == "electra":
+        # ELECTRA's embedding_size is the width of its whole embedding block, not a factorised word table
+        narrow = values.pop("embedding_size")
+        values |= {"pooler_act": "gelu", "projected_embedding_size": narrow if narrow != config.hidden_size else None}
     return CompressBertConfig(**values | changes, roberta_positions=config.model_type in ROBERTA_TYPES)
 
 
@@ -48,25 +58,31 @@ def rename_key(key: str) -> str:
 
 
 def bert_named_state(model) -> dict:
-    """A BERT or RoBERTa-family classifier's state dict in BertForSequenceClassification's names: `bert.` for the
-    base model's prefix, and RoBERTa's head as BERT's pooler and classifier. Tensors are shared, not copied."""
-    roberta = model.config.model_type in ROBERTA_TYPES
+    """A classifier of BERT_LIKE_TYPES as a state dict in BertForSequenceClassification's names: `bert.` for the
+    base model's prefix, RoBERTa's and ELECTRA's head as BERT's pooler and classifier, and ERNIE's task embedding
+    folded into the token-type table. ELECTRA's `embeddings_project` (when it has one) stays as
+    `bert.embeddings_project`. Tensors are shared, not copied, except the folded table."""
+    head = model.config.model_type in _HEAD_TYPES
     prefix = model.base_model_prefix + "."
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefix):
             key = "bert." + key[len(prefix):]
-        if roberta:
-            for theirs, ours in _ROBERTA_HEAD.items():
+        if head:
+            for theirs, ours in _HEAD.items():
                 if key.startswith(theirs):
                     key = ours + key[len(theirs):]
         state[key] = value
+    if _TASK_TYPE in state:
+        task = state.pop(_TASK_TYPE)[0]  # (H,): what every token gets with task_type_ids 0
+        types = "bert.embeddings.token_type_embeddings.weight"
+        state[types] = state[types] + task  # (T, H)
     return state
 
 
 def from_bert(model) -> CompressBertForSequenceClassification:
-    """The same classifier as a CompressBertForSequenceClassification: a BERT or RoBERTa-family one
-    (CONVERTIBLE_TYPES), whose logits, hidden states and attention maps it keeps."""
+    """The same classifier as a CompressBertForSequenceClassification: one of CONVERTIBLE_TYPES, whose logits, hidden
+    states and attention maps it keeps (an ERNIE's as long as no task_type_ids other than 0 are passed)."""
     if isinstance(model, CompressBertForSequenceClassification):
         return model
     if model.config.model_type not in CONVERTIBLE_TYPES:

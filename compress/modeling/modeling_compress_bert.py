@@ -1,5 +1,7 @@
 """A BERT encoder with per-module head counts and FFN widths, and optional cross-layer sharing.
-RoBERTa-family classifiers convert too: they are BERT with other position ids and the same head under other names.
+RoBERTa-family classifiers convert too: they are BERT with other position ids and the same head under other names;
+so do ELECTRA (a narrow embedding block projected to the hidden size, a gelu head) and ERNIE (BERT plus a task
+embedding that compress never varies).
 
 transformers 5 dropped `prune_heads` and ignores `head_mask`, and BertConfig cannot describe layers of
 different sizes, so pruned and partially shared models need this class. Embeddings and pooler are BERT's own,
@@ -8,10 +10,13 @@ so weights convert one to one. Saved beside the weights (auto_map): imports noth
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
 
@@ -65,8 +70,6 @@ class CompressAttention(nn.Module):
 class CompressFeedForward(nn.Module):
     def __init__(self, config: CompressBertConfig, width: int) -> None:
         super().__init__()
-        from transformers.activations import ACT2FN
-
         self.intermediate = nn.Linear(config.hidden_size, width)
         self.output = nn.Linear(width, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
@@ -144,12 +147,22 @@ class CompressBertPreTrainedModel(PreTrainedModel):
 class CompressBertModel(CompressBertPreTrainedModel):
     def __init__(self, config: CompressBertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        narrow = getattr(config, "projected_embedding_size", None)
+        if narrow:  # ELECTRA-small's layout: every table and the LayerNorm E wide, then E -> H
+            embedding_config = copy.copy(config)
+            embedding_config.hidden_size = narrow
+            self.embeddings = BertEmbeddings(embedding_config)
+            self.embeddings_project = nn.Linear(narrow, config.hidden_size)
+        else:
+            self.embeddings = BertEmbeddings(config)
+            self.embeddings_project = None
         if getattr(config, "embedding_size", None):  # factorised word embedding; position and type stay H wide
             self.embeddings.word_embeddings = FactorisedEmbedding(config.vocab_size, config.embedding_size,
                                                                   config.hidden_size, config.pad_token_id)
         self.encoder = CompressBertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        if self.pooler is not None and getattr(config, "pooler_act", "tanh") != "tanh":
+            self.pooler.activation = ACT2FN[config.pooler_act]  # ELECTRA's head: dense, gelu, out_proj
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -164,6 +177,8 @@ class CompressBertModel(CompressBertPreTrainedModel):
             position_ids = roberta_position_ids(input_ids, inputs_embeds, self.config.pad_token_id)
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds)
+        if self.embeddings_project is not None:
+            hidden = self.embeddings_project(hidden)  # (B, S, E) -> (B, S, H)
         # (B, S) 1/0 -> (B, 1, 1, S) additive, in the activations' dtype so bf16 stays bf16. No mask (nothing padded)
         # stays None, which lets SDPA pick its flash kernel.
         mask = None
@@ -194,8 +209,8 @@ class CompressBertForSequenceClassification(CompressBertPreTrainedModel):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        # A converted RoBERTa head (dense, tanh, out_proj on the first token) is this pooler and classifier; it
-        # only differs in training, where RoBERTa also drops out the pooler's input.
+        # A converted RoBERTa or ELECTRA head (dense, tanh or gelu, out_proj on the first token) is this pooler and
+        # classifier; it only differs in training, where those heads also drop out the pooler's input.
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, C)
         loss = None
         if labels is not None:
