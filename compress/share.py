@@ -61,7 +61,7 @@ def share(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Share weights across layers and factorise the embedding of a trained BERT or RoBERTa, then recover by
+    """Share weights across layers and factorise the embedding of a trained BERT-family classifier, then recover by
     distilling from it.
 
     Sharing cuts parameters and size, not FLOPs: every layer still runs. Score, size and the measured speed are
@@ -69,7 +69,8 @@ def share(
 
     Args:
         model: the original: a saved classifier folder for the task, e.g. from `compress finetune`, of model
-            type bert, roberta, xlm-roberta or camembert.
+            type bert, ernie, electra (not with --share all, which writes ALBERT's tanh head), roberta,
+            xlm-roberta or camembert.
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         groups: distinct layer groups, each of consecutive layers sharing one set of weights (ALBERT's rule,
@@ -156,9 +157,15 @@ def share(
     from compress.modeling.convert import BERT_LIKE_TYPES
 
     if config.model_type not in BERT_LIKE_TYPES:
-        raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps BERT and "
-                            f"RoBERTa weights (model type {', '.join(BERT_LIKE_TYPES)}) onto ALBERT or CompressBert")
+        raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps the weights "
+                            f"of model types {', '.join(BERT_LIKE_TYPES)} onto ALBERT or CompressBert")
     layers, hidden = config.num_hidden_layers, config.hidden_size
+    if share == "all" and config.model_type == "electra":
+        raise CompressError("--share all: writes a standard ALBERT, whose head is tanh where an ELECTRA's is gelu; "
+                            "use --share attention or --share ffn (compress's own class keeps the gelu head)")
+    if embedding is not None and config.model_type == "electra" and config.embedding_size != hidden:
+        raise CompressError(f"--embedding {embedding}: this model's embeddings are already {config.embedding_size} "
+                            f"wide and projected to its hidden size {hidden}; leave --embedding out")
     if groups > layers:
         raise CompressError(f"--groups {groups}: must be between 1 and the model's {layers} layers")
     if embedding is not None and embedding >= hidden:
@@ -190,7 +197,7 @@ def calibration_batches(datamodule, rows: int, batch_size: int):
 
 
 def convert(teacher, *, share: str, groups: int, embedding: int | None, init: str, batches=None):
-    """The shared student of `teacher` (a BERT or RoBERTa-family classifier) and the word-embedding svd_error.
+    """The shared student of `teacher` (a classifier of convert.BERT_LIKE_TYPES) and the word-embedding svd_error.
 
     `batches` (training batches) are needed for init regmean only.
     """

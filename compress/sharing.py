@@ -2,9 +2,9 @@
 embedding, and the mapping of a trained BERT's weights onto ALBERT or CompressBert.
 
 Shapes: V vocabulary, P positions, T token types, H hidden, E embedding size, I FFN width, L layers, G groups.
-Weights are in BERT's naming on the way in (`bert.encoder.layer.<i>.attention.self.query.weight`; a RoBERTa-family
-teacher's are renamed by `bert_named_state`); each converter returns a model whose function equals the teacher's
-whenever nothing is actually shared or cut (G = L, no factorisation), which is what the tests check.
+Weights are in BERT's naming on the way in (`bert.encoder.layer.<i>.attention.self.query.weight`; a RoBERTa-family,
+ELECTRA or ERNIE teacher's are renamed by `bert_named_state`); each converter returns a model whose function equals
+the teacher's whenever nothing is actually shared or cut (G = L, no factorisation), which is what the tests check.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _load(model, state: dict[str, Tensor]):
 
 def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str = "mean", grams=None,
               alpha: float = REGMEAN_ALPHA, basis: str = "balanced"):
-    """An AlbertForSequenceClassification from a BERT or RoBERTa-family classifier: --share all.
+    """An AlbertForSequenceClassification from a BERT, ERNIE or RoBERTa-family classifier: --share all.
 
     G groups of consecutive layers (ALBERT's rule), each one shared layer started by `init`; embedding_size
     None keeps BERT's H-wide embeddings (identity mapping). Returns (model, svd_error).
@@ -308,6 +308,8 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
     from compress.modeling.convert import ROBERTA_TYPES, bert_named_state
 
     c = teacher.config
+    if c.model_type == "electra":  # ALBERT's pooler is tanh; ELECTRA's head has gelu in its place
+        raise ValueError("an ELECTRA cannot become an ALBERT: ALBERT's head is tanh where ELECTRA's is gelu")
     e = embedding_size or c.hidden_size
     state_in = bert_named_state(teacher)
     position = state_in["bert.embeddings.position_embeddings.weight"]  # (P, H)
@@ -348,7 +350,8 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     """A CompressBertForSequenceClassification sharing only attention or only FFN modules across layer groups.
 
     The other sublayer kind keeps one module per layer, with the teacher's weights. embedding_size factorises
-    the word embedding (CompressBertConfig.embedding_size). Returns (model, svd_error).
+    the word embedding (CompressBertConfig.embedding_size; not for an ELECTRA whose embeddings are already narrower
+    than its hidden size: CompressBertConfig refuses both). Returns (model, svd_error).
     """
     from compress.modeling import CompressBertForSequenceClassification
     from compress.modeling.convert import bert_named_state, rename_key, to_compress_config

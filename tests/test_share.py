@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits_without_compress, save_tiny_roberta
+from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AlbertForSequenceClassification, AutoModelForSequenceClassification
 
 from compress.__main__ import main
@@ -359,3 +359,80 @@ def test_cli_shares_a_roberta(roberta_folder, tiny_data, workdir, capsys, kind):
         assert config["roberta_positions"] and config["attention_map"] == [0, 0, 1, 1]
     metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
     assert metrics["student_params"] < metrics["teacher_params"] and metrics["embedding_size"] == 12
+
+
+# --- ELECTRA and ERNIE ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def electra_folder(tiny_root) -> Path:
+    """ELECTRA-small's layout: 16-wide embeddings projected to the 32-wide layers, a gelu head."""
+    return save_tiny_bert(tiny_root / "electra", model_type="electra", embedding_size=16)
+
+
+@pytest.fixture(scope="module")
+def ernie_folder(tiny_root) -> Path:
+    return save_tiny_bert(tiny_root / "ernie", model_type="ernie", use_task_id=True, task_type_vocab_size=3)
+
+
+def test_a_group_per_layer_is_the_electra_or_ernie_itself(electra_folder, ernie_folder):
+    """An ELECTRA maps onto CompressBert exactly (its projection and gelu head kept), an ERNIE onto ALBERT and
+    CompressBert (its task embedding folded into the token types); an ELECTRA cannot be an ALBERT (tanh head)."""
+    b = batch()
+    electra = AutoModelForSequenceClassification.from_pretrained(electra_folder).eval()
+    ernie = AutoModelForSequenceClassification.from_pretrained(ernie_folder).eval()
+    for parent, kinds in ((electra, ("attention", "ffn")), (ernie, ("all", "attention", "ffn"))):
+        expected = parent(**b).logits
+        for kind in kinds:
+            shared, _ = convert(parent, share=kind, groups=4, embedding=None, init="mean")
+            torch.testing.assert_close(shared.eval()(**b).logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="ELECTRA cannot become an ALBERT"):
+        to_albert(electra, 2)
+
+
+@pytest.mark.parametrize(("parent", "kind"), [("electra", "attention"), ("ernie", "all")])
+def test_cli_shares_an_electra_and_an_ernie(parent, kind, electra_folder, ernie_folder, tiny_data, workdir, capsys):
+    folder = electra_folder if parent == "electra" else ernie_folder
+    embedding = ["--embedding", "12"] if parent == "ernie" else []
+    code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), "--share", kind, "--groups", "2",
+                         *embedding, "--recover-epochs", "1", "--max_train", "64", "--output", "out",
+                         "--latency_reps", "1"], capsys)
+    assert code == 0, err
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
+    with torch.no_grad():
+        expected = model(**batch()).logits
+    elsewhere, name = logits_without_compress(workdir / "out", batch(), workdir, trust=kind != "all")
+    assert name == ("AlbertForSequenceClassification" if kind == "all" else "CompressBertForSequenceClassification")
+    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    if parent == "electra":
+        assert (config["projected_embedding_size"], config["pooler_act"]) == (16, "gelu")
+        assert config["attention_map"] == [0, 0, 1, 1]
+    else:  # ERNIE's 3 task types x 32 are gone, folded into the token-type rows
+        assert (config["embedding_size"], config["num_hidden_groups"]) == (12, 2)
+        vocab = config["vocab_size"]
+        assert count_params(model) == albert_param_count(vocab=vocab, positions=128, types=2, hidden=32,
+                                                         intermediate=64, groups=2, embedding=12, labels=2)
+
+
+@pytest.fixture(scope="module")
+def compress_bert_folder(tiny_root) -> Path:
+    from compress.modeling import CompressBertConfig
+
+    folder = tiny_root / "compress_bert"
+    CompressBertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("parent", "extra", "flag", "why"), [
+    ("electra", ["--share", "all"], "--share all", "gelu"),
+    ("electra", ["--share", "attention", "--embedding", "8"], "--embedding 8", "already 16 wide"),
+    ("compress_bert", [], "--model", "cannot be shared yet"),
+])
+def test_share_refuses_what_it_cannot_map(parent, extra, flag, why, electra_folder, compress_bert_folder, tiny_data,
+                                          workdir, capsys):
+    folder = electra_folder if parent == "electra" else compress_bert_folder
+    code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and flag in lines[0] and why in lines[0], err
+    assert list(workdir.iterdir()) == []
