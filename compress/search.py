@@ -161,22 +161,45 @@ def _runs(step: str, kwargs: dict) -> bool:
     return kwargs.get("groups") is not None
 
 
+def _can_run(dims: dict[str, Dimension], step: str) -> tuple[bool, bool]:
+    """(some trial runs `step`, some trial skips it)."""
+    keys = {"distill": ("layers",), "prune": PRUNE_SWITCHES, "share": ("groups",)}[step]
+    found = [d for d in dims.values() if d.key.rpartition(".")[2] in keys and d.key.rpartition(".")[0] in ("", step)]
+    on, off = [], []
+    for d in found:
+        flag = d.key.rpartition(".")[2]
+        on.append(any(_runs(step, {flag: v}) for v in d.values()))
+        # a drawn float is never exactly 0: a range can turn its step off only if it is all zeros
+        off.append(any(not _runs(step, {flag: v}) for v in d.values()) if d.kind in ("fixed", "choice")
+                   else not _runs(step, {flag: d.high}))
+    return any(on), all(off)
+
+
+def _share_values(dims: dict[str, Dimension], flags: dict, flag: str) -> list:
+    """What share's `flag` can be in a trial: its space key (share.FLAG winning over FLAG), else share's default."""
+    for key in (f"share.{flag}", flag):
+        if key in dims:
+            return dims[key].values()
+    return [flags["share"][flag]]
+
+
+def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
+    """Refuse a space whose share step cannot take the teacher's model type (every step keeps it): seconds now
+    rather than one failed trial after another."""
+    if config.model_type != "electra" or not _can_run(dims, "share")[0]:
+        return
+    if "all" in _share_values(dims, flags, "share"):
+        raise CompressError("space: share all writes an ALBERT, whose head is tanh where the ELECTRA teacher's is "
+                            "gelu; set share to attention or ffn (or a list of those)")
+    if config.embedding_size != config.hidden_size and any(
+            e is not None for e in _share_values(dims, flags, "embedding")):
+        raise CompressError(f"space: embedding: the ELECTRA teacher's embeddings are already {config.embedding_size}"
+                            f" wide and projected to {config.hidden_size}; leave embedding out or null")
+
+
 def _check_steps(dims: dict[str, Dimension]) -> None:
     """Refuse a space in which no trial runs a step, or every trial runs both prune and share."""
-    def can(step: str) -> tuple[bool, bool]:  # (some trial runs it, some trial skips it)
-        keys = {"distill": ("layers",), "prune": PRUNE_SWITCHES, "share": ("groups",)}[step]
-        found = [d for d in dims.values() if d.key.rpartition(".")[2] in keys
-                 and d.key.rpartition(".")[0] in ("", step)]
-        on, off = [], []
-        for d in found:
-            flag = d.key.rpartition(".")[2]
-            on.append(any(_runs(step, {flag: v}) for v in d.values()))
-            # a drawn float is never exactly 0: a range can turn its step off only if it is all zeros
-            off.append(any(not _runs(step, {flag: v}) for v in d.values()) if d.kind in ("fixed", "choice")
-                       else not _runs(step, {flag: d.high}))
-        return any(on), all(off)
-
-    runs = {step: can(step) for step in STEPS}
+    runs = {step: _can_run(dims, step) for step in STEPS}
     if not any(on for on, _ in runs.values()):
         raise CompressError("space: no trial would run a step; set layers (distill), heads, ffn, sparsity or "
                             "drop_layers (prune), or groups (share)")
@@ -649,6 +672,7 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
     path = resolve_model(teacher, "--teacher")
     config = load_config(path, "--teacher")
     check_encoder(config, "--teacher")
+    _check_share_fits(config, dims, flags)
     if has_task_head(config, task_data.label_names):
         return lambda *_: path
     from compress.finetune import ensure_task_teacher
@@ -889,10 +913,9 @@ def run_search(
               "trials train; use --workers 1 when latency is an objective and the numbers matter", file=sys.stderr)
     if workers > 1 and storage.startswith("sqlite:") and ":memory:" in storage:
         raise CompressError("--storage: an in-memory sqlite database cannot be shared by workers")
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-
     teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
+    if storage.startswith("sqlite:///"):  # after every check, so a refused study leaves no mlruns/ behind
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     name = study or f"{slug(teacher)}-{slug(task or data)}"
     out = output or f"outputs/search-{name}"
     config = _study_config(teacher, task, data, objs, space)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import save_tiny_bert
 
 from compress.__main__ import main
 from compress.errors import CompressError
@@ -296,6 +297,33 @@ def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
         objective(trial, None, dims, flags)
     assert trial.user_attrs["skipped"] == CONFLICT and trial.user_attrs["recipe"] == "prune h0.5-f0 -> share all-g2"
     assert f"trial 7: prune h0.5-f0 -> share all-g2: skipped, {CONFLICT}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def electra(tiny_root) -> Path:
+    """ELECTRA-small's layout: 16-wide embeddings projected to 32, a gelu head (a classifier for 2 labels)."""
+    return save_tiny_bert(tiny_root / "electra-search", model_type="electra", embedding_size=16)
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"groups": [2]}, "share all writes an ALBERT"),  # share's default is all
+    ({"groups": [None, 2], "share": ["attention", "all"]}, "share all writes an ALBERT"),
+    ({"groups": [2], "share.share": "ffn", "embedding": [None, 8]}, "already 16 wide"),
+])
+def test_a_share_an_electra_teacher_cannot_take_is_refused_on_the_cli(space, message, tiny_data, electra, workdir,
+                                                                      capsys):
+    code, _, err = run_cli(["search", "--teacher", str(electra), "--data", str(tiny_data),
+                            "--space", json.dumps(space)], capsys)
+    line = err.strip()
+    assert code == 1 and line.startswith("compress: error: space: ") and message in line and "\n" not in line, err
+    assert list(workdir.iterdir()) == []
+
+
+def test_an_electra_teacher_takes_share_attention_and_ffn(flags, tiny_data, electra):
+    from compress.search import resolve_teacher
+
+    dims = parse_space({"groups": [None, 2], "share": ["attention", "ffn"], "heads": [None, 0.5]}, flags)
+    assert resolve_teacher(str(electra), None, str(tiny_data), None, "label", dims, flags)() == str(electra)
 
 
 def test_a_headless_teacher_is_finetuned_once_per_study(flags, tiny_teacher, tiny_encoder, tiny_data):
