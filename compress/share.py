@@ -5,7 +5,8 @@ consecutive layers share one set of weights, the word embedding is cut to rank E
 recover by distillation from the original (run_training: fit, score both, latency in the same run, save, MLflow).
 
 --share all writes a standard AlbertForSequenceClassification; --share attention|ffn cannot be written as
-ALBERT and writes compress's CompressBert (its code saved beside the weights), the class prune writes too.
+ALBERT and writes compress's CompressBert (its code saved beside the weights), the class prune writes too. A pruned
+model's layers may differ in size, which ALBERT's cannot, so from one even --share all writes CompressBert.
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ def share(
     Args:
         model: the original: a saved classifier folder for the task, e.g. from `compress finetune`, of model
             type bert, ernie, electra (not with --share all, which writes ALBERT's tanh head), roberta,
-            xlm-roberta or camembert.
+            xlm-roberta or camembert, or a model `compress prune` wrote (its layers may differ in size: each
+            group's shared module is as large as its largest layer).
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         groups: distinct layer groups, each of consecutive layers sharing one set of weights (ALBERT's rule,
             layer i in group int(i / (L / G))); 1 shares one layer across the whole depth, as ALBERT does.
-        share: all (whole layers; writes a standard AlbertForSequenceClassification), attention or ffn (only that
-            sublayer is shared, the other stays per layer; writes compress's CompressBert with its code beside it).
+        share: all (whole layers; writes a standard AlbertForSequenceClassification, or CompressBert from a pruned
+            model), attention or ffn (only that sublayer is shared, the other stays per layer; writes compress's
+            CompressBert with its code beside it).
         embedding: factorise the V x H word embedding into V x E and E x H by truncated SVD (must be < H); the
             relative reconstruction error is logged as svd_error. Default: keep it whole.
         init: how a group's shared weights start from the layers they replace: first (the group's first layer),
@@ -154,18 +157,20 @@ def share(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    from compress.modeling.convert import BERT_LIKE_TYPES
+    from compress.modeling.convert import is_unshared
 
-    if config.model_type not in BERT_LIKE_TYPES:
-        raise CompressError(f"--model: model type '{config.model_type}' cannot be shared yet; share maps the weights "
-                            f"of model types {', '.join(BERT_LIKE_TYPES)} onto ALBERT or CompressBert")
+    if config.model_type == "compress_bert" and not is_unshared(config):
+        raise CompressError("--model: this model already shares modules or factorises its word embedding (an earlier "
+                            "share); share the model it came from instead")
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if share == "all" and config.model_type == "electra":
         raise CompressError("--share all: writes a standard ALBERT, whose head is tanh where an ELECTRA's is gelu; "
                             "use --share attention or --share ffn (compress's own class keeps the gelu head)")
-    if embedding is not None and config.model_type == "electra" and config.embedding_size != hidden:
-        raise CompressError(f"--embedding {embedding}: this model's embeddings are already {config.embedding_size} "
-                            f"wide and projected to its hidden size {hidden}; leave --embedding out")
+    narrow = (config.embedding_size if config.model_type == "electra" and config.embedding_size != hidden
+              else getattr(config, "projected_embedding_size", None))
+    if embedding is not None and narrow:
+        raise CompressError(f"--embedding {embedding}: this model's embeddings are already {narrow} wide and "
+                            f"projected to its hidden size {hidden}; leave --embedding out")
     if groups > layers:
         raise CompressError(f"--groups {groups}: must be between 1 and the model's {layers} layers")
     if embedding is not None and embedding >= hidden:
@@ -197,14 +202,16 @@ def calibration_batches(datamodule, rows: int, batch_size: int):
 
 
 def convert(teacher, *, share: str, groups: int, embedding: int | None, init: str, batches=None):
-    """The shared student of `teacher` (a classifier of convert.BERT_LIKE_TYPES) and the word-embedding svd_error.
+    """The shared student of `teacher` (a classifier of convert.BERT_LIKE_TYPES, or a pruned CompressBert) and the
+    word-embedding svd_error.
 
-    `batches` (training batches) are needed for init regmean only.
+    `batches` (training batches) are needed for init regmean only. --share all writes an ALBERT, except from a
+    pruned model, whose layers may differ in size where ALBERT's cannot: that shares both kinds in CompressBert.
     """
     from compress.sharing import input_grams, to_albert, to_compress_shared
 
     grams = input_grams(teacher, batches) if init == "regmean" else None
-    if share == "all":
+    if share == "all" and teacher.config.model_type != "compress_bert":
         return to_albert(teacher, groups, embedding, init, grams)
     return to_compress_shared(teacher, share, groups, embedding, init, grams)
 

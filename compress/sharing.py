@@ -71,6 +71,40 @@ def bert_layers(state: dict[str, Tensor], layers: int) -> list[dict[str, Tensor]
     return out
 
 
+# The dimension of each BERT sublayer weight that pruning cuts: heads (q, k, v rows; the attention output's
+# columns) and FFN neurons (the intermediate's rows; the output's columns). LayerNorms are never cut.
+_CUT_DIM = {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0,
+            "attention.output.dense": 1, "intermediate.dense": 0, "output.dense": 1}
+
+
+def pad_layers(layers: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """The layers of a pruned model grown with zero heads and zero FFN neurons to the largest of them, so a group of
+    them can share one module. A zero head (its q, k, v rows and output columns 0) or neuron (its input row, bias
+    and output column 0) adds exactly nothing: each padded layer computes what it did."""
+    out = [dict(layer) for layer in layers]
+    for key in layers[0]:
+        sub, kind = key.rsplit(".", 1)
+        dim = _CUT_DIM.get(sub)
+        if dim is None or (kind == "bias" and dim == 1):  # an output bias is H wide, never cut
+            continue
+        size = max(layer[key].shape[dim] for layer in layers)
+        for layer in out:
+            t = layer[key]
+            if t.shape[dim] < size:
+                shape = list(t.shape)
+                shape[dim] = size - t.shape[dim]
+                layer[key] = torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return out
+
+
+def pad_gram(gram: Tensor, size: int) -> Tensor:
+    """(n + 1, n + 1) [X 1]^T [X 1] -> (size + 1, size + 1): the padded inputs are always 0, the bias stays last."""
+    n = gram.shape[0] - 1
+    out = gram.new_zeros(size + 1, size + 1)
+    out[:n, :n], out[:n, -1], out[-1, :n], out[-1, -1] = gram[:n, :n], gram[:n, -1], gram[-1, :n], gram[-1, -1]
+    return out
+
+
 def regmean(weights: list[Tensor], biases: list[Tensor], grams: list[Tensor],
             alpha: float = REGMEAN_ALPHA) -> tuple[Tensor, Tensor]:
     """One Linear that best reproduces several, each on its own inputs (RegMean, Jin et al. 2023).
@@ -91,6 +125,8 @@ def regmean(weights: list[Tensor], biases: list[Tensor], grams: list[Tensor],
         g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
         wb = torch.cat([w.T, b[None]], dim=0).double()  # (in + 1, out)
         total_g, total_gw = total_g + g, total_gw + g @ wb
+    if not torch.diagonal(total_g).any():  # no layer saw any input (all its heads pruned): nothing to weigh by
+        return torch.stack(weights).mean(dim=0), torch.stack(biases).mean(dim=0)
     # a whisper of ridge keeps the solve defined if an input direction was never seen
     ridge = 1e-8 * torch.diagonal(total_g).mean() * torch.eye(total_g.shape[0], dtype=total_g.dtype)
     solution = torch.linalg.solve(total_g + ridge, total_gw)  # (in + 1, out)
@@ -106,7 +142,7 @@ def merge_layers(layers: list[dict[str, Tensor]], init: str, grams: list[dict[st
     LayerNorms.
     """
     keys = list(layers[0])
-    if init == "first":
+    if init == "first" or len(layers) == 1:  # a group of one layer is that layer, whatever the init
         return {k: layers[0][k].clone() for k in keys}
     merged = {k: torch.stack([layer[k] for layer in layers]).mean(dim=0) for k in keys}
     if init == "mean":
@@ -131,8 +167,8 @@ def input_grams(model, batches) -> list[dict[str, Tensor]]:
     Keyed by LINEAR_INPUT's values. Accumulated in float64: a few hundred sentences give tens of thousands of
     tokens, and the Gram is summed over all of them.
     """
-    encoder_layers = model.base_model.encoder.layer
-    grams: list[dict[str, Tensor]] = [{} for _ in encoder_layers]
+    linears = _layer_linears(model)
+    grams: list[dict[str, Tensor]] = [{} for _ in linears]
     current: dict[str, Tensor] = {}
 
     def recorder(index: int, name: str):
@@ -142,8 +178,8 @@ def input_grams(model, batches) -> list[dict[str, Tensor]]:
             grams[index][name] = grams[index].get(name, 0) + (x.T @ x).cpu()
         return hook
 
-    handles = [layer.get_submodule(name).register_forward_pre_hook(recorder(i, name))
-               for i, layer in enumerate(encoder_layers) for name in set(LINEAR_INPUT.values())]
+    handles = [linear.register_forward_pre_hook(recorder(i, name))
+               for i, layer in enumerate(linears) for name, linear in layer.items()]
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +190,23 @@ def input_grams(model, batches) -> list[dict[str, Tensor]]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    # A pruned attention module left with no heads never calls its Linears: a zero Gram leaves that layer out of
+    # the solve for them, which is right, as all its padded weights are zero.
+    for layer, found in zip(linears, grams):
+        for name, linear in layer.items():
+            found.setdefault(name, torch.zeros(linear.in_features + 1, linear.in_features + 1, dtype=torch.float64))
     return grams
+
+
+def _layer_linears(model) -> list[dict]:
+    """Per encoder layer, the Linear reading each of LINEAR_INPUT's inputs: a BERT-family model's own, or an unshared
+    CompressBert's (module j is layer j's)."""
+    encoder = model.base_model.encoder
+    if hasattr(encoder, "layer"):
+        return [{name: layer.get_submodule(name) for name in set(LINEAR_INPUT.values())} for layer in encoder.layer]
+    return [{"attention.self.query": attention.query, "attention.output.dense": attention.dense,
+             "intermediate.dense": ffn.intermediate, "output.dense": ffn.output}
+            for attention, ffn in zip(encoder.attention, encoder.ffn, strict=True)]
 
 
 # --- the factorised embedding ---------------------------------------------------------------------------------
@@ -279,8 +331,12 @@ def _group_modules(teacher, groups: list[int], init: str, kinds: tuple[str, ...]
     merged = []
     for g in range(max(groups) + 1):
         members = [i for i, gi in enumerate(groups) if gi == g]
-        merged.append(merge_layers([keep(per_layer[i]) for i in members], init,
-                                   [grams[i] for i in members] if grams is not None else None, alpha))
+        layers = pad_layers([keep(per_layer[i]) for i in members])  # a pruned model's layers may differ in size
+        group_grams = None
+        if grams is not None:
+            group_grams = [{name: pad_gram(gram, layers[0][f"{name}.weight"].shape[1]) if f"{name}.weight" in layers[0]
+                            else gram for name, gram in grams[i].items()} for i in members]
+        merged.append(merge_layers(layers, init, group_grams, alpha))
     return merged
 
 
@@ -310,6 +366,8 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
     c = teacher.config
     if c.model_type == "electra":  # ALBERT's pooler is tanh; ELECTRA's head has gelu in its place
         raise ValueError("an ELECTRA cannot become an ALBERT: ALBERT's head is tanh where ELECTRA's is gelu")
+    if c.model_type == "compress_bert":  # per-layer sizes; ALBERT has one size (to_compress_shared shares "all")
+        raise ValueError("a CompressBert cannot become an ALBERT; share it with to_compress_shared")
     e = embedding_size or c.hidden_size
     state_in = bert_named_state(teacher)
     position = state_in["bert.embeddings.position_embeddings.weight"]  # (P, H)
@@ -347,9 +405,12 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
 
 def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | None = None, init: str = "mean",
                        grams=None, alpha: float = REGMEAN_ALPHA):
-    """A CompressBertForSequenceClassification sharing only attention or only FFN modules across layer groups.
+    """A CompressBertForSequenceClassification sharing attention modules, FFN modules or both ("all") across layer
+    groups.
 
-    The other sublayer kind keeps one module per layer, with the teacher's weights. embedding_size factorises
+    The teacher may be a pruned CompressBert whose layers differ in size: each group's layers are padded with zero
+    heads and neurons to the largest of them (pad_layers), so the shared module is that large.
+    A sublayer kind not shared keeps one module per layer, with the teacher's weights. embedding_size factorises
     the word embedding (CompressBertConfig.embedding_size; not for an ELECTRA whose embeddings are already narrower
     than its hidden size: CompressBertConfig refuses both). Returns (model, svd_error).
     """
@@ -358,9 +419,17 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
 
     c = teacher.config
     group_of = layer_groups(c.num_hidden_layers, groups)
-    kinds = ATTENTION if share == "attention" else FFN
-    maps = {"attention_map": group_of} if share == "attention" else {"ffn_map": group_of}
-    config = to_compress_config(c, **maps, embedding_size=embedding_size)
+    kinds = {"attention": ATTENTION, "ffn": FFN, "all": ATTENTION + FFN}[share]
+    merged = _group_modules(teacher, group_of, init, kinds, grams, alpha)
+    changes = {}
+    if share in ("attention", "all"):
+        head_size = getattr(c, "attention_head_size", None) or c.hidden_size // c.num_attention_heads
+        changes |= {"attention_map": group_of,
+                    "attention_heads": [m["attention.self.query.weight"].shape[0] // head_size for m in merged]}
+    if share in ("ffn", "all"):
+        changes |= {"ffn_map": group_of,
+                    "intermediate_sizes": [m["intermediate.dense.weight"].shape[0] for m in merged]}
+    config = to_compress_config(c, **changes, embedding_size=embedding_size)
     config._attn_implementation = c._attn_implementation or "sdpa"
 
     state_in = bert_named_state(teacher)
@@ -370,7 +439,7 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
             state[key] = value.clone()
         elif key[len(_LAYER_PREFIX):].split(".", 1)[1].rsplit(".", 1)[0] not in kinds:  # a sublayer kept per layer
             state[rename_key(key)] = value.clone()
-    for g, module in enumerate(_group_modules(teacher, group_of, init, kinds, grams, alpha)):
+    for g, module in enumerate(merged):
         for key, value in module.items():
             state[rename_key(f"{_LAYER_PREFIX}{g}.{key}")] = value
     svd_error = 0.0

@@ -14,8 +14,8 @@ from compress.__main__ import main
 from compress.measure import count_params
 from compress.modeling import CompressBertForSequenceClassification
 from compress.share import calibration_batches, convert
-from compress.sharing import (albert_param_count, compress_shared_param_count, layer_groups, merge_layers, regmean,
-                              to_albert, truncated_svd)
+from compress.sharing import (albert_param_count, compress_shared_param_count, input_grams, layer_groups,
+                              merge_layers, pad_layers, regmean, to_albert, to_compress_shared, truncated_svd)
 
 
 @pytest.fixture(scope="module")
@@ -418,16 +418,16 @@ def test_cli_shares_an_electra_and_an_ernie(parent, kind, electra_folder, ernie_
 def compress_bert_folder(tiny_root) -> Path:
     from compress.modeling import CompressBertConfig
 
-    folder = tiny_root / "compress_bert"
+    folder = tiny_root / "compress_bert"  # what `share --share attention --groups 1` writes from a 2-layer BERT
     CompressBertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64).save_pretrained(folder)
+                       intermediate_size=64, attention_map=[0, 0]).save_pretrained(folder)
     return folder
 
 
 @pytest.mark.parametrize(("parent", "extra", "flag", "why"), [
     ("electra", ["--share", "all"], "--share all", "gelu"),
     ("electra", ["--share", "attention", "--embedding", "8"], "--embedding 8", "already 16 wide"),
-    ("compress_bert", [], "--model", "cannot be shared yet"),
+    ("compress_bert", [], "--model", "already shares modules"),
 ])
 def test_share_refuses_what_it_cannot_map(parent, extra, flag, why, electra_folder, compress_bert_folder, tiny_data,
                                           workdir, capsys):
@@ -436,3 +436,98 @@ def test_share_refuses_what_it_cannot_map(parent, extra, flag, why, electra_fold
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and flag in lines[0] and why in lines[0], err
     assert list(workdir.iterdir()) == []
+
+
+# --- a pruned model (prune, then share) -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned(bert):
+    """The tiny BERT with layers cut to 3, 1, 2 and 0 heads and 40, 10, 64 and 5 FFN neurons, as a global prune
+    might leave them."""
+    import copy
+
+    from compress.modeling import from_bert
+    from compress.pruning import slice_heads, slice_neurons
+
+    model = from_bert(copy.deepcopy(bert)).eval()
+    slice_heads(model, [[0, 1, 2], [1], [0, 2], []])
+    slice_neurons(model, [list(range(40)), list(range(10)), list(range(64)), list(range(5))])
+    return model
+
+
+def test_zero_heads_and_neurons_pad_a_pruned_layer_without_changing_it(pruned):
+    from compress.modeling import CompressBertForSequenceClassification, to_compress_config
+    from compress.modeling.convert import bert_named_state, rename_key
+    from compress.sharing import bert_layers
+
+    state = bert_named_state(pruned)
+    layers = pad_layers(bert_layers(state, 4))
+    assert layers[3]["attention.self.query.weight"].shape == (3 * 8, 32)  # 0 heads grown to 3 of width 8
+    assert layers[3]["output.dense.weight"].shape == (32, 64) and layers[3]["output.dense.bias"].shape == (32,)
+    assert not layers[3]["attention.output.dense.weight"].any() and not layers[1]["intermediate.dense.bias"][10:].any()
+    padded = CompressBertForSequenceClassification(
+        to_compress_config(pruned.config, attention_heads=[3] * 4, intermediate_sizes=[64] * 4)).eval()
+    weights = {k: v for k, v in state.items() if not k.startswith("bert.encoder.layer.")}
+    weights |= {rename_key(f"bert.encoder.layer.{i}.{k}"): v
+                for i, layer in enumerate(layers) for k, v in layer.items()}
+    assert not [k for k in padded.load_state_dict(weights, strict=False).missing_keys if "_ids" not in k]
+    torch.testing.assert_close(padded(**batch()).logits, pruned(**batch()).logits, atol=1e-6, rtol=0)
+
+
+def test_a_converted_bert_records_the_same_grams_as_the_bert(bert):
+    from compress.modeling import from_bert
+
+    theirs, ours = input_grams(bert, [batch()]), input_grams(from_bert(bert), [batch()])
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(mine[key], expected[key])
+
+
+@pytest.mark.parametrize("kind", ["attention", "ffn", "all"])
+@pytest.mark.parametrize("init", ["mean", "regmean"])
+def test_a_pruned_model_shares_its_layers(pruned, kind, init):
+    """A group per layer is the pruned model itself; two groups share modules as large as their largest layer,
+    started from the padded layers (mean: their average, counting a missing head or neuron as zero)."""
+    grams = input_grams(pruned, [batch()]) if init == "regmean" else None
+    same, _ = to_compress_shared(pruned, kind, 4, None, init, grams)
+    torch.testing.assert_close(same.eval()(**batch()).logits, pruned(**batch()).logits, atol=0, rtol=0)
+    shared, _ = to_compress_shared(pruned, kind, 2, None, init, grams)
+    c = shared.config
+    attention, ffn = kind in ("attention", "all"), kind in ("ffn", "all")
+    assert c.attention_heads == ([3, 2] if attention else [3, 1, 2, 0])
+    assert c.intermediate_sizes == ([40, 64] if ffn else [40, 10, 64, 5])
+    assert c.attention_map == ([0, 0, 1, 1] if attention else [0, 1, 2, 3])
+    assert c.ffn_map == ([0, 0, 1, 1] if ffn else [0, 1, 2, 3])
+    if init == "mean" and attention:  # layer 1's one head (old head 1) sits in row block 0, next to layer 0's head 0
+        q0, q1 = (pruned.bert.encoder.attention[i].query.weight for i in (0, 1))
+        expected = torch.cat([(q0[:8] + q1) / 2, q0[8:] / 2])
+        torch.testing.assert_close(shared.bert.encoder.attention[0].query.weight, expected, atol=0, rtol=0)
+    assert torch.isfinite(shared.eval()(**batch()).logits).all()
+
+
+def test_cli_shares_a_pruned_model(pruned, tiny_teacher, tiny_data, workdir, capsys):
+    """--share all from a pruned model writes CompressBert (ALBERT has one layer size), which reloads without
+    compress; sharing its output again is refused."""
+    from transformers import AutoTokenizer
+
+    pruned.save_pretrained(workdir / "pruned")
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(workdir / "pruned")
+    code, err = run_cli(["share", "--model", str(workdir / "pruned"), "--data", str(tiny_data), "--groups", "2",
+                         "--recover-epochs", "1", "--max_train", "64", "--output", "out", "--latency_reps", "1"],
+                        capsys)
+    assert code == 0, err
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    assert config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
+    assert (config["attention_heads"], config["intermediate_sizes"]) == ([3, 2], [40, 64])
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
+    with torch.no_grad():
+        expected = model(**batch()).logits
+    elsewhere, name = logits_without_compress(workdir / "out", batch(), workdir)
+    assert name == "CompressBertForSequenceClassification"
+    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
+    metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
+    assert metrics["student_params"] < metrics["teacher_params"] == count_params(pruned)
+    code, err = run_cli(["share", "--model", str(workdir / "out"), "--data", str(tiny_data), "--groups", "1",
+                         "--output", "again"], capsys)
+    assert code == 1 and "already shares modules" in err and not (workdir / "again").exists()

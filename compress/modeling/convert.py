@@ -17,6 +17,12 @@ _RENAMES = [
     (r"output\.LayerNorm\.", r"ffn.{i}.LayerNorm."),
 ]
 _LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<rest>.*)$")
+# CompressBert's module names -> BERT's layer names, when module j is layer j's (identity maps)
+_MODULE = re.compile(r"^(?P<prefix>.*encoder\.)(?P<kind>attention|ffn)\.(?P<j>\d+)\.(?P<sub>\w+)\.(?P<tensor>\w+)$")
+_BACK = {"attention.query": "attention.self.query", "attention.key": "attention.self.key",
+         "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+         "attention.LayerNorm": "attention.output.LayerNorm", "ffn.intermediate": "intermediate.dense",
+         "ffn.output": "output.dense", "ffn.LayerNorm": "output.LayerNorm"}
 # RoBERTa and the models built on it: BERT's layers, position ids counted from the pad id, and the head below
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 # The RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names;
@@ -26,9 +32,17 @@ _HEAD_TYPES = (*ROBERTA_TYPES, "electra")
 # ERNIE is BERT plus a task-type embedding added to every token (task_type_ids are all 0 unless a caller passes
 # them, and compress never does), so its row 0 folds into every token-type row.
 _TASK_TYPE = "bert.embeddings.task_type_embeddings.weight"
-# what bert_named_state renames to BERT's weight names (what share maps); from_bert also takes its own class
+# what bert_named_state renames to BERT's weight names (what share maps); from_bert also takes its own class, and
+# so does bert_named_state when nothing in it is shared (is_unshared): a pruned model
 BERT_LIKE_TYPES = ("bert", "ernie", "electra", *ROBERTA_TYPES)
 CONVERTIBLE_TYPES = (*BERT_LIKE_TYPES, "compress_bert")
+
+
+def is_unshared(config) -> bool:
+    """A CompressBertConfig whose layers each run their own modules and whose word table is whole: what prune writes
+    from a BERT, which share can map (its layers may differ in size)."""
+    layers = list(range(config.num_hidden_layers))
+    return config.attention_map == layers and config.ffn_map == layers and not config.embedding_size
 
 
 def to_compress_config(config, **changes) -> CompressBertConfig:
@@ -58,16 +72,24 @@ def rename_key(key: str) -> str:
 
 
 def bert_named_state(model) -> dict:
-    """A classifier of BERT_LIKE_TYPES as a state dict in BertForSequenceClassification's names: `bert.` for the
-    base model's prefix, RoBERTa's and ELECTRA's head as BERT's pooler and classifier, and ERNIE's task embedding
-    folded into the token-type table. ELECTRA's `embeddings_project` (when it has one) stays as
-    `bert.embeddings_project`. Tensors are shared, not copied, except the folded table."""
+    """A classifier of BERT_LIKE_TYPES, or an unshared CompressBert, as a state dict in
+    BertForSequenceClassification's names: `bert.` for the base model's prefix, RoBERTa's and ELECTRA's head as
+    BERT's pooler and classifier, ERNIE's task embedding folded into the token-type table, and CompressBert's
+    modules as the layers they are. ELECTRA's `embeddings_project` (when it has one) stays as
+    `bert.embeddings_project`. Tensors are shared, not copied, except the folded table. A pruned CompressBert's
+    layers keep their own sizes."""
     head = model.config.model_type in _HEAD_TYPES
+    compress = model.config.model_type == "compress_bert"
+    if compress and not is_unshared(model.config):
+        raise ValueError("a CompressBert that shares modules or factorises its word table has no BERT layer names")
     prefix = model.base_model_prefix + "."
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(prefix):
             key = "bert." + key[len(prefix):]
+        m = _MODULE.match(key) if compress else None
+        if m:
+            key = f"{m['prefix']}layer.{m['j']}.{_BACK[m['kind'] + '.' + m['sub']]}.{m['tensor']}"
         if head:
             for theirs, ours in _HEAD.items():
                 if key.startswith(theirs):
