@@ -2,7 +2,7 @@
 
 One trial runs the steps its parameters name, through the commands' own functions:
   teacher (fine-tuned once per study when it has no classifier) -> distill (when `layers` is set)
-  -> prune (when heads, ffn, sparsity or drop_layers is non-zero) or share (when `groups` is set)
+  -> prune (when heads, ffn, sparsity or drop_layers is non-zero) -> share (when `groups` is set)
 MLflow: one parent run per study, one nested run per trial carrying the final student's metrics under distill's
 names, and the steps' own runs nested under their trial. At the end the Pareto front goes onto the parent run as a
 CSV and a plot, and to the terminal as a table. Optuna keeps the study in an RDB (sqlite under mlruns/ by default),
@@ -37,8 +37,6 @@ STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
 PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers")
 SAMPLERS = ("auto", "nsga2", "tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
-CONFLICT = ("prune and share cannot run in one trial: share maps a plain BERT or RoBERTa and prune writes "
-            "CompressBert")
 
 
 # --- the search space -------------------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
     rather than one failed trial after another."""
     if config.model_type != "electra" or not _can_run(dims, "share")[0]:
         return
-    if "all" in _share_values(dims, flags, "share"):
+    if "all" in _share_values(dims, flags, "share") and _can_run(dims, "prune")[1]:  # after a prune, all is fine
         raise CompressError("space: share all writes an ALBERT, whose head is tanh where the ELECTRA teacher's is "
                             "gelu; set share to attention or ffn (or a list of those)")
     if config.embedding_size != config.hidden_size and any(
@@ -198,14 +196,10 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:
-    """Refuse a space in which no trial runs a step, or every trial runs both prune and share."""
-    runs = {step: _can_run(dims, step) for step in STEPS}
-    if not any(on for on, _ in runs.values()):
+    """Refuse a space in which no trial runs a step."""
+    if not any(_can_run(dims, step)[0] for step in STEPS):
         raise CompressError("space: no trial would run a step; set layers (distill), heads, ffn, sparsity or "
                             "drop_layers (prune), or groups (share)")
-    if not runs["prune"][1] and not runs["share"][1]:
-        raise CompressError(f"space: every trial would both prune and share; {CONFLICT}. Give one of them a null "
-                            "choice, or search them in two studies")
 
 
 def plan(values: dict, flags: dict[str, dict[str, Any]]) -> list[tuple[str, dict]]:
@@ -365,8 +359,8 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
     trial.set_user_attr("recipe", recipe)
     trial.set_user_attr("worker", os.getpid())
     names = [s for s, _ in steps]
-    if not steps or ("prune" in names and "share" in names):
-        reason = CONFLICT if steps else "its values run no step"
+    if not steps:
+        reason = "its values run no step"
         trial.set_user_attr("skipped", reason)
         print(f"trial {trial.number}: {recipe}: skipped, {reason}", file=sys.stderr)
         raise optuna.TrialPruned(reason)
@@ -993,12 +987,13 @@ def search(
     tracking: str = DEFAULT_TRACKING,
     experiment: str = DEFAULT_EXPERIMENT,
 ) -> None:
-    """Search the whole recipe (distill, then prune or share) with Optuna, for accuracy against size or speed.
+    """Search the whole recipe (distill, prune, share, in that order) with Optuna, for accuracy against size or speed.
 
-    Each trial runs the steps its values name through the commands themselves: distill when layers is set, prune
-    when heads, ffn, sparsity or drop_layers is non-zero, share when groups is set (prune and share do not chain:
-    a trial drawing both is skipped). Every trial is an MLflow run nested under the study's run; at the end the
-    Pareto front is printed and logged there as CSV and PNG. Give the search as a YAML file with --config.
+    Each trial runs the steps its values name through the commands themselves, each from the one before: distill
+    when layers is set, prune when heads, ffn, sparsity or drop_layers is non-zero, share when groups is set (after
+    a prune, --share all shares both sublayers in compress's own class, since ALBERT has one layer size). Every
+    trial is an MLflow run nested under the study's run; at the end the Pareto front is printed and logged there as
+    CSV and PNG. Give the search as a YAML file with --config.
 
     Args:
         teacher: the model every trial starts from: hub name, alias (minilm-l6, bert-base) or folder. One with no

@@ -17,7 +17,7 @@ from conftest import save_tiny_bert
 
 from compress.__main__ import main
 from compress.errors import CompressError
-from compress.search import CONFLICT, pareto, parse_space, plan, run_search, step_flags, trial_metrics
+from compress.search import pareto, parse_space, plan, run_search, step_flags, trial_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # one epoch, one latency round, few rows: a trial takes a few seconds
@@ -80,7 +80,6 @@ def test_space_kinds(flags):
     ({"layers": [1], "teacher_epochs": [1, 2]}, "teacher_epochs takes one fixed value"),
     ({"temperature": [1, 2]}, "no trial would run a step"),
     ({"layers": [None]}, "no trial would run a step"),
-    ({"heads": 0.5, "groups": [1, 2]}, "every trial would both prune and share"),
 ])
 def test_space_errors(flags, space, message):
     with pytest.raises(CompressError, match=None) as info:
@@ -285,18 +284,30 @@ def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
     assert with_logit_cache("share", {"groups": 1}, {}, flags) == {"groups": 1}  # share's default hidden loss
 
 
-def test_prune_and_share_drawn_together_are_skipped(flags, capsys):
-    """Before anything is trained or logged: share maps a plain BERT or RoBERTa, prune writes CompressBert."""
-    import optuna
+def test_a_trial_prunes_then_shares_the_pruned_model(tmp_path, tiny_teacher, tiny_data, capsys):
+    """heads and groups in one trial: share takes prune's output (per-layer sizes), and --share all then shares both
+    sublayers in compress's own class; the trial's metrics are the shared model's, against the teacher."""
+    from mlflow import MlflowClient
 
-    from compress.search import objective
-
-    dims = parse_space({"heads": [0.0, 0.5], "groups": [None, 2]}, flags)
-    trial = optuna.trial.FixedTrial({"heads": 0.5, "groups": 2}, number=7)
-    with pytest.raises(optuna.TrialPruned, match="prune and share cannot run in one trial"):
-        objective(trial, None, dims, flags)
-    assert trial.user_attrs["skipped"] == CONFLICT and trial.user_attrs["recipe"] == "prune h0.5-f0 -> share all-g2"
-    assert f"trial 7: prune h0.5-f0 -> share all-g2: skipped, {CONFLICT}" in capsys.readouterr().err
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1",
+                            "--study", "chain", "--output", str(tmp_path / "out"), *sum(([f"--{k}", v] for k, v in
+                                                                                        store(tmp_path).items()), []),
+                            "--space", json.dumps({"heads": 0.5, "scope": "global", "groups": 2,
+                                                   "recover_epochs": 1, **QUICK})], capsys)
+    assert code == 0, err
+    (trial,) = trials_of(store(tmp_path)["storage"], "chain")
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["recipe"].startswith("prune h0.5")
+    assert trial.user_attrs["recipe"].endswith("-> share all-g2")
+    model = Path(trial.user_attrs["model"])
+    assert model.name == "trial0-share" and (model.parent / "trial0-prune" / "config.json").exists()
+    config = json.loads((model / "config.json").read_text())
+    assert config["model_type"] == "compress_bert" and config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
+    pruned = json.loads((model.parent / "trial0-prune" / "config.json").read_text())
+    assert sum(pruned["attention_heads"]) == 8  # half of 4 layers x 4 heads, wherever global scope took them
+    shared = json.loads((model / "compress.json").read_text())["metrics"]
+    run = MlflowClient(store(tmp_path)["tracking"]).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.metrics["student_params"] == shared["student_params"]
+    assert trial.values[0] == pytest.approx(shared["student_score"])
 
 
 @pytest.fixture(scope="module")
