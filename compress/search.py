@@ -186,7 +186,8 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
     rather than one failed trial after another."""
     if config.model_type != "electra" or not _can_run(dims, "share")[0]:
         return
-    if "all" in _share_values(dims, flags, "share") and _can_run(dims, "prune")[1]:  # after a prune, all is fine
+    # share all is refused only where a trial can share the ELECTRA itself: after a prune it is compress's class
+    if "all" in _share_values(dims, flags, "share") and _can_run(dims, "prune")[1]:
         raise CompressError("space: share all writes an ALBERT, whose head is tanh where the ELECTRA teacher's is "
                             "gelu; set share to attention or ffn (or a list of those)")
     if config.embedding_size != config.hidden_size and any(
