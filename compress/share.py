@@ -70,9 +70,9 @@ def share(
 
     Args:
         model: the original: a saved classifier folder for the task, e.g. from `compress finetune`, of model
-            type bert, ernie, electra (not with --share all, which writes ALBERT's tanh head), roberta,
-            xlm-roberta or camembert, or a model `compress prune` wrote (its layers may differ in size: each
-            group's shared module is as large as its largest layer).
+            type bert, ernie, roberta, xlm-roberta, camembert, electra or distilbert (those two not with --share
+            all, which writes ALBERT's tanh head), or a model `compress prune` wrote (its layers may differ in
+            size: each group's shared module is as large as its largest layer).
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         groups: distinct layer groups, each of consecutive layers sharing one set of weights (ALBERT's rule,
@@ -157,15 +157,17 @@ def share(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    from compress.modeling.convert import is_unshared
+    from compress.modeling.convert import HEAD_ACT, is_unshared
 
     if config.model_type == "compress_bert" and not is_unshared(config):
         raise CompressError("--model: this model already shares modules or factorises its word embedding (an earlier "
                             "share); share the model it came from instead")
     layers, hidden = config.num_hidden_layers, config.hidden_size
-    if share == "all" and config.model_type == "electra":
-        raise CompressError("--share all: writes a standard ALBERT, whose head is tanh where an ELECTRA's is gelu; "
-                            "use --share attention or --share ffn (compress's own class keeps the gelu head)")
+    if share == "all" and config.model_type in HEAD_ACT:
+        act = HEAD_ACT[config.model_type]
+        raise CompressError(f"--share all: writes a standard ALBERT, whose head is tanh where this "
+                            f"{config.model_type}'s is {act}; use --share attention or --share ffn (compress's own "
+                            f"class keeps the {act} head)")
     narrow = (config.embedding_size if config.model_type == "electra" and config.embedding_size != hidden
               else getattr(config, "projected_embedding_size", None))
     if embedding is not None and narrow:

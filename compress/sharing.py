@@ -3,8 +3,9 @@ embedding, and the mapping of a trained BERT's weights onto ALBERT or CompressBe
 
 Shapes: V vocabulary, P positions, T token types, H hidden, E embedding size, I FFN width, L layers, G groups.
 Weights are in BERT's naming on the way in (`bert.encoder.layer.<i>.attention.self.query.weight`; a RoBERTa-family,
-ELECTRA or ERNIE teacher's are renamed by `bert_named_state`); each converter returns a model whose function equals
-the teacher's whenever nothing is actually shared or cut (G = L, no factorisation), which is what the tests check.
+ELECTRA, ERNIE, DistilBERT or pruned teacher's are renamed by `bert_named_state`); each converter returns a model
+whose function equals the teacher's whenever nothing is actually shared or cut (G = L, no factorisation), which is
+what the tests check.
 """
 
 from __future__ import annotations
@@ -199,8 +200,12 @@ def input_grams(model, batches) -> list[dict[str, Tensor]]:
 
 
 def _layer_linears(model) -> list[dict]:
-    """Per encoder layer, the Linear reading each of LINEAR_INPUT's inputs: a BERT-family model's own, or an unshared
-    CompressBert's (module j is layer j's)."""
+    """Per encoder layer, the Linear reading each of LINEAR_INPUT's inputs: a BERT-family model's own (DistilBERT's
+    under its names), or an unshared CompressBert's (module j is layer j's)."""
+    if model.config.model_type == "distilbert":  # the same four Linears under DistilBERT's names
+        return [{"attention.self.query": layer.attention.q_lin, "attention.output.dense": layer.attention.out_lin,
+                 "intermediate.dense": layer.ffn.lin1, "output.dense": layer.ffn.lin2}
+                for layer in model.base_model.transformer.layer]
     encoder = model.base_model.encoder
     if hasattr(encoder, "layer"):
         return [{name: layer.get_submodule(name) for name in set(LINEAR_INPUT.values())} for layer in encoder.layer]
@@ -350,7 +355,8 @@ def _load(model, state: dict[str, Tensor]):
 
 def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str = "mean", grams=None,
               alpha: float = REGMEAN_ALPHA, basis: str = "balanced"):
-    """An AlbertForSequenceClassification from a BERT, ERNIE or RoBERTa-family classifier: --share all.
+    """An AlbertForSequenceClassification from a BERT, ERNIE or RoBERTa-family classifier (not one whose head is not
+    tanh, HEAD_ACT): --share all.
 
     G groups of consecutive layers (ALBERT's rule), each one shared layer started by `init`; embedding_size
     None keeps BERT's H-wide embeddings (identity mapping). Returns (model, svd_error).
@@ -361,11 +367,12 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
     """
     from transformers import AlbertConfig, AlbertForSequenceClassification
 
-    from compress.modeling.convert import ROBERTA_TYPES, bert_named_state
+    from compress.modeling.convert import HEAD_ACT, ROBERTA_TYPES, bert_named_state
 
     c = teacher.config
-    if c.model_type == "electra":  # ALBERT's pooler is tanh; ELECTRA's head has gelu in its place
-        raise ValueError("an ELECTRA cannot become an ALBERT: ALBERT's head is tanh where ELECTRA's is gelu")
+    if c.model_type in HEAD_ACT:  # ALBERT's pooler is tanh; these heads have another activation in its place
+        raise ValueError(f"a {c.model_type} cannot become an ALBERT: ALBERT's head is tanh where its is "
+                         f"{HEAD_ACT[c.model_type]}")
     if c.model_type == "compress_bert":  # per-layer sizes; ALBERT has one size (to_compress_shared shares "all")
         raise ValueError("a CompressBert cannot become an ALBERT; share it with to_compress_shared")
     e = embedding_size or c.hidden_size

@@ -45,19 +45,30 @@ def write_tsv(folder: Path, train: int = 96, dev: int = 32, labels: tuple[str, s
 def save_tiny_bert(folder: Path, *, layers: int = 4, hidden: int = 32, heads: int = 4, intermediate: int = 64,
                    head: bool = True, num_labels: int = 2, extra_vocab: list[str] | None = None, seed: int = 0,
                    model_type: str = "bert", **config_extra) -> Path:
-    """A random BERT (or another WordPiece encoder: `model_type` ernie or electra, with `config_extra` such as
-    ELECTRA's embedding_size or ERNIE's use_task_id) and its WordPiece tokenizer."""
+    """A random BERT (or another WordPiece encoder: `model_type` ernie, electra or distilbert, with `config_extra`
+    such as ELECTRA's embedding_size or ERNIE's use_task_id) and its WordPiece tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertTokenizerFast
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        BertTokenizerFast,
+        DistilBertTokenizerFast,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + (extra_vocab or [])))
-    # transformers 5 ignores vocab_file= here (every word becomes [UNK]); the vocab goes in as a dict
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    # transformers 5 ignores vocab_file= here (every word becomes [UNK]); the vocab goes in as a dict. DistilBERT's
+    # tokenizer is BERT's without token type ids, as in the real model.
+    tokenizer = DistilBertTokenizerFast if model_type == "distilbert" else BertTokenizerFast
+    tokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    if model_type == "distilbert":  # its own names for the FFN width and the dropouts
+        sizes = {"hidden_dim": intermediate, "dropout": 0.0, "attention_dropout": 0.0}
+    else:
+        sizes = {"intermediate_size": intermediate, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     config = AutoConfig.for_model(model_type, vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                                  num_attention_heads=heads, intermediate_size=intermediate,
-                                  max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=num_labels, **config_extra)
+                                  num_attention_heads=heads, max_position_embeddings=128, num_labels=num_labels,
+                                  **sizes, **config_extra)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config) if head else AutoModel.from_config(config)
     if getattr(config, "use_task_id", False):  # ERNIE starts its task table at zero-ish; make its fold visible

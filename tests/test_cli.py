@@ -445,6 +445,23 @@ def test_distill_with_attention_transfer(tiny_teacher: Path, tiny_data: Path, wo
     assert runs[0].data.params["alpha_attn"] == "0.5"
 
 
+def test_distill_a_distilbert_teacher(tmp_path: Path, tiny_data: Path, workdir: Path) -> None:
+    """DistilBERT keeps its layers under `transformer.layer.<i>.` and has no token types; its student is a DistilBERT
+    of the teacher's layers 0 and 2, and the hidden-state and attention losses run on it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, DistilBertForSequenceClassification
+
+    teacher = save_tiny_bert(tmp_path / "distilbert", model_type="distilbert")
+    ok(["distill", "--teacher", teacher, "--data", tiny_data, "--layers", "2", "--alpha_attn", "0.5", "--epochs",
+        "1", "--output", "out", *FAST, *track(workdir)])
+    student = AutoModelForSequenceClassification.from_pretrained(workdir / "out")
+    assert isinstance(student, DistilBertForSequenceClassification) and student.config.n_layers == 2
+    expected = DistilBertForSequenceClassification(AutoConfig.from_pretrained(teacher, n_layers=2))
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    m = runs[0].data.metrics
+    assert m["student_params"] == sum(p.numel() for p in expected.parameters())
+    assert m["loss_hidden"] > 0 and m["loss_attn"] > 0
+
+
 # --- resume -----------------------------------------------------------------------------------------------------------
 
 

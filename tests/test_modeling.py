@@ -114,19 +114,24 @@ def test_converted_roberta_reloads_without_compress(tmp_path):
 
 # --- ELECTRA and ERNIE ---------------------------------------------------------------------------------------------
 
-# ELECTRA-small's layout (16-wide embeddings projected to 32), ELECTRA-base's (no projection), and ERNIE with and
-# without its task embedding (3 task types x 32 folded away)
-ELECTRA_ERNIE = [("electra", {"embedding_size": 16}, 0), ("electra", {"embedding_size": 32}, 0),
-                 ("ernie", {"use_task_id": True, "task_type_vocab_size": 3}, 3 * 32), ("ernie", {}, 0)]
+# ELECTRA-small's layout (16-wide embeddings projected to 32), ELECTRA-base's (no projection), ERNIE with and
+# without its task embedding (3 task types x 32 folded away), and DistilBERT (one zero token-type row of 32 added)
+OTHER_ENCODERS = [("electra", {"embedding_size": 16}, 0), ("electra", {"embedding_size": 32}, 0),
+                  ("ernie", {"use_task_id": True, "task_type_vocab_size": 3}, 3 * 32), ("ernie", {}, 0),
+                  ("distilbert", {}, -32)]
 
 
-@pytest.mark.parametrize(("model_type", "extra", "folded"), ELECTRA_ERNIE)
-def test_from_bert_converts_electra_and_ernie_exactly(model_type, extra, folded, tmp_path):
+@pytest.mark.parametrize(("model_type", "extra", "folded"), OTHER_ENCODERS)
+def test_from_bert_converts_electra_ernie_and_distilbert_exactly(model_type, extra, folded, tmp_path):
     parent = AutoModelForSequenceClassification.from_pretrained(
         save_tiny_bert(tmp_path / model_type, model_type=model_type, num_labels=3, **extra)).eval()
     converted = from_bert(parent).eval()
     c = converted.config
-    assert c.pooler_act == ("gelu" if model_type == "electra" else "tanh") and c.embedding_size is None
+    assert c.pooler_act == {"electra": "gelu", "distilbert": "relu"}.get(model_type, "tanh")
+    assert c.embedding_size is None and c.intermediate_size == 64
+    assert c.layer_norm_eps == getattr(parent.config, "layer_norm_eps", 1e-12)  # DistilBERT's is fixed in its code
+    if model_type == "distilbert":  # no token types: its one row is zero
+        assert not converted.bert.embeddings.token_type_embeddings.weight.any()
     assert c.projected_embedding_size == (16 if extra.get("embedding_size") == 16 else None)
     n_parent, n_converted = (sum(p.numel() for p in m.parameters()) for m in (parent, converted))
     assert n_parent - n_converted == folded
@@ -156,6 +161,7 @@ def test_compress_bert_refuses_two_kinds_of_narrow_embedding():
 def test_from_bert_refuses_other_architectures():
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("distilbert", vocab_size=30, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
-    with pytest.raises(ValueError, match="cannot convert model type distilbert"):
+    config = AutoConfig.for_model("albert", vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, embedding_size=8)
+    with pytest.raises(ValueError, match="cannot convert model type albert"):
         from_bert(AutoModelForSequenceClassification.from_config(config))

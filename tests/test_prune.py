@@ -301,7 +301,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, flag, tiny_teacher, tiny
     assert list(workdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "distilbert"])
+@pytest.mark.parametrize("model_type", ["gpt2", "albert"])
 def test_non_bert_model_is_refused(model_type, tmp_path_factory, tiny_data, workdir, capsys):
     from transformers import AutoConfig
 
@@ -321,11 +321,13 @@ def test_prune_takes_every_encoder_distill_takes():
 
 
 @pytest.mark.parametrize(("model_type", "extra"), [("electra", {"embedding_size": 16}),
-                                                   ("ernie", {"use_task_id": True, "task_type_vocab_size": 3})])
-def test_cli_prunes_an_electra_small_and_an_ernie(model_type, extra, tiny_data, tracking, workdir, tmp_path_factory,
-                                                  capsys):
-    """ELECTRA-small's 16-wide embeddings and projection, and ERNIE's task embedding (folded into the token types),
-    come through pruning; the head counts and FFN widths are cut as in BERT, and the result reloads without compress."""
+                                                   ("ernie", {"use_task_id": True, "task_type_vocab_size": 3}),
+                                                   ("distilbert", {})])
+def test_cli_prunes_an_electra_small_an_ernie_and_a_distilbert(model_type, extra, tiny_data, tracking, workdir,
+                                                               tmp_path_factory, capsys):
+    """ELECTRA-small's 16-wide embeddings and projection, ERNIE's task embedding (folded into the token types) and
+    DistilBERT's lack of token types (one zero row) come through pruning; the head counts and FFN widths are cut as
+    in BERT, and the result reloads without compress."""
     parent = save_tiny_bert(tmp_path_factory.mktemp(model_type) / "parent", model_type=model_type, **extra)
     code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
                       "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
@@ -334,20 +336,23 @@ def test_cli_prunes_an_electra_small_and_an_ernie(model_type, extra, tiny_data, 
     out = workdir / "out"
     config = json.loads((out / "config.json").read_text())
     assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
-    assert config["pooler_act"] == ("gelu" if model_type == "electra" else "tanh")
+    assert config["pooler_act"] == {"electra": "gelu", "distilbert": "relu"}.get(model_type, "tanh")
 
     def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
         return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
 
     vocab = len(AutoTokenizer.from_pretrained(parent))
     e = 16 if model_type == "electra" else 32  # the embedding block's width
-    rest = (vocab + 128 + 2) * e + 2 * e + (32 * 32 + 32) + (32 * 2 + 2)  # tables, norm, pooler/dense, head
+    types = 1 if model_type == "distilbert" else 2  # DistilBERT's none become one zero row
+    rest = (vocab + 128 + types) * e + 2 * e + (32 * 32 + 32) + (32 * 2 + 2)  # tables, norm, pooler/dense, head
     rest += (16 * 32 + 32) if model_type == "electra" else 0  # embeddings_project, 16 -> 32
-    task = 3 * 32 if model_type == "ernie" else 0  # the parent's task table, folded away
+    # what the parent has that the pruned model does not: ERNIE's task table (folded away), or, from DistilBERT,
+    # less: the zero token-type row
+    extra_params = {"ernie": 3 * 32, "distilbert": -32}.get(model_type, 0)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert sum(p.numel() for p in model.parameters()) == 3 * layer(2, 32) + rest
     parent_model = AutoModelForSequenceClassification.from_pretrained(parent)
-    assert sum(p.numel() for p in parent_model.parameters()) == 4 * layer(4, 64) + rest + task
+    assert sum(p.numel() for p in parent_model.parameters()) == 4 * layer(4, 64) + rest + extra_params
     b = batch()
     with torch.no_grad():
         expected = model(**b).logits

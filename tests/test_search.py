@@ -316,24 +316,33 @@ def electra(tiny_root) -> Path:
     return save_tiny_bert(tiny_root / "electra-search", model_type="electra", embedding_size=16)
 
 
-@pytest.mark.parametrize(("space", "message"), [
-    ({"groups": [2]}, "share all writes an ALBERT"),  # share's default is all
-    ({"groups": [None, 2], "share": ["attention", "all"]}, "share all writes an ALBERT"),
-    ({"groups": [2], "share.share": "ffn", "embedding": [None, 8]}, "already 16 wide"),
+@pytest.fixture(scope="module")
+def distilbert(tiny_root) -> Path:
+    return save_tiny_bert(tiny_root / "distilbert-search", model_type="distilbert")
+
+
+@pytest.mark.parametrize(("teacher", "space", "message"), [
+    ("electra", {"groups": [2]}, "share all writes an ALBERT, whose head is tanh where the electra"),  # the default
+    ("electra", {"groups": [None, 2], "share": ["attention", "all"]}, "share all writes an ALBERT"),
+    ("electra", {"groups": [2], "share.share": "ffn", "embedding": [None, 8]}, "already 16 wide"),
+    ("distilbert", {"groups": [2], "heads": [None, 0.5]}, "teacher's is relu"),  # some trials share it unpruned
 ])
-def test_a_share_an_electra_teacher_cannot_take_is_refused_on_the_cli(space, message, tiny_data, electra, workdir,
-                                                                      capsys):
-    code, _, err = run_cli(["search", "--teacher", str(electra), "--data", str(tiny_data),
+def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, message, tiny_data, electra,
+                                                               distilbert, workdir, capsys):
+    folder = electra if teacher == "electra" else distilbert
+    code, _, err = run_cli(["search", "--teacher", str(folder), "--data", str(tiny_data),
                             "--space", json.dumps(space)], capsys)
     line = err.strip()
     assert code == 1 and line.startswith("compress: error: space: ") and message in line and "\n" not in line, err
     assert list(workdir.iterdir()) == []
 
 
-def test_an_electra_teacher_takes_share_attention_and_ffn(flags, tiny_data, electra):
+def test_an_electra_teacher_takes_share_attention_and_ffn_and_share_all_after_a_prune(flags, tiny_data, electra):
     from compress.search import resolve_teacher
 
     dims = parse_space({"groups": [None, 2], "share": ["attention", "ffn"], "heads": [None, 0.5]}, flags)
+    assert resolve_teacher(str(electra), None, str(tiny_data), None, "label", dims, flags)() == str(electra)
+    dims = parse_space({"groups": [None, 2], "heads": 0.5}, flags)  # every trial that shares has pruned first
     assert resolve_teacher(str(electra), None, str(tiny_data), None, "label", dims, flags)() == str(electra)
 
 

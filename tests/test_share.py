@@ -266,10 +266,10 @@ def test_cli_share_attention_or_ffn_recovers_and_loads_with_its_code(tiny_teache
 
 @pytest.fixture(scope="module")
 def not_bert(tiny_root) -> Path:
-    from transformers import DistilBertConfig
+    from transformers import GPT2Config
 
-    folder = tiny_root / "distilbert"
-    DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64).save_pretrained(folder)
+    folder = tiny_root / "gpt2"
+    GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4).save_pretrained(folder)
     return folder
 
 
@@ -374,24 +374,46 @@ def ernie_folder(tiny_root) -> Path:
     return save_tiny_bert(tiny_root / "ernie", model_type="ernie", use_task_id=True, task_type_vocab_size=3)
 
 
-def test_a_group_per_layer_is_the_electra_or_ernie_itself(electra_folder, ernie_folder):
-    """An ELECTRA maps onto CompressBert exactly (its projection and gelu head kept), an ERNIE onto ALBERT and
-    CompressBert (its task embedding folded into the token types); an ELECTRA cannot be an ALBERT (tanh head)."""
+@pytest.fixture(scope="module")
+def distilbert_folder(tiny_root) -> Path:
+    return save_tiny_bert(tiny_root / "distilbert", model_type="distilbert")
+
+
+def test_a_group_per_layer_is_the_electra_ernie_or_distilbert_itself(electra_folder, ernie_folder,
+                                                                      distilbert_folder):
+    """An ELECTRA (its projection and gelu head kept) and a DistilBERT (its ReLU head) map onto CompressBert exactly,
+    an ERNIE onto ALBERT and CompressBert (its task embedding folded into the token types); neither ELECTRA nor
+    DistilBERT can be an ALBERT (tanh head). regmean records DistilBERT's Linears under its own names."""
     b = batch()
-    electra = AutoModelForSequenceClassification.from_pretrained(electra_folder).eval()
-    ernie = AutoModelForSequenceClassification.from_pretrained(ernie_folder).eval()
-    for parent, kinds in ((electra, ("attention", "ffn")), (ernie, ("all", "attention", "ffn"))):
+    electra, ernie, distilbert = (AutoModelForSequenceClassification.from_pretrained(f).eval()
+                                  for f in (electra_folder, ernie_folder, distilbert_folder))
+    for parent, kinds in ((electra, ("attention", "ffn")), (ernie, ("all", "attention", "ffn")),
+                          (distilbert, ("attention", "ffn"))):
         expected = parent(**b).logits
         for kind in kinds:
             shared, _ = convert(parent, share=kind, groups=4, embedding=None, init="mean")
             torch.testing.assert_close(shared.eval()(**b).logits, expected, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="ELECTRA cannot become an ALBERT"):
-        to_albert(electra, 2)
+    shared, _ = convert(distilbert, share="ffn", groups=4, embedding=None, init="regmean", batches=[b])
+    torch.testing.assert_close(shared.eval()(**b).logits, distilbert(**b).logits, atol=1e-5, rtol=0)
+    for model, act in ((electra, "gelu"), (distilbert, "relu")):
+        with pytest.raises(ValueError, match=f"cannot become an ALBERT: ALBERT's head is tanh where its is {act}"):
+            to_albert(model, 2)
 
 
-@pytest.mark.parametrize(("parent", "kind"), [("electra", "attention"), ("ernie", "all")])
-def test_cli_shares_an_electra_and_an_ernie(parent, kind, electra_folder, ernie_folder, tiny_data, workdir, capsys):
-    folder = electra_folder if parent == "electra" else ernie_folder
+def test_distilbert_grams_are_those_of_its_converted_self(distilbert_folder):
+    from compress.modeling import from_bert
+
+    distilbert = AutoModelForSequenceClassification.from_pretrained(distilbert_folder).eval()
+    theirs, ours = input_grams(distilbert, [batch()]), input_grams(from_bert(distilbert), [batch()])
+    for mine, expected in zip(ours, theirs, strict=True):
+        for key in expected:
+            torch.testing.assert_close(mine[key], expected[key])
+
+
+@pytest.mark.parametrize(("parent", "kind"), [("electra", "attention"), ("ernie", "all"), ("distilbert", "ffn")])
+def test_cli_shares_an_electra_an_ernie_and_a_distilbert(parent, kind, electra_folder, ernie_folder,
+                                                         distilbert_folder, tiny_data, workdir, capsys):
+    folder = {"electra": electra_folder, "ernie": ernie_folder, "distilbert": distilbert_folder}[parent]
     embedding = ["--embedding", "12"] if parent == "ernie" else []
     code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), "--share", kind, "--groups", "2",
                          *embedding, "--recover-epochs", "1", "--max_train", "64", "--output", "out",
@@ -407,6 +429,8 @@ def test_cli_shares_an_electra_and_an_ernie(parent, kind, electra_folder, ernie_
     if parent == "electra":
         assert (config["projected_embedding_size"], config["pooler_act"]) == (16, "gelu")
         assert config["attention_map"] == [0, 0, 1, 1]
+    elif parent == "distilbert":
+        assert (config["pooler_act"], config["type_vocab_size"], config["ffn_map"]) == ("relu", 1, [0, 0, 1, 1])
     else:  # ERNIE's 3 task types x 32 are gone, folded into the token-type rows
         assert (config["embedding_size"], config["num_hidden_groups"]) == (12, 2)
         vocab = config["vocab_size"]
@@ -426,12 +450,13 @@ def compress_bert_folder(tiny_root) -> Path:
 
 @pytest.mark.parametrize(("parent", "extra", "flag", "why"), [
     ("electra", ["--share", "all"], "--share all", "gelu"),
+    ("distilbert", ["--share", "all"], "--share all", "relu"),
     ("electra", ["--share", "attention", "--embedding", "8"], "--embedding 8", "already 16 wide"),
     ("compress_bert", [], "--model", "already shares modules"),
 ])
-def test_share_refuses_what_it_cannot_map(parent, extra, flag, why, electra_folder, compress_bert_folder, tiny_data,
-                                          workdir, capsys):
-    folder = electra_folder if parent == "electra" else compress_bert_folder
+def test_share_refuses_what_it_cannot_map(parent, extra, flag, why, electra_folder, distilbert_folder,
+                                          compress_bert_folder, tiny_data, workdir, capsys):
+    folder = {"electra": electra_folder, "distilbert": distilbert_folder}.get(parent, compress_bert_folder)
     code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), *extra], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and flag in lines[0] and why in lines[0], err
