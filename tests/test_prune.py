@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,6 +321,24 @@ def test_prune_takes_every_encoder_distill_takes():
     assert ENCODER_TYPES <= set(CONVERTIBLE_TYPES)
 
 
+def prune_cli(parent: Path, tiny_data: Path, tracking: str, workdir: Path, capsys) -> dict:
+    """`compress prune` of half the heads and FFN neurons and one layer of a tiny 4-layer parent into workdir/out;
+    returns its config."""
+    code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
+                      "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
+                      "--latency-reps", "1", "--tracking", tracking, "--output", "out"], capsys)
+    assert code == 0, err
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
+    return config
+
+
+def tiny_layer_params(heads: int, ffn: int) -> int:
+    """One layer of the tiny parents (H 32, heads 8 wide): q, k, v; output projection; norm; FFN in and out; norm."""
+    return 3 * (32 * heads * 8 + heads * 8) + (heads * 8 * 32 + 32) + 2 * 32 + (32 * ffn + ffn + ffn * 32 + 32) + 2 * 32
+
+
 @pytest.mark.parametrize(("model_type", "extra"), [("electra", {"embedding_size": 16}),
                                                    ("ernie", {"use_task_id": True, "task_type_vocab_size": 3}),
                                                    ("distilbert", {})])
@@ -329,18 +348,10 @@ def test_cli_prunes_an_electra_small_an_ernie_and_a_distilbert(model_type, extra
     DistilBERT's lack of token types (one zero row) come through pruning; the head counts and FFN widths are cut as
     in BERT, and the result reloads without compress."""
     parent = save_tiny_bert(tmp_path_factory.mktemp(model_type) / "parent", model_type=model_type, **extra)
-    code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
-                      "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
-                      "--latency-reps", "1", "--tracking", tracking, "--output", "out"], capsys)
-    assert code == 0, err
+    config = prune_cli(parent, tiny_data, tracking, workdir, capsys)
     out = workdir / "out"
-    config = json.loads((out / "config.json").read_text())
-    assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
     assert config["pooler_act"] == {"electra": "gelu", "distilbert": "relu"}.get(model_type, "tanh")
-
-    def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
-        return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
-
+    layer = tiny_layer_params  # 3 layers of 2 heads and 32 neurons, over the parent's 4 of 4 heads and 64 neurons
     vocab = len(AutoTokenizer.from_pretrained(parent))
     e = 16 if model_type == "electra" else 32  # the embedding block's width
     types = 1 if model_type == "distilbert" else 2  # DistilBERT's none become one zero row
@@ -364,18 +375,11 @@ def test_cli_prunes_a_roberta(tiny_data, tracking, workdir, tmp_path_factory, ca
     """RoBERTa converts weight for weight, so prune runs on it as on BERT; the result keeps RoBERTa's position ids
     and BPE tokenizer (pad id 1, no token types) and reloads where compress is not installed."""
     parent = save_tiny_roberta(tmp_path_factory.mktemp("roberta") / "parent")
-    code, err = _run(["--model", str(parent), "--data", str(tiny_data), "--heads", "0.5", "--ffn", "0.5",
-                      "--drop-layers", "1", "--recover-epochs", "1", "--importance-batches", "2", "--max-train", "64",
-                      "--latency-reps", "1", "--tracking", tracking, "--output", "out"], capsys)
-    assert code == 0, err
+    config = prune_cli(parent, tiny_data, tracking, workdir, capsys)
     out = workdir / "out"
-    config = json.loads((out / "config.json").read_text())
-    assert config["roberta_positions"] and config["pad_token_id"] == 1 and config["num_hidden_layers"] == 3
-    assert config["attention_heads"] == [2, 2, 2] and config["intermediate_sizes"] == [32, 32, 32]
+    assert config["roberta_positions"] and config["pad_token_id"] == 1
     # 3 layers of 2 heads x 8 wide and 32 FFN neurons, over the parent's 4 layers of 4 heads and 64 neurons
-    def layer(h: int, i: int) -> int:  # q, k, v; output projection; norm; FFN in and out; norm
-        return 3 * (32 * h * 8 + h * 8) + (h * 8 * 32 + 32) + 2 * 32 + (32 * i + i + i * 32 + 32) + 2 * 32
-
+    layer = tiny_layer_params
     vocab = len(AutoTokenizer.from_pretrained(parent))
     rest = vocab * 32 + 130 * 32 + 1 * 32 + 2 * 32 + (32 * 32 + 32) + (32 * 2 + 2)  # embeddings, norm, pooler, head
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()

@@ -307,6 +307,25 @@ def roberta_batch() -> dict:
     return b
 
 
+def share_and_reload(folder: Path, args: list[str], inputs: dict, tiny_data: Path, workdir: Path, capsys) -> dict:
+    """`compress share` on `folder` with `args` into workdir/out (2 groups, 1 recovery epoch on 64 rows); the model
+    written loads without compress (through its saved code unless it is an ALBERT) with the same logits on `inputs`.
+    Returns its config."""
+    code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), "--groups", "2", *args,
+                         "--recover-epochs", "1", "--max_train", "64", "--output", "out", "--latency_reps", "1"],
+                        capsys)
+    assert code == 0, err
+    config = json.loads((workdir / "out" / "config.json").read_text())
+    albert = config["model_type"] == "albert"
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    elsewhere, name = logits_without_compress(workdir / "out", inputs, workdir, trust=not albert)
+    assert name == ("AlbertForSequenceClassification" if albert else "CompressBertForSequenceClassification")
+    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
+    return config
+
+
 @pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
 def test_a_group_per_layer_is_the_roberta_itself(model_type, tmp_path):
     """RoBERTa's weights map onto ALBERT (its position table shifted by pad + 1) and CompressBert exactly."""
@@ -342,17 +361,8 @@ def test_roberta_shares_into_one_group_as_its_first_layer(roberta_folder):
 
 @pytest.mark.parametrize("kind", ["all", "attention"])
 def test_cli_shares_a_roberta(roberta_folder, tiny_data, workdir, capsys, kind):
-    code, err = run_cli(["share", "--model", str(roberta_folder), "--data", str(tiny_data), "--share", kind,
-                         "--groups", "2", "--embedding", "12", "--recover-epochs", "1", "--max_train", "64",
-                         "--output", "out", "--latency_reps", "1"], capsys)
-    assert code == 0, err
-    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
-    with torch.no_grad():
-        expected = model(**roberta_batch()).logits
-    elsewhere, name = logits_without_compress(workdir / "out", roberta_batch(), workdir, trust=kind != "all")
-    assert name == ("AlbertForSequenceClassification" if kind == "all" else "CompressBertForSequenceClassification")
-    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
-    config = json.loads((workdir / "out" / "config.json").read_text())
+    config = share_and_reload(roberta_folder, ["--share", kind, "--embedding", "12"], roberta_batch(), tiny_data,
+                              workdir, capsys)
     if kind == "all":  # ALBERT numbers positions from 0: RoBERTa's 130-row table loses its first pad + 1 rows
         assert (config["max_position_embeddings"], config["num_hidden_groups"]) == (128, 2)
     else:
@@ -415,17 +425,8 @@ def test_cli_shares_an_electra_an_ernie_and_a_distilbert(parent, kind, electra_f
                                                          distilbert_folder, tiny_data, workdir, capsys):
     folder = {"electra": electra_folder, "ernie": ernie_folder, "distilbert": distilbert_folder}[parent]
     embedding = ["--embedding", "12"] if parent == "ernie" else []
-    code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), "--share", kind, "--groups", "2",
-                         *embedding, "--recover-epochs", "1", "--max_train", "64", "--output", "out",
-                         "--latency_reps", "1"], capsys)
-    assert code == 0, err
-    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
-    with torch.no_grad():
-        expected = model(**batch()).logits
-    elsewhere, name = logits_without_compress(workdir / "out", batch(), workdir, trust=kind != "all")
-    assert name == ("AlbertForSequenceClassification" if kind == "all" else "CompressBertForSequenceClassification")
-    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
-    config = json.loads((workdir / "out" / "config.json").read_text())
+    config = share_and_reload(folder, ["--share", kind, *embedding], batch(), tiny_data, workdir, capsys)
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out")
     if parent == "electra":
         assert (config["projected_embedding_size"], config["pooler_act"]) == (16, "gelu")
         assert config["attention_map"] == [0, 0, 1, 1]
@@ -538,19 +539,9 @@ def test_cli_shares_a_pruned_model(pruned, tiny_teacher, tiny_data, workdir, cap
 
     pruned.save_pretrained(workdir / "pruned")
     AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(workdir / "pruned")
-    code, err = run_cli(["share", "--model", str(workdir / "pruned"), "--data", str(tiny_data), "--groups", "2",
-                         "--recover-epochs", "1", "--max_train", "64", "--output", "out", "--latency_reps", "1"],
-                        capsys)
-    assert code == 0, err
-    config = json.loads((workdir / "out" / "config.json").read_text())
-    assert config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
+    config = share_and_reload(workdir / "pruned", [], batch(), tiny_data, workdir, capsys)  # --share all
+    assert config["model_type"] == "compress_bert" and config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
     assert (config["attention_heads"], config["intermediate_sizes"]) == ([3, 2], [40, 64])
-    model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
-    with torch.no_grad():
-        expected = model(**batch()).logits
-    elsewhere, name = logits_without_compress(workdir / "out", batch(), workdir)
-    assert name == "CompressBertForSequenceClassification"
-    torch.testing.assert_close(elsewhere, expected, atol=1e-6, rtol=0)
     metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
     assert metrics["student_params"] < metrics["teacher_params"] == count_params(pruned)
     code, err = run_cli(["share", "--model", str(workdir / "out"), "--data", str(tiny_data), "--groups", "1",
