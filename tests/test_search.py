@@ -289,9 +289,9 @@ def test_a_trial_prunes_then_shares_the_pruned_model(tmp_path, tiny_teacher, tin
     sublayers in compress's own class; the trial's metrics are the shared model's, against the teacher."""
     from mlflow import MlflowClient
 
+    stores = [arg for key, uri in store(tmp_path).items() for arg in (f"--{key}", uri)]
     code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1",
-                            "--study", "chain", "--output", str(tmp_path / "out"), *sum(([f"--{k}", v] for k, v in
-                                                                                        store(tmp_path).items()), []),
+                            "--study", "chain", "--output", str(tmp_path / "out"), *stores,
                             "--space", json.dumps({"heads": 0.5, "scope": "global", "groups": 2,
                                                    "recover_epochs": 1, **QUICK})], capsys)
     assert code == 0, err
