@@ -250,7 +250,7 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
     config = teacher.config
     e = embedding or config.hidden_size
     n_student, n_teacher = count_params(student), count_params(teacher)
-    print(f"shared ({share}): {groups} group(s) over {config.num_hidden_layers} layers "
+    print(f"shared ({share}, as {type(student).__name__}): {groups} group(s) over {config.num_hidden_layers} layers "
           f"{layer_groups(config.num_hidden_layers, groups)}, init {init}; embedding "
           + (f"{config.hidden_size} -> {embedding}, svd_error {svd_error:.4f}" if embedding else "kept whole")
           + f"; params {n_teacher:,} -> {n_student:,} ({n_student / n_teacher:.1%})", file=sys.stderr)
