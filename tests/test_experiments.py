@@ -42,3 +42,28 @@ def test_config_parses_against_its_command(path: str, monkeypatch: pytest.Monkey
     for key, value in given.items():
         assert key in printed, f"{path}: {key} is not a flag of compress {command}"
         assert printed[key] == value, f"{path}: {key} = {value!r} was read as {printed[key]!r}"
+
+
+def test_bench_chain_tiny_runs_all_three_recipes_and_times_them_together() -> None:
+    """experiments/bench_chain.py --tiny: prune, prune then share, share, each a real compress run on a tiny parent,
+    and one interleaved timing of all four models."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_chain.py"), "--tiny"], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")][-4:] == [
+        "parent", "prune", "prune+share", "share"]
+    written = Path(re.search(r"written: (\S+)", done.stderr).group(1))
+    result = json.loads(written.read_text())
+    params = {name: row["student_params"] for name, row in result["rows"].items()}
+    # sharing the pruned model shrinks it again; half the heads and neurons go either way
+    assert params["prune+share"] < params["prune"] < result["parent_row"]["params"]
+    assert params["share"] < result["parent_row"]["params"]
+    assert set(result["latency_p50_ms"]) == {"parent", "prune", "prune+share", "share"}
+    assert json.loads((written.parent / "prune+share" / "config.json").read_text())["model_type"] == "compress_bert"
+    assert json.loads((written.parent / "share" / "config.json").read_text())["model_type"] == "albert"

@@ -1,0 +1,116 @@
+"""Benchmark prune, then share, against each alone, from one fine-tuned parent.
+
+    python experiments/bench_chain.py PARENT --task bbc-news [--ratio 0.5] [--groups 3] [--recover-epochs 2]
+    python experiments/bench_chain.py --tiny          # smoke test on a tiny model built here, in a minute or two
+
+Three `compress` runs, each its own MLflow run under OUT/mlruns:
+  prune        PARENT with --heads R --ffn R
+  prune+share  that pruned model with --share all --groups G (compress's own class: the pruned layers may differ)
+  share        PARENT with --share all --groups G (an ALBERT)
+Each recovers by distilling from the model it came from. Then the parent and the three models are timed together,
+interleaved in one process (`compress bench`), at batch 32 x --seq on this machine's CPU, so every speed-up in the
+table comes from the same rounds. The table goes to stdout (markdown) and OUT/bench_chain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_tiny(folder: Path) -> tuple[Path, Path]:
+    """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
+    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
+    from conftest import save_finetuned_tiny_bert
+
+    return save_finetuned_tiny_bert(folder, layers=4, hidden=128, heads=8, intermediate=512)
+
+
+def run_steps(parent: str, source: dict, out: Path, args) -> dict[str, dict]:
+    """The three runs; returns each one's compress.json metrics (and its wall time), by row name."""
+    from compress.prune import prune
+    from compress.share import share
+
+    common = {**source, "recover_epochs": args.recover_epochs, "max_train": args.max_train,
+              "latency_reps": 1, "tracking": f"sqlite:///{out.resolve()}/mlruns/mlflow.db",
+              "experiment": "bench-chain", "overwrite": True}
+    steps = [
+        ("prune", prune, {"model": parent, "heads": args.ratio, "ffn": args.ratio}),
+        ("prune+share", share, {"model": str(out / "prune"), "share": "all", "groups": args.groups}),
+        ("share", share, {"model": parent, "share": "all", "groups": args.groups}),
+    ]
+    rows = {}
+    for name, command, flags in steps:
+        start = time.perf_counter()
+        command(**flags, **common, output=str(out / name))
+        metrics = json.loads((out / name / "compress.json").read_text())["metrics"]
+        rows[name] = {**metrics, "seconds": time.perf_counter() - start}
+    return rows
+
+
+def table(parent: dict, rows: dict[str, dict], latency: dict[str, float]) -> str:
+    lines = ["| model | score | retention | params | of parent | p50 ms | speedup | run s |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| parent | {parent['score']:.4f} | 1.000 | {parent['params']:,} | 100.0% | {latency['parent']:.1f} | "
+             "1.00x | - |"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | {m['student_score']:.4f} | {m['student_score'] / parent['score']:.3f} | "
+                     f"{m['student_params']:,} | {m['student_params'] / parent['params']:.1%} | {latency[name]:.1f} | "
+                     f"{latency['parent'] / latency[name]:.2f}x | {m['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parent", nargs="?", help="fine-tuned parent classifier folder (not needed with --tiny)")
+    parser.add_argument("--task", help="a GLUE task or bbc-news (exclusive with --data)")
+    parser.add_argument("--data", help="train/dev folder")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of heads and of FFN neurons pruned")
+    parser.add_argument("--groups", type=int, default=3, help="layer groups of --share all")
+    parser.add_argument("--recover-epochs", type=int, default=2)
+    parser.add_argument("--max-train", type=int, default=None, help="train rows (default: all)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence in the timing")
+    parser.add_argument("--latency-reps", type=int, default=10, help="timed interleaved rounds")
+    parser.add_argument("--out", default="outputs/bench-chain", help="results, models and MLflow store")
+    parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny model built here")
+    args = parser.parse_args()
+    if args.tiny:
+        os.environ.setdefault("OMP_NUM_THREADS", "2")
+        root = Path(tempfile.mkdtemp(prefix="bench-chain-tiny-"))
+        parent, data = build_tiny(root)
+        parent, source, out = str(parent), {"data": str(data)}, root / "out"
+        args.groups, args.recover_epochs, args.latency_reps, args.seq = 2, 1, 3, 64
+    else:
+        if not args.parent or (args.task is None) == (args.data is None):
+            parser.error("give PARENT and one of --task or --data (or --tiny)")
+        parent, out = args.parent, Path(args.out)
+        source = {"task": args.task} if args.task else {"data": args.data}
+
+    rows = run_steps(parent, source, out, args)
+    from compress.bench import bench
+
+    timing = out / "latency.json"
+    bench(model=[parent, *(str(out / name) for name in rows)], batch="32", seq=args.seq, reps=args.latency_reps,
+          json=str(timing))
+    report = json.loads(timing.read_text())
+    labels = ["parent", *rows]  # bench's rows come in the order of its --model flags
+    latency = {label: r["p50_ms"] for label, r in zip(labels, report["results"], strict=True)}
+    first = next(iter(rows.values()))
+    parent_row = {"score": first["teacher_score"], "params": first["teacher_params"]}
+    print(table(parent_row, rows, latency))
+    result = {"parent": parent, "settings": {k: v for k, v in vars(args).items() if k != "tiny"},
+              "parent_row": parent_row, "rows": rows, "latency_p50_ms": latency,
+              "hardware": report["hardware"], "versions": report["versions"]}
+    (out / "bench_chain.json").write_text(json.dumps(result, indent=2))
+    print(f"\nwritten: {out / 'bench_chain.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
