@@ -16,4 +16,4 @@ def _started_as_cli() -> bool:
 
 
 if not _started_as_cli():
-    import compress.modeling  # noqa: F401,E402  (registers the Auto classes)
+    import compress.modeling  # noqa: F401  (registers the Auto classes)

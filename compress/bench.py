@@ -45,9 +45,10 @@ def cpu_info() -> dict:
     name, physical = platform.processor() or platform.machine(), None
     try:
         text = Path("/proc/cpuinfo").read_text()
-        models = re.findall(r"^model name\s*:\s*(.+)$", text, re.M)
+        models = re.findall(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
         name = models[0].strip() if models else name
-        cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", text, re.M | re.S))
+        cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", text,
+                               re.MULTILINE | re.DOTALL))
         physical = len(cores) or None
     except OSError:
         pass

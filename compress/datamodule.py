@@ -51,8 +51,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         yield from batches[start:]
 
     def __len__(self) -> int:
-        per_rank = -(-self.size // self.world_size)
-        return -(-per_rank // self.batch_size)
+        per_rank = (self.size + self.world_size - 1) // self.world_size  # ceil: ranks pad to equal shares
+        return (per_rank + self.batch_size - 1) // self.batch_size
 
 
 class ResumableLoader(DataLoader):

@@ -84,11 +84,10 @@ def model_from_run(run_id: str, tracking: str, scratch: Path) -> str:
 
     run = get_run(run_id, tracking)
     output = run.data.params.get("output")
-    if output and (Path(output) / "config.json").is_file():
-        # a relative output is relative to where the run was started, and a later run may have overwritten the
-        # folder: only a folder whose compress.json names this run is this run's model; else the artifact is
-        if read_lineage(output).get("mlflow_run_id") == run_id:
-            return output
+    # a relative output is relative to where the run was started, and a later run may have overwritten the
+    # folder: only a folder whose compress.json names this run is this run's model; else the artifact is
+    if output and (Path(output) / "config.json").is_file() and read_lineage(output).get("mlflow_run_id") == run_id:
+        return output
     client = mlflow_client(tracking)
     if not any(a.path == "model/config.json" for a in client.list_artifacts(run_id, "model")):
         raise CompressError(

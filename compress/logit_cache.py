@@ -51,7 +51,7 @@ def load(path: Path, rows: int, num_labels: int) -> torch.Tensor | None:
         return None
     try:
         logits = load_file(str(path))["logits"]
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed, never trusted
+    except Exception:  # a truncated or foreign file is recomputed, never trusted
         return None
     return logits if tuple(logits.shape) == (rows, num_labels) else None
 

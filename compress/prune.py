@@ -268,4 +268,3 @@ def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: floa
         print(f"sparsity: {measured_sparsity:.1%} of the encoder's Linear weights are zero, stored dense "
               f"({result.metrics['student_mb']:.1f} MB on disk); the measured speedup "
               f"{result.metrics.get('speedup', 0):.2f}x comes from the structural pruning alone", file=sys.stderr)
-    return None

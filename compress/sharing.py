@@ -332,7 +332,7 @@ def _group_modules(teacher, groups: list[int], init: str, kinds: tuple[str, ...]
     from compress.modeling.convert import bert_named_state
 
     per_layer = bert_layers(bert_named_state(teacher), teacher.config.num_hidden_layers)
-    keep = lambda layer: {k: v for k, v in layer.items() if k.rsplit(".", 1)[0] in kinds}  # noqa: E731
+    keep = lambda layer: {k: v for k, v in layer.items() if k.rsplit(".", 1)[0] in kinds}
     merged = []
     for g in range(max(groups) + 1):
         members = [i for i, gi in enumerate(groups) if gi == g]

@@ -188,8 +188,8 @@ def write_jsonl(folder: Path, task) -> None:
     for split, texts, labels in (("train", task.train_texts, task.train_labels),
                                  ("dev", task.dev_texts, task.dev_labels)):
         with open(folder / f"{split}.jsonl", "w") as f:
-            for text, label in zip(texts, labels):
-                f.write(json.dumps({"sentence": text[0], "label": task.label_names[label]}) + "\n")
+            f.writelines(json.dumps({"sentence": text[0], "label": task.label_names[label]}) + "\n"
+                         for text, label in zip(texts, labels))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             seconds, syncs = fn()
-        except Exception as error:  # noqa: BLE001 - one failing row (e.g. out of memory) must not lose the others
+        except Exception as error:  # one failing row (e.g. out of memory) must not lose the others
             print(f"  {name} FAILED: {str(error).splitlines()[0][:300]}", file=sys.stderr)
         else:
             rows.append((name, seconds, flops, syncs))

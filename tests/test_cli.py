@@ -23,10 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 
 from compress.__main__ import COMMANDS, main
-
-from conftest import save_tiny_bert
 
 COMPRESS = Path(sys.executable).with_name("compress")  # the console script of this venv
 FAST = ["--latency_reps", "1"]
@@ -110,7 +109,7 @@ def dev_texts(data: Path) -> tuple[list[str], list[int]]:
 def test_top_level_help_is_fast_and_lists_the_commands(tmp_path: Path) -> None:
     assert COMPRESS.exists(), COMPRESS
     proc = subprocess.run([str(COMPRESS), "--help"], capture_output=True, text=True, cwd=tmp_path,
-                          env=subprocess_env(), timeout=30)
+                          env=subprocess_env(), timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
     for command in ("distill", "finetune", "evaluate"):
         assert command in proc.stdout
@@ -122,7 +121,7 @@ def test_top_level_help_is_fast_and_lists_the_commands(tmp_path: Path) -> None:
              "heavy = ('torch', 'lightning', 'transformers', 'mlflow', 'optuna', 'datasets', 'onnxruntime')\n"
              "print('LOADED', sorted(m for m in heavy if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                          env=subprocess_env(), timeout=30)
+                          env=subprocess_env(), timeout=30, check=False)
     assert "LOADED []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
 
 
@@ -312,7 +311,7 @@ def test_mlflow_run_has_params_tags_metrics_history_and_model(distilled, tiny_te
 
 
 def test_evaluate_reproduces_the_logged_score(distilled, tiny_data: Path, workdir: Path) -> None:
-    out, err = ok(["evaluate", "--model", distilled.out, "--data", tiny_data, "--latency_reps", "1",
+    out, _ = ok(["evaluate", "--model", distilled.out, "--data", tiny_data, "--latency_reps", "1",
                    "--latency_batch", "2", "--latency_seq", "16", "--json_out", "eval.json"])
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("score", "params", "mb", "latency_ms"):
@@ -534,7 +533,7 @@ def test_distill_ddp_on_two_cpu_processes(tiny_teacher: Path, tiny_data: Path, t
     proc = subprocess.run(
         [str(COMPRESS), "distill", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--epochs", "1",
          "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--output", "ddp_out", *FAST],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-5000:]}"
     assert "Traceback" not in proc.stderr
@@ -557,7 +556,7 @@ def test_unreachable_hub_fails_fast_with_one_line(offline, source, tiny_data: Pa
     data = ["--task", "sst2"] if source == "task" else ["--data", str(tiny_data)]  # data: the teacher must be found
     start = time.perf_counter()
     proc = subprocess.run([str(COMPRESS), "distill", "--teacher", "bert-large", *data], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

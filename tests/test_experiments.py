@@ -32,9 +32,8 @@ def test_config_parses_against_its_command(path: str, monkeypatch: pytest.Monkey
     assert command in COMMANDS, f"{path}: unknown command {command!r} (known: {', '.join(COMMANDS)})"
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        with pytest.raises(SystemExit) as info:
-            main([command, "--config", config, "--print_config"])
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        main([command, "--config", config, "--print_config"])
     assert info.value.code in (0, None), err.getvalue()
     printed = yaml.safe_load(out.getvalue())
     given = yaml.safe_load(text)

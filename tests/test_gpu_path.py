@@ -106,7 +106,8 @@ def test_bf16_precision_runs_the_teacher_in_bf16_with_every_loss(tiny_teacher, t
 
 
 def test_a_bf16_teacher_gets_its_exact_weights_back_after_training(tiny_teacher, tiny_data):
-    """Rank 0 scores the teacher after fit; bf16 rounding would otherwise leave teacher_score measuring other weights."""
+    """Rank 0 scores the teacher after fit; bf16 rounding would otherwise leave teacher_score measuring other
+    weights."""
     from safetensors.torch import load_file
 
     _, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, precision="bf16-mixed")

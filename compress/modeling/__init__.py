@@ -22,5 +22,5 @@ CompressBertConfig.register_for_auto_class()
 CompressBertModel.register_for_auto_class("AutoModel")
 CompressBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
-__all__ = ["CompressBertConfig", "CompressBertModel", "CompressBertForSequenceClassification", "from_bert",
+__all__ = ["CompressBertConfig", "CompressBertForSequenceClassification", "CompressBertModel", "from_bert",
            "to_compress_config"]
