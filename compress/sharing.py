@@ -200,18 +200,11 @@ def input_grams(model, batches) -> list[dict[str, Tensor]]:
 
 
 def _layer_linears(model) -> list[dict]:
-    """Per encoder layer, the Linear reading each of LINEAR_INPUT's inputs: a BERT-family model's own (DistilBERT's
-    under its names), or an unshared CompressBert's (module j is layer j's)."""
-    if model.config.model_type == "distilbert":  # the same four Linears under DistilBERT's names
-        return [{"attention.self.query": layer.attention.q_lin, "attention.output.dense": layer.attention.out_lin,
-                 "intermediate.dense": layer.ffn.lin1, "output.dense": layer.ffn.lin2}
-                for layer in model.base_model.transformer.layer]
-    encoder = model.base_model.encoder
-    if hasattr(encoder, "layer"):
-        return [{name: layer.get_submodule(name) for name in set(LINEAR_INPUT.values())} for layer in encoder.layer]
-    return [{"attention.self.query": attention.query, "attention.output.dense": attention.dense,
-             "intermediate.dense": ffn.intermediate, "output.dense": ffn.output}
-            for attention, ffn in zip(encoder.attention, encoder.ffn, strict=True)]
+    """Per encoder layer, the Linear reading each of LINEAR_INPUT's inputs, under whatever name `model` gives it."""
+    from compress.modeling.convert import layer_modules
+
+    return [{name: model.get_submodule(paths[name]) for name in set(LINEAR_INPUT.values())}
+            for paths in layer_modules(model)]
 
 
 # --- the factorised embedding ---------------------------------------------------------------------------------
@@ -327,11 +320,10 @@ def albert_embeddings(word: Tensor, position: Tensor, token_type: Tensor, norm_w
 
 # --- whole models ---------------------------------------------------------------------------------------------
 
-def _group_modules(teacher, groups: list[int], init: str, kinds: tuple[str, ...], grams, alpha: float):
-    """Merged BERT-named sublayer weights per group, for the sublayers in `kinds`."""
-    from compress.modeling.convert import bert_named_state
-
-    per_layer = bert_layers(bert_named_state(teacher), teacher.config.num_hidden_layers)
+def _group_modules(state: dict[str, Tensor], groups: list[int], init: str, kinds: tuple[str, ...], grams,
+                   alpha: float):
+    """Merged BERT-named sublayer weights per group, for the sublayers in `kinds`, from a BERT-named `state`."""
+    per_layer = bert_layers(state, len(groups))
     keep = lambda layer: {k: v for k, v in layer.items() if k.rsplit(".", 1)[0] in kinds}
     merged = []
     for g in range(max(groups) + 1):
@@ -398,7 +390,7 @@ def to_albert(teacher, groups: int, embedding_size: int | None = None, init: str
         state_in["bert.embeddings.token_type_embeddings.weight"], state_in["bert.embeddings.LayerNorm.weight"],
         state_in["bert.embeddings.LayerNorm.bias"], e, basis)
     state = {f"albert.{k}": v for k, v in embeddings.items()}
-    merged = _group_modules(teacher, layer_groups(c.num_hidden_layers, groups), init, ATTENTION + FFN, grams, alpha)
+    merged = _group_modules(state_in, layer_groups(c.num_hidden_layers, groups), init, ATTENTION + FFN, grams, alpha)
     for g, module in enumerate(merged):
         for key, value in module.items():
             sub, kind = key.rsplit(".", 1)
@@ -427,7 +419,8 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     c = teacher.config
     group_of = layer_groups(c.num_hidden_layers, groups)
     kinds = {"attention": ATTENTION, "ffn": FFN, "all": ATTENTION + FFN}[share]
-    merged = _group_modules(teacher, group_of, init, kinds, grams, alpha)
+    state_in = bert_named_state(teacher)
+    merged = _group_modules(state_in, group_of, init, kinds, grams, alpha)
     changes = {}
     if share in ("attention", "all"):
         head_size = getattr(c, "attention_head_size", None) or c.hidden_size // c.num_attention_heads
@@ -439,7 +432,6 @@ def to_compress_shared(teacher, share: str, groups: int, embedding_size: int | N
     config = to_compress_config(c, **changes, embedding_size=embedding_size)
     config._attn_implementation = c._attn_implementation or "sdpa"
 
-    state_in = bert_named_state(teacher)
     state = {}
     for key, value in state_in.items():
         if not key.startswith(_LAYER_PREFIX):

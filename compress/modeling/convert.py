@@ -7,22 +7,12 @@ import re
 from compress.modeling.configuration_compress_bert import CompressBertConfig
 from compress.modeling.modeling_compress_bert import CompressBertForSequenceClassification
 
-# HF BERT sublayer names -> CompressBert's, for layer i
-_RENAMES = [
-    (r"attention\.self\.(query|key|value)\.", r"attention.{i}.\1."),
-    (r"attention\.output\.dense\.", r"attention.{i}.dense."),
-    (r"attention\.output\.LayerNorm\.", r"attention.{i}.LayerNorm."),
-    (r"intermediate\.dense\.", r"ffn.{i}.intermediate."),
-    (r"output\.dense\.", r"ffn.{i}.output."),
-    (r"output\.LayerNorm\.", r"ffn.{i}.LayerNorm."),
-]
-_LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<rest>.*)$")
-# CompressBert's module names -> BERT's layer names, when module j is layer j's (identity maps)
-_MODULE = re.compile(r"^(?P<prefix>.*encoder\.)(?P<kind>attention|ffn)\.(?P<j>\d+)\.(?P<sub>\w+)\.(?P<tensor>\w+)$")
-_BACK = {"attention.query": "attention.self.query", "attention.key": "attention.self.key",
-         "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
-         "attention.LayerNorm": "attention.output.LayerNorm", "ffn.intermediate": "intermediate.dense",
-         "ffn.output": "output.dense", "ffn.LayerNorm": "output.LayerNorm"}
+# BERT's sublayers (names after `encoder.layer.<i>.`) -> CompressBert's `<kind>.<part>`, run as `<kind>.<i>.<part>`
+_TO_COMPRESS = {"attention.self.query": "attention.query", "attention.self.key": "attention.key",
+                "attention.self.value": "attention.value", "attention.output.dense": "attention.dense",
+                "attention.output.LayerNorm": "attention.LayerNorm", "intermediate.dense": "ffn.intermediate",
+                "output.dense": "ffn.output", "output.LayerNorm": "ffn.LayerNorm"}
+_LAYER = re.compile(r"^(?P<prefix>.*encoder\.)layer\.(?P<i>\d+)\.(?P<sub>.+)\.(?P<tensor>\w+)$")
 # RoBERTa and the models built on it: BERT's layers, position ids counted from the pad id, and the head below
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 # The RoBERTa head (dense, tanh, out_proj on the first token) is BERT's pooler and classifier under other names;
@@ -33,7 +23,6 @@ _HEAD_TYPES = (*ROBERTA_TYPES, "electra", "distilbert")
 # The heads whose activation is not BERT's tanh (CompressBertConfig.pooler_act); ALBERT cannot hold them.
 HEAD_ACT = {"electra": "gelu", "distilbert": "relu"}
 # DistilBERT is BERT without token types, under other names: its layer i at `transformer.layer.<i>.`
-_DISTIL_LAYER = re.compile(r"^bert\.transformer\.layer\.(?P<i>\d+)\.(?P<sub>.+)\.(?P<tensor>weight|bias)$")
 _DISTIL = {"attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
            "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
            "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense", "ffn.lin2": "output.dense",
@@ -83,13 +72,27 @@ def to_compress_config(config, **changes) -> CompressBertConfig:
 
 
 def rename_key(key: str) -> str:
+    """A BERT-named weight's name in CompressBert with identity maps (`encoder.layer.3.output.dense.weight` ->
+    `encoder.ffn.3.output.weight`); names outside the layers are the same in both."""
     m = _LAYER.match(key)
     if not m:
         return key
-    for pattern, repl in _RENAMES:
-        if re.match(pattern, m["rest"]):
-            return m["prefix"] + re.sub(pattern, repl.format(i=m["i"]), m["rest"], count=1)
-    raise KeyError(f"unexpected BERT layer weight {key}")
+    if m["sub"] not in _TO_COMPRESS:
+        raise KeyError(f"unexpected BERT layer weight {key}")
+    kind, part = _TO_COMPRESS[m["sub"]].split(".")
+    return f"{m['prefix']}{kind}.{m['i']}.{part}.{m['tensor']}"
+
+
+def layer_modules(model) -> list[dict[str, str]]:
+    """Per encoder layer of `model` (one of BERT_LIKE_TYPES, or an unshared CompressBert), each BERT sublayer name
+    (`attention.self.query`, ...) -> the path of the module that is that sublayer in `model`."""
+    base, layers = model.base_model_prefix, range(model.config.num_hidden_layers)
+    if model.config.model_type == "distilbert":
+        return [{bert: f"{base}.transformer.layer.{i}.{theirs}" for theirs, bert in _DISTIL.items()} for i in layers]
+    if model.config.model_type == "compress_bert":  # module i is layer i's (is_unshared)
+        return [{bert: f"{base}.encoder.{ours.replace('.', f'.{i}.', 1)}" for bert, ours in _TO_COMPRESS.items()}
+                for i in layers]
+    return [{bert: f"{base}.encoder.layer.{i}.{bert}" for bert in _TO_COMPRESS} for i in layers]
 
 
 def bert_named_state(model) -> dict:
@@ -101,27 +104,25 @@ def bert_named_state(model) -> dict:
     shared, not copied, except ERNIE's folded table and DistilBERT's zero row. A pruned CompressBert's layers keep
     their own sizes."""
     head = model.config.model_type in _HEAD_TYPES
-    compress = model.config.model_type == "compress_bert"
-    distil = model.config.model_type == "distilbert"
-    if compress and not is_unshared(model.config):
+    if model.config.model_type == "compress_bert" and not is_unshared(model.config):
         raise ValueError("a CompressBert that shares modules or factorises its word table has no BERT layer names")
+    # each layer's modules by their BERT names, whatever the model calls them
+    to_bert = {path: f"bert.encoder.layer.{i}.{sub}"
+               for i, layer in enumerate(layer_modules(model)) for sub, path in layer.items()}
     prefix = model.base_model_prefix + "."
     state = {}
     for key, value in model.state_dict().items():
-        if key.startswith(prefix):
+        module, tensor = key.rsplit(".", 1)
+        if module in to_bert:
+            key = f"{to_bert[module]}.{tensor}"
+        elif key.startswith(prefix):
             key = "bert." + key[len(prefix):]
-        m = _MODULE.match(key) if compress else None
-        if m:
-            key = f"{m['prefix']}layer.{m['j']}.{_BACK[m['kind'] + '.' + m['sub']]}.{m['tensor']}"
-        m = _DISTIL_LAYER.match(key) if distil else None
-        if m:
-            key = f"bert.encoder.layer.{m['i']}.{_DISTIL[m['sub']]}.{m['tensor']}"
         if head:
             for theirs, ours in _HEAD.items():
                 if key.startswith(theirs):
                     key = ours + key[len(theirs):]
         state[key] = value
-    if distil:  # no token types: one zero row, which BERT's embeddings add to every token
+    if model.config.model_type == "distilbert":  # no token types: one zero row, added to every token as in BERT
         word = state["bert.embeddings.word_embeddings.weight"]
         state["bert.embeddings.token_type_embeddings.weight"] = word.new_zeros(1, word.shape[1])  # (1, H)
     if _TASK_TYPE in state:
