@@ -184,7 +184,7 @@ def _share_values(dims: dict[str, Dimension], flags: dict, flag: str) -> list:
 def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
     """Refuse a space whose share step cannot take the teacher's model type (every step keeps it): seconds now
     rather than one failed trial after another."""
-    from compress.modeling.convert import HEAD_ACT
+    from compress.modeling.convert import HEAD_ACT, to_compress_config
 
     if config.model_type not in HEAD_ACT or not _can_run(dims, "share")[0]:
         return
@@ -193,10 +193,10 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
         raise CompressError(f"space: share all writes an ALBERT, whose head is tanh where the {config.model_type} "
                             f"teacher's is {HEAD_ACT[config.model_type]}; set share to attention or ffn (or a list "
                             "of those)")
-    if config.model_type == "electra" and config.embedding_size != config.hidden_size and any(
-            e is not None for e in _share_values(dims, flags, "embedding")):
-        raise CompressError(f"space: embedding: the ELECTRA teacher's embeddings are already {config.embedding_size}"
-                            f" wide and projected to {config.hidden_size}; leave embedding out or null")
+    narrow = to_compress_config(config).projected_embedding_size  # ELECTRA-small's embedding block
+    if narrow and any(e is not None for e in _share_values(dims, flags, "embedding")):
+        raise CompressError(f"space: embedding: the ELECTRA teacher's embeddings are already {narrow} wide and "
+                            f"projected to {config.hidden_size}; leave embedding out or null")
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:

@@ -157,7 +157,7 @@ def share(
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
-    from compress.modeling.convert import HEAD_ACT, is_unshared
+    from compress.modeling.convert import HEAD_ACT, is_unshared, to_compress_config
 
     if config.model_type == "compress_bert" and not is_unshared(config):
         raise CompressError("--model: this model already shares modules or factorises its word embedding (an earlier "
@@ -168,8 +168,7 @@ def share(
         raise CompressError(f"--share all: writes a standard ALBERT, whose head is tanh where this "
                             f"{config.model_type}'s is {act}; use --share attention or --share ffn (compress's own "
                             f"class keeps the {act} head)")
-    narrow = (config.embedding_size if config.model_type == "electra" and config.embedding_size != hidden
-              else getattr(config, "projected_embedding_size", None))
+    narrow = to_compress_config(config).projected_embedding_size  # ELECTRA-small's, or a pruned one's
     if embedding is not None and narrow:
         raise CompressError(f"--embedding {embedding}: this model's embeddings are already {narrow} wide and "
                             f"projected to its hidden size {hidden}; leave --embedding out")

@@ -17,7 +17,8 @@ class CompressBertConfig(BertConfig):
     projected_embedding_size: if set, the whole embedding block (word, position and type tables, LayerNorm) is this
     wide and `embeddings_project` (a Linear with bias) maps it to hidden_size: ELECTRA-small's layout. Exclusive
     with embedding_size.
-    pooler_act: the pooler's activation: tanh (BERT's, RoBERTa's) or gelu (ELECTRA's head: dense, gelu, out_proj).
+    pooler_act: the pooler's activation: tanh (BERT's, RoBERTa's), gelu (ELECTRA's head: dense, gelu, out_proj) or
+    relu (DistilBERT's: pre_classifier, ReLU, classifier).
     attention_map[i] / ffn_map[i]: which attention / feed-forward module layer i runs. Identity maps give an
     ordinary (possibly pruned) BERT; repeated entries share one module across layers, as ALBERT does.
     """

@@ -1,7 +1,7 @@
 """A BERT encoder with per-module head counts and FFN widths, and optional cross-layer sharing.
 RoBERTa-family classifiers convert too: they are BERT with other position ids and the same head under other names;
-so do ELECTRA (a narrow embedding block projected to the hidden size, a gelu head) and ERNIE (BERT plus a task
-embedding that compress never varies).
+so do ELECTRA (a narrow embedding block projected to the hidden size, a gelu head), ERNIE (BERT plus a task
+embedding that compress never varies) and DistilBERT (BERT's layers under other names, no token types, a ReLU head).
 
 transformers 5 dropped `prune_heads` and ignores `head_mask`, and BertConfig cannot describe layers of
 different sizes, so pruned and partially shared models need this class. Embeddings and pooler are BERT's own,
@@ -162,7 +162,7 @@ class CompressBertModel(CompressBertPreTrainedModel):
         self.encoder = CompressBertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         if self.pooler is not None and getattr(config, "pooler_act", "tanh") != "tanh":
-            self.pooler.activation = ACT2FN[config.pooler_act]  # ELECTRA's head: dense, gelu, out_proj
+            self.pooler.activation = ACT2FN[config.pooler_act]  # ELECTRA's gelu, DistilBERT's relu
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -209,8 +209,8 @@ class CompressBertForSequenceClassification(CompressBertPreTrainedModel):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        # A converted RoBERTa or ELECTRA head (dense, tanh or gelu, out_proj on the first token) is this pooler and
-        # classifier; it only differs in training, where those heads also drop out the pooler's input.
+        # A converted RoBERTa, ELECTRA or DistilBERT head (dense, its activation, out_proj on the first token) is this
+        # pooler and classifier; RoBERTa's and ELECTRA's also drop out the pooler's input in training.
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, C)
         loss = None
         if labels is not None:
