@@ -22,16 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_tiny(folder: Path) -> tuple[Path, Path]:
-    """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
-    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
-    from conftest import save_finetuned_tiny_bert
-
-    return save_finetuned_tiny_bert(folder, layers=4, hidden=128, heads=8, intermediate=512)
-
 
 def run_steps(parent: str, source: dict, out: Path, args) -> dict[str, dict]:
     """The three runs; returns each one's compress.json metrics (and its wall time), by row name."""
@@ -82,6 +72,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny model built here")
     args = parser.parse_args()
     if args.tiny:
+        from bench_prune import build_tiny  # the same tiny parent as prune's benchmark (this folder is on sys.path)
+
         os.environ.setdefault("OMP_NUM_THREADS", "2")
         root = Path(tempfile.mkdtemp(prefix="bench-chain-tiny-"))
         parent, data = build_tiny(root)
