@@ -69,8 +69,7 @@ def prune(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Prune heads, FFN neurons, layers and/or weights of a BERT-family classifier, then recover by distilling
-    from it.
+    """Prune heads, FFN neurons, layers and/or weights of a BERT-family classifier; recover by distilling from it.
 
     Score, size, FLOPs and speed measured against the unpruned parent in the same run are logged to MLflow.
 

@@ -62,8 +62,7 @@ def share(
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
-    """Share weights across layers and factorise the embedding of a trained BERT-family classifier, then recover by
-    distilling from it.
+    """Share weights across layers, factorise the embedding of a BERT-family classifier; recover by distilling.
 
     Sharing cuts parameters and size, not FLOPs: every layer still runs. Score, size and the measured speed are
     logged to MLflow against the original, in the same run.

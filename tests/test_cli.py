@@ -113,6 +113,10 @@ def test_top_level_help_is_fast_and_lists_the_commands(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for command in ("distill", "finetune", "evaluate"):
         assert command in proc.stdout
+    # the list shows each command's first docstring line, so that line must be a whole sentence
+    for command, function in COMMANDS.items():
+        summary = function.__doc__.strip().splitlines()[0]
+        assert summary.endswith("."), f"compress --help cuts {command}'s summary mid-sentence: {summary!r}"
     # Fast means none of the heavy libraries load (they take seconds); checked by what is imported, not by a
     # stopwatch, which a loaded CI machine would fail. (`time compress --help`: about 0.3 s on an idle 2-core CPU.)
     probe = (f"import sys\nsys.argv = [{str(COMPRESS)!r}, '--help']  # what the console script sees\n"
