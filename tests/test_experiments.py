@@ -43,26 +43,36 @@ def test_config_parses_against_its_command(path: str, monkeypatch: pytest.Monkey
         assert printed[key] == value, f"{path}: {key} = {value!r} was read as {printed[key]!r}"
 
 
-def test_bench_chain_tiny_runs_all_three_recipes_and_times_them_together() -> None:
-    """experiments/bench_chain.py --tiny: prune, prune then share, share, each a real compress run on a tiny parent,
-    and one interleaved timing of all four models."""
+def test_bench_chain_tiny_runs_all_three_recipes_per_seed_and_times_them_together() -> None:
+    """experiments/bench_chain.py --tiny --seeds 1,2: prune, prune then share, share, each a real compress run on a
+    tiny parent, once per seed, and one interleaved timing of the parent and all six models."""
     import json
     import os
+    import statistics
     import subprocess
     import sys
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_chain.py"), "--tiny"], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_chain.py"), "--tiny", "--seeds", "1,2"],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")][-4:] == [
         "parent", "prune", "prune+share", "share"]
     written = Path(re.search(r"written: (\S+)", done.stderr).group(1))
     result = json.loads(written.read_text())
-    params = {name: row["student_params"] for name, row in result["rows"].items()}
-    # sharing the pruned model shrinks it again; half the heads and neurons go either way
-    assert params["prune+share"] < params["prune"] < result["parent_row"]["params"]
-    assert params["share"] < result["parent_row"]["params"]
-    assert set(result["latency_p50_ms"]) == {"parent", "prune", "prune+share", "share"}
-    assert json.loads((written.parent / "prune+share" / "config.json").read_text())["model_type"] == "compress_bert"
-    assert json.loads((written.parent / "share" / "config.json").read_text())["model_type"] == "albert"
+    assert set(result["runs"]) == {"1", "2"}
+    for seed, runs in result["runs"].items():
+        params = {name: row["student_params"] for name, row in runs.items()}
+        # sharing the pruned model shrinks it again; half the heads and neurons go either way
+        assert params["prune+share"] < params["prune"] < result["parent_row"]["params"]
+        assert params["share"] < result["parent_row"]["params"]
+        folder = written.parent / f"seed-{seed}"
+        assert json.loads((folder / "prune+share" / "config.json").read_text())["model_type"] == "compress_bert"
+        assert json.loads((folder / "share" / "config.json").read_text())["model_type"] == "albert"
+    assert set(result["latency_p50_ms"]) == {"parent"} | {f"{name}@{seed}" for seed in ("1", "2")
+                                                          for name in ("prune", "prune+share", "share")}
+    for name, row in result["rows"].items():  # the summary is the mean and sd of the per-seed runs
+        scores = [result["runs"][seed][name]["student_score"] for seed in ("1", "2")]
+        assert row["scores"] == scores
+        assert row["score"] == statistics.mean(scores) and row["score_sd"] == statistics.stdev(scores)
+        assert row["p50_ms"] == statistics.mean(result["latency_p50_ms"][f"{name}@{seed}"] for seed in ("1", "2"))
