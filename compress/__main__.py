@@ -62,12 +62,42 @@ def _normalise_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line_parser():
+    """jsonargparse's parser, reporting a flag it cannot parse in one line like every other compress error,
+    rather than after a usage block of 35 lines that buries it."""
+    import re
+
+    from jsonargparse import ArgumentParser
+
+    class OneLineParser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # jsonargparse probing a type: it catches this and tries the next
+                return super().error(message, ex)
+            text = " ".join(message.split())
+            # 'Parser key "lr": Expected a <class 'float'>. Got value: abc' -> '--lr abc: expected a float'
+            typed = re.fullmatch(r'Parser key "([\w.]+)": Expected a <class \'(\w+)\'>\. Got value: (.*)', text)
+            if typed:
+                text = f"--{typed.group(1)} {typed.group(3)}: expected a{'n' if typed.group(2)[0] in 'aeiou' else ''} "
+                text += typed.group(2)
+            prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+            # 'required: distill.teacher' -> 'required: --teacher', and the help to read is distill's
+            required = re.fullmatch(r"the following arguments are required: (([\w]+)\.[\w.]+(, [\w.]+)*)", text)
+            if required:
+                names = [name.rpartition(".")[2] for name in required.group(1).split(", ")]
+                text = f"the following arguments are required: {', '.join('--' + n for n in names)}"
+                prog = f"compress {required.group(2)}"
+            print(f"compress: error: {text} (see {prog} --help)", file=sys.stderr)
+            raise SystemExit(2)
+
+    return OneLineParser
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
-        CLI(COMMANDS, args=argv, prog="compress", as_positional=False,
+        CLI(COMMANDS, args=argv, prog="compress", as_positional=False, parser_class=_one_line_parser(),
             description="Distil, share, prune, search and export BERT-family models; every run tracked in MLflow.")
     except CompressError as err:
         print(f"compress: error: {err}", file=sys.stderr)

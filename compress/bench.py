@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.outputs import check_file_output, write_json
 from compress.tracking import DEFAULT_TRACKING
 
 
@@ -116,6 +117,7 @@ def load_candidate(name: str, taken: set[str], device: str, threads: int) -> Can
                          session=session)
 
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     import compress.modeling  # noqa: F401  (registers compress_bert: pruned and shared models)
@@ -134,7 +136,7 @@ def load_candidate(name: str, taken: set[str], device: str, threads: int) -> Can
     auto = AutoModelForSequenceClassification if head else AutoModel
     try:
         model = auto.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32).eval().to(device)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise CompressError(f"--model {name}: cannot load the weights ({str(err).splitlines()[0]})") from None
     import inspect
 
@@ -207,8 +209,7 @@ def bench(
         raise CompressError(f"--threads {threads}: must be at least 1")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CompressError(f"--device {device}: use cpu or cuda")
-    if json and Path(json).is_dir():
-        raise CompressError(f"--json {json}: is a folder; give a file name")
+    json_file = check_file_output(json, "--json") if json else None
 
     import torch
 
@@ -262,11 +263,8 @@ def bench(
         "results": results,
     }
     print_table(report)
-    if json:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(json).with_name(Path(json).name + ".tmp")
-        tmp.write_text(jsonlib.dumps(report, indent=2))
-        tmp.replace(json)
+    if json_file is not None:
+        write_json(json_file, report)
     if run:
         log_to_run(run, tracking, report)
 

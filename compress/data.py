@@ -274,6 +274,12 @@ def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _S
             f"--data: {train_path} has {len(distinct)} distinct label(s) in column {label_column!r}; classification "
             "needs at least 2 (check --label_column)"
         )
+    # Most values unique: the column holds text or ids. (A real label set repeats; 150 intents over 1,500 rows pass.)
+    if len(distinct) > 20 and 2 * len(distinct) > len(train_rows):
+        raise CompressError(
+            f"--label_column {label_column}: {len(distinct):,} distinct values in {len(train_rows):,} rows of "
+            f"{train_path}, so it holds text or ids, not class labels; name the label column"
+        )
     # Integer labels keep their numeric order (so 0..K-1 map to themselves); anything else sorts as strings.
     try:
         label_names = [str(i) for i in sorted({int(label) for label in distinct})]
@@ -427,10 +433,15 @@ def _label_ids(path: Path, rows: list[_Row], index: dict[str, int], numeric: boo
         if key not in index:
             raise CompressError(
                 f"--data: {path} line {line}: label {label!r} does not occur in the train file "
-                f"(labels: {', '.join(index)})"
+                f"(labels: {_first(list(index))})"
             )
         ids.append(index[key])
     return ids
+
+
+def _first(names: list[str], shown: int = 10) -> str:
+    """A list for an error line, cut short when long."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _json_type(value: Any) -> str:

@@ -144,9 +144,12 @@ def distill(
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
     from compress import logit_cache
     from compress.module import LossWeights
+    from compress.outputs import check_output
     from compress.training import quiet_libraries, teacher_runs_bf16
 
     quiet_libraries()
+    if output is not None:  # before a teacher is fine-tuned for minutes; the default name needs the student
+        check_output(output)
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
@@ -162,11 +165,12 @@ def distill(
     if placement is not None:
         print(f"teacher placed by --teacher_device_map {teacher_device_map}: "
               f"{sorted({str(d) for d in teacher_model.hf_device_map.values()})}", file=sys.stderr)
-    tokenizer = load_tokenizer(teacher_path, "--teacher")
+    tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_model.config, cfg.max_length)
     n_teacher = teacher_model.config.num_hidden_layers
     if student_path is not None:
-        check_same_vocab(tokenizer, load_tokenizer(student_path, "--student"),
-                         load_config(student_path, "--student"), teacher_model.config)
+        student_config = load_config(student_path, "--student")
+        check_same_vocab(tokenizer, load_tokenizer(student_path, "--student", student_config, cfg.max_length),
+                         student_config, teacher_model.config)
         student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn,
                                         seed=cfg.seed)
         kept = None
@@ -184,7 +188,7 @@ def distill(
     print(f"student: {n_student} layers x {student_model.config.hidden_size}"
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
-    out = Path(output or f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
+    out = Path(output if output is not None else f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
     cache_file = (logit_cache.file_for_run(Path(teacher_cache), teacher_path, task_data, tokenizer, cfg)
                   if cache_teacher else None)
     run_training(

@@ -37,13 +37,26 @@ def evaluate(
         json_out: also write the results to this JSON file.
     """
     from compress.data import load_task
-    from compress.models import load_classifier, load_config, load_tokenizer, require_task_head, resolve_model
+    from compress.models import (load_classifier, load_config, load_tokenizer, max_tokens, require_task_head,
+                                 resolve_model)
+
+    from compress.errors import CompressError
+    from compress.outputs import check_file_output, write_json
 
     # input checks first: a bad flag should not wait for Lightning's import
+    for flag, value in (("--batch_size", batch_size), ("--latency_batch", latency_batch),
+                        ("--latency_seq", latency_seq), ("--latency_reps", latency_reps)):
+        if value < 1:
+            raise CompressError(f"{flag} {value}: must be at least 1")
+    if not 8 <= max_length <= 8192:
+        raise CompressError(f"--max_length {max_length}: must be between 8 and 8192")
+    json_file = check_file_output(json_out, "--json_out") if json_out else None
     task_data = load_task(task, data, text_column=text_column, label_column=label_column)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     require_task_head(config, task_data, model)
+    if (positions := max_tokens(config)) and latency_seq > positions:
+        raise CompressError(f"--latency_seq {latency_seq}: {model} takes at most {positions} tokens")
 
     from compress.datamodule import TaskDataModule
     from compress.measure import count_params, latency_ms, weights_mb
@@ -51,7 +64,7 @@ def evaluate(
 
     quiet_libraries()
     net = load_classifier(path, task_data.label_names, "--model")
-    tokenizer = load_tokenizer(path, "--model")
+    tokenizer = load_tokenizer(path, "--model", net.config, max_length)
     accelerator = resolve_accelerator(accelerator)
     dm = TaskDataModule(task_data, tokenizer, eval_batch_size=batch_size, max_length=max_length)
     value = score(net, dm, task_data.metric, task_data.num_labels, accelerator, resolve_precision("auto", accelerator))
@@ -64,6 +77,5 @@ def evaluate(
     print(f"{task_data.metric:>10} {value:.4f}\n{'params':>10} {result['params']:,}\n{'MB':>10} {result['mb']:.1f}\n"
           f"{'latency':>10} {lat:.1f} ms at {latency_batch}x{latency_seq} on {device}", file=sys.stderr)
     print(json.dumps(result))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    if json_file is not None:
+        write_json(json_file, result)

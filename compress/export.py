@@ -103,6 +103,7 @@ def model_from_run(run_id: str, tracking: str, scratch: Path) -> str:
 def load_for_export(path: str, flag: str = "--model"):
     """The classifier in fp32 eval mode and its tokenizer; any model type the Auto classes know, no remote code."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     import compress.modeling  # noqa: F401  (registers compress_bert, the class of pruned and shared models)
@@ -116,9 +117,9 @@ def load_for_export(path: str, flag: str = "--model"):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False,
                                                                    dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
-    return model.eval(), load_tokenizer(path, flag)
+    return model.eval(), load_tokenizer(path, flag, model.config)
 
 
 def input_names(model, tokenizer) -> list[str]:
@@ -567,6 +568,7 @@ def export(
 
     from compress.data import load_task
     from compress.models import resolve_model
+    from compress.outputs import check_output
     from compress.training import quiet_libraries, read_lineage
 
     quiet_libraries()
@@ -578,7 +580,7 @@ def export(
             name = get_run(run, tracking).data.params.get("output") or f"run-{run[:8]}"
         else:
             path, name = resolve_model(model, "--model"), model
-        out = Path(output or f"outputs/export-{slug(name)}")
+        out = check_output(output if output is not None else f"outputs/export-{slug(name)}")
         if out.resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(out.resolve()):
             raise CompressError(f"--output {out}: holds the model being exported; choose another folder")
         if out.exists() and not overwrite:

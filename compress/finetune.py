@@ -24,7 +24,7 @@ def finetune_model(model_path: str, model_name: str, task, output: Path, cfg, *,
     from compress.recipe import run_training
 
     model = load_classifier(model_path, task.label_names, "--model", seed=cfg.seed)
-    tokenizer = load_tokenizer(model_path, "--model")
+    tokenizer = load_tokenizer(model_path, "--model", model.config, cfg.max_length)
     return run_training(
         command="finetune", run_name=f"finetune {model_name} on {task.name}", student=model, teacher=None,
         tokenizer=tokenizer, task=task, output=output, cfg=cfg, tracking=tracking, experiment=experiment,
@@ -123,6 +123,7 @@ def finetune(
     from compress.data import load_task
     from compress.models import check_encoder, load_config, resolve_model
     from compress.recipe import TrainConfig
+    from compress.outputs import check_output
     from compress.training import quiet_libraries
 
     quiet_libraries()
@@ -136,6 +137,7 @@ def finetune(
                           seed=seed)
     path = resolve_model(model, "--model")
     check_encoder(load_config(path, "--model"), "--model")
-    out = Path(output or f"outputs/finetune-{slug(model)}-{slug(task_data.name)}")
+    default = f"outputs/finetune-{slug(model)}-{slug(task_data.name)}"
+    out = check_output(output if output is not None else default)
     finetune_model(path, model, task_data, out, cfg, tracking=tracking, experiment=experiment, resume=resume,
                    overwrite=overwrite, params={"max_train": max_train})

@@ -134,6 +134,7 @@ def load_classifier(
     while it loads.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -159,7 +160,7 @@ def load_classifier(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=None, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
         raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -199,13 +200,40 @@ def teacher_placement(device_map: str, bf16: bool) -> dict:
     return {"device_map": mapping, "offload_folder": offload} | ({"dtype": torch.bfloat16} if bf16 else {})
 
 
-def load_tokenizer(path: str, flag: str = "--model") -> PreTrainedTokenizerBase:
+def max_tokens(config) -> int | None:
+    """The longest input `config`'s position table takes (None if it has no table): a RoBERTa numbers positions
+    from its pad id + 1, so it loses that many."""
+    from compress.modeling.convert import ROBERTA_TYPES
+
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and (config.model_type in ROBERTA_TYPES or getattr(config, "roberta_positions", False)):
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def load_tokenizer(path: str, flag: str = "--model", config=None, max_length: int | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model, checked against the model's `config` when given: every id it makes must
+    have a row in the embedding table, and `max_length` tokens must fit the position table. Each mismatch would
+    otherwise surface mid-run as an index error, or not at all."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
         raise CompressError(f"{flag} {path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
+    # transformers 5 builds a tokenizer of special tokens alone from a folder with no tokenizer files, which turns
+    # every word into [UNK] without a word of warning
+    if not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
+        raise CompressError(f"{flag} {path}: no tokenizer files beside the weights (tokenizer.json, vocab.txt, ...); "
+                            "save the tokenizer the model was trained with into the folder")
+    if config is not None and len(tokenizer) > config.vocab_size:
+        raise CompressError(f"{flag} {path}: its tokenizer has {len(tokenizer):,} tokens but the model's embedding "
+                            f"table has {config.vocab_size:,} rows; the tokenizer is not the model's own")
+    positions = max_tokens(config) if config is not None else None
+    if max_length is not None and positions and max_length > positions:
+        raise CompressError(f"--max_length {max_length}: {flag} {path} takes at most {positions} tokens")
+    return tokenizer
 
 
 def teacher_layer_map(teacher_layers: int, student_layers: int) -> list[int]:

@@ -155,6 +155,7 @@ def prune(
 
     from compress.data import load_task
     from compress.pruning import parse_drop_layers
+    from compress.outputs import check_output
     from compress.training import RunState, resolve_accelerator
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
@@ -166,7 +167,8 @@ def prune(
     dropped = parse_drop_layers(drop_layers, config.num_hidden_layers)
     accelerator_name = resolve_accelerator(accelerator)
     desc = f"h{heads:g}-f{ffn:g}" + (f"-d{len(dropped)}" if dropped else "") + (f"-s{sparsity:g}" if sparsity else "")
-    out = Path(output or f"outputs/prune-{slug(model)}-{slug(task_data.name)}-{desc}")
+    default = f"outputs/prune-{slug(model)}-{slug(task_data.name)}-{desc}"
+    out = check_output(output if output is not None else default)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after minutes of scoring
 
     return _prune(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, heads=heads, ffn=ffn,
@@ -201,7 +203,7 @@ def _prune(*, path: str, model_name: str, task_data, cfg, out: Path, heads: floa
     quiet_libraries()
     torch.manual_seed(cfg.seed)
     parent = load_classifier(path, task_data.label_names, "--model").eval()
-    tokenizer = load_tokenizer(path, "--model")
+    tokenizer = load_tokenizer(path, "--model", parent.config, cfg.max_length)
     student = from_bert(parent)
     if student is parent:  # already a CompressBert: prune a copy, the parent stays the teacher
         student = copy.deepcopy(parent)

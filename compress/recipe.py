@@ -48,6 +48,8 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: by time, see --checkpoint_minutes)"),
             (self.checkpoint_minutes > 0, "--checkpoint_minutes must be positive"),
             (self.latency_reps >= 1, "--latency_reps must be at least 1"),
+            (self.num_workers is None or self.num_workers >= 0, "--num_workers must be >= 0 (0: load in the main "
+                                                                "process)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
+from compress.outputs import check_output
 from compress.finetune import slug
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, resolve_tracking
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # objective name -> (metric in compress.json, direction)
@@ -140,6 +141,7 @@ def parse_space(space: dict, flags: dict[str, dict[str, Any]]) -> dict[str, Dime
         if flag in STUDY_LEVEL and dim.kind != "fixed":
             raise CompressError(f"{where}: the teacher is fine-tuned once per study, so {flag} takes one fixed value")
         dims[key] = dim
+    _check_values(dims)
     _check_steps(dims)
     return dims
 
@@ -197,6 +199,48 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
     if narrow and any(e is not None for e in _share_values(dims, flags, "embedding")):
         raise CompressError(f"space: embedding: the ELECTRA teacher's embeddings are already {narrow} wide and "
                             f"projected to {config.hidden_size}; leave embedding out or null")
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+# What each numeric flag's command accepts (the same rules the commands apply), so that a space holding a value they
+# refuse fails in a second with one line, not trial after trial once the study (and its name) exist.
+_BOUNDS: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(("heads", "ffn", "sparsity", "warmup"), (_fraction, "in [0, 1)")),
+    **dict.fromkeys(("temperature", "lr"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("alpha_kd", "alpha_ce", "alpha_hidden", "alpha_attn", "weight_decay", "recover_epochs"),
+                    (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("layers", "groups", "epochs", "batch_size", "calibration", "importance_batches"),
+                    (lambda v: v >= 1, ">= 1")),
+    "embedding": (lambda v: v >= 2, ">= 2"),
+    "max_length": (lambda v: 8 <= v <= 8192, "between 8 and 8192"),
+}
+
+
+def _values(dim: Dimension) -> list:
+    """The values a dimension can take that bound checks can judge: its value, choices, or a range's two ends."""
+    values = [dim.value] if dim.kind == "fixed" else dim.choices if dim.kind == "choice" else [dim.low, dim.high]
+    return [v for v in values if _is_number(v)]
+
+
+def _check_values(dims: dict[str, Dimension]) -> None:
+    for key, dim in dims.items():
+        rule = _BOUNDS.get(key.rpartition(".")[2])
+        bad = [v for v in _values(dim) if rule and not rule[0](v)]
+        if bad:
+            raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {key.rpartition('.')[2]} must be "
+                                f"{rule[1]}")
+
+
+def _check_depths(config, dims: dict[str, Dimension]) -> None:
+    """Depths no trial can have: a student or a group count deeper than the teacher."""
+    layers = config.num_hidden_layers
+    for key, dim in dims.items():
+        flag = key.rpartition(".")[2]
+        if flag in ("layers", "groups") and (deep := [v for v in _values(dim) if v > layers]):
+            raise CompressError(f"space: {key}: {deep[0]!r} is more than the teacher's {layers} layers")
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:
@@ -624,7 +668,7 @@ def open_study(ctx: Context, config: dict):
 
 def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_name: str) -> tuple[str, str]:
     """The study's MLflow parent run (created once, found again on resume) and its experiment id."""
-    from compress.tracking import _prepare_store, git_commit
+    from compress.tracking import git_commit
 
     client = _mlflow_client(tracking)
     exp = client.get_experiment_by_name(experiment)
@@ -671,6 +715,7 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
     config = load_config(path, "--teacher")
     check_encoder(config, "--teacher")
     _check_share_fits(config, dims, flags)
+    _check_depths(config, dims)
     if has_task_head(config, task_data.label_names):
         return lambda *_: path
     from compress.finetune import ensure_task_teacher
@@ -912,10 +957,16 @@ def run_search(
     if workers > 1 and storage.startswith("sqlite:") and ":memory:" in storage:
         raise CompressError("--storage: an in-memory sqlite database cannot be shared by workers")
     teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
-    if storage.startswith("sqlite:///"):  # after every check, so a refused study leaves no mlruns/ behind
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # after every check, so a refused study leaves no mlruns/ behind
+    if storage.startswith("sqlite:///"):
+        folder = Path(storage.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CompressError(f"--storage {storage}: cannot create {folder} ({err.strerror})") from None
+    _prepare_store(resolve_tracking(tracking))  # a bad --tracking fails here once, not in every trial
     name = study or f"{slug(teacher)}-{slug(task or data)}"
-    out = output or f"outputs/search-{name}"
+    out = str(check_output(output if output is not None else f"outputs/search-{name}"))
     config = _study_config(teacher, task, data, objs, space)
     ctx = Context(study=name, storage=storage, objectives=objs, space=space, sampler=sampler, pruner=pruner,
                   sampler_seed=sampler_seed, heartbeat=heartbeat, retries=retries, teacher=teacher, teacher_path="",

@@ -149,6 +149,7 @@ def share(
     cfg.validate(min_epochs=0)
 
     from compress.data import load_task
+    from compress.outputs import check_output
     from compress.training import RunState
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
@@ -178,7 +179,8 @@ def share(
                             "(leave it out to keep the embedding whole)")
     require_task_head(config, task_data, model)
     desc = f"{share}-g{groups}" + (f"-e{embedding}" if embedding else "")
-    out = Path(output or f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}")
+    default = f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}"
+    out = check_output(output if output is not None else default)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after the conversion
 
     _share(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, groups=groups, share=share,
@@ -235,7 +237,7 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
     torch.manual_seed(cfg.seed)
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
     teacher = load_classifier(path, task_data.label_names, "--model", attn_implementation=attn).eval()
-    tokenizer = load_tokenizer(path, "--model")
+    tokenizer = load_tokenizer(path, "--model", teacher.config, cfg.max_length)
     datamodule = TaskDataModule(task_data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                 seed=cfg.seed)
     batches = None

@@ -10,6 +10,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from compress.errors import CompressError
+
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "compress"
 
@@ -22,12 +24,24 @@ def resolve_tracking(uri: str) -> str:
     return uri
 
 
+# MLflow's database and server stores; its file store refuses to start (STACK.md), so a bare path is no store.
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def _prepare_store(uri: str) -> str | None:
-    """Create the sqlite file's folder and pick an artifact folder beside it; None lets the server decide."""
+    """Check the store's scheme, create the sqlite file's folder and pick an artifact folder beside it; None lets
+    the server decide."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri
+    if scheme not in STORE_SCHEMES:
+        raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
+                            "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CompressError(f"--tracking {uri}: cannot create {db.parent} ({err.strerror})") from None
     return (db.parent / "artifacts").resolve().as_uri()
 
 

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
+from compress.outputs import check_output
 
 
 def quiet_libraries() -> None:
@@ -84,6 +85,7 @@ class RunState:
         self._child = rank_zero_only.rank != 0
         if self._child:
             return
+        check_output(output)
         if output.exists() and not overwrite:
             raise CompressError(f"--output {output}: already exists; pass --overwrite to replace it or choose another")
         if self.dir.exists() and not resume:
@@ -202,7 +204,7 @@ def atomic_output(output: Path, overwrite: bool):
     try:
         yield tmp
         if output.exists():
-            if not overwrite:
+            if not overwrite or not output.is_dir():  # a file there is not an earlier model: never replace it
                 raise CompressError(f"--output {output}: appeared while running; not replacing it")
             old = output.with_name(output.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

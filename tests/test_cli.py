@@ -172,6 +172,19 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
         assert first_words in text, f"{command} {flag}: help {text!r} is not the docstring {documented[name]!r}"
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["distill", "--teacher", "t", "--temperature", "abc"],
+     "--temperature abc: expected a float (see compress distill --help)"),
+    (["prune", "--model", "m", "--heads", "half"], "--heads half: expected a float (see compress prune --help)"),
+    (["distill", "--teacher", "t", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see compress distill --help)"),
+    (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
+])
+def test_a_flag_that_does_not_parse_is_one_line(args: list[str], line: str) -> None:
+    """jsonargparse would print a usage block of some 35 lines above its message."""
+    code, out, err = run_main(args)
+    assert (code, out, err) == (2, "", f"compress: error: {line}\n")
+
+
 def test_the_three_core_commands_exist() -> None:
     assert {"distill", "finetune", "evaluate"} <= set(COMMANDS)
 
@@ -589,6 +602,30 @@ def _gpt2(root: Path) -> Path:
     return root / "gpt2"
 
 
+def _model_copy(root: Path, teacher: Path, name: str, *, tokenizer: str = "same", weights: bytes | None = None) -> Path:
+    """The tiny teacher's folder copied, with its tokenizer kept, left out ("none") or grown past the embedding
+    table ("bigger"), and optionally its weights file overwritten."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = root / name
+    shutil.copytree(teacher, folder, ignore=None if tokenizer == "same" else shutil.ignore_patterns("*token*",
+                                                                                                     "vocab*"))
+    if tokenizer == "bigger":
+        grown = AutoTokenizer.from_pretrained(teacher)
+        grown.add_tokens(["zebra", "yak", "okapi"])
+        grown.save_pretrained(folder)
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def _text_labels(root: Path) -> Path:
+    rows = "".join(f"film number {i} was fine\tgood film {i}\n" for i in range(30))
+    return _bad_data(root, "textlabels", "sentence\tlabel\n" + rows, "sentence\tlabel\n" + rows)
+
+
 # name -> (extra args builder(workdir, teacher, data) -> args, substrings the error line must contain)
 BAD_INPUTS = {
     "missing-data-folder": (lambda w, t, d: ["--teacher", t, "--data", w / "nope"],
@@ -628,6 +665,21 @@ BAD_INPUTS = {
                             ["--teacher_device_map map.yaml", "JSON"]),
     "cache-with-hidden-loss": (lambda w, t, d: ["--teacher", t, "--data", d, "--cache_teacher"],
                                ["--cache_teacher", "--alpha_hidden 0"]),
+    # transformers 5 makes a tokenizer of special tokens alone from a folder without tokenizer files: all [UNK]
+    "teacher-without-tokenizer": (lambda w, t, d: ["--teacher", _model_copy(w, t, "notok", tokenizer="none"),
+                                                   "--data", d], ["--teacher", "notok", "no tokenizer files"]),
+    "tokenizer-past-the-embeddings": (lambda w, t, d: ["--teacher", _model_copy(w, t, "bigtok", tokenizer="bigger"),
+                                                       "--data", d], ["--teacher", "tokens but", "embedding table"]),
+    "max-length-past-the-positions": (lambda w, t, d: ["--teacher", t, "--data", d, "--max_length", "512"],
+                                      ["--max_length 512", "at most 128 tokens"]),
+    "corrupt-weights": (lambda w, t, d: ["--teacher", _model_copy(w, t, "corrupt", weights=b"\xff" * 64),
+                                         "--data", d], ["--teacher", "corrupt", "cannot load the weights"]),
+    "negative-num-workers": (lambda w, t, d: ["--teacher", t, "--data", d, "--num_workers", "-1"],
+                             ["--num_workers"]),
+    "label-column-holds-text": (lambda w, t, d: ["--teacher", t, "--data", _text_labels(w)],
+                                ["--label_column label", "30 distinct values", "not class labels"]),
+    "tracking-not-a-store": (lambda w, t, d: ["--teacher", t, "--data", d, "--tracking", "foo://bar"],
+                             ["--tracking foo://bar", "not an MLflow store"]),
 }
 
 
@@ -644,6 +696,62 @@ def test_bad_input_gives_one_clean_error(case: str, tiny_teacher: Path, tiny_dat
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     assert leftovers(workdir / "out") == []
     assert not (workdir / "outputs").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "proc", "root", "empty"])
+def test_an_output_that_cannot_be_a_folder_is_refused_first(where: str, tiny_teacher: Path, tiny_data: Path,
+                                                            workdir: Path) -> None:
+    """A file is never replaced, even with --overwrite (it is not a model); nothing is written and no MLflow run
+    opens."""
+    (workdir / "notes.txt").write_text("mine")
+    output, wanted = {"file": ("notes.txt", "is a file"), "proc": ("/proc/nope/out", "cannot create /proc/nope"),
+                      "root": ("/", "name a new folder"), "empty": ("", "empty")}[where]
+    for command in (["distill", "--teacher", tiny_teacher, "--data", tiny_data],
+                    ["prune", "--model", tiny_teacher, "--data", tiny_data, "--heads", "0.5"],
+                    ["export", "--model", tiny_teacher, "--format", "hf"]):
+        code, _, err = run_main([*command, "--output", output, "--overwrite", *track(workdir)])
+        assert code == 1 and "Traceback" not in err, err
+        (line,) = error_lines(err)
+        assert line.startswith(f"compress: error: --output{' ' if output else ':'}{output}") and wanted in line, line
+        assert (workdir / "notes.txt").read_text() == "mine"
+        assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"] + (["mlruns"] if
+                                                                             (workdir / "mlruns").exists() else [])
+        assert not (workdir / "mlruns").exists() or mlflow_runs(sqlite_uri(workdir / "mlruns")) == []
+
+
+@pytest.mark.parametrize(("flags", "wanted"), [
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--latency_reps", "0"], "--latency_reps 0: must be at least 1"),
+    (["--latency_seq", "4096"], "--latency_seq 4096"),
+    (["--max_length", "0"], "--max_length 0"),
+    (["--json_out", "."], "--json_out .: is a folder"),
+    (["--json_out", "/proc/nope/r.json"], "--json_out /proc/nope/r.json: cannot create"),
+])
+def test_evaluate_checks_its_flags_before_scoring(flags: list[str], wanted: str, tiny_teacher: Path,
+                                                  tiny_data: Path, workdir: Path) -> None:
+    code, out, err = run_main(["evaluate", "--model", tiny_teacher, "--data", tiny_data, *flags])
+    assert code == 1 and "Traceback" not in err and out == "", err
+    (line,) = error_lines(err)
+    assert wanted in line, line
+
+
+def test_evaluate_creates_the_json_outs_folder(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    out, _ = ok(["evaluate", "--model", tiny_teacher, "--data", tiny_data, "--latency_reps", "1",
+                 "--json_out", "results/r.json"])
+    assert json.loads((workdir / "results" / "r.json").read_text()) == json.loads(out)
+
+
+@pytest.mark.parametrize(("tokenizer", "wanted"), [("none", "no tokenizer files"), ("bigger", "embedding table")])
+def test_export_and_evaluate_refuse_a_tokenizer_that_is_not_the_models(tokenizer: str, wanted: str, tiny_teacher: Path,
+                                                                     tiny_data: Path, workdir: Path) -> None:
+    model = _model_copy(workdir, tiny_teacher, "odd", tokenizer=tokenizer)
+    for command in (["export", "--model", model, "--format", "hf", "--output", "exported"],
+                    ["evaluate", "--model", model, "--data", tiny_data]):
+        code, _, err = run_main(command)
+        assert code == 1 and "Traceback" not in err, err
+        (line,) = error_lines(err)
+        assert "--model" in line and wanted in line, line
+    assert leftovers(workdir / "exported") == []
 
 
 def test_existing_output_needs_overwrite(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:

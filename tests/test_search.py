@@ -61,11 +61,11 @@ def flags():
 
 def test_space_kinds(flags):
     dims = parse_space({"layers": [2, 3, None], "temperature": {"low": 1.0, "high": 8.0, "log": True},
-                        "heads": {"low": 0, "high": 2}, "lr": 1e-4, "prune.lr": {"low": 1e-5, "high": 1e-3},
+                        "epochs": {"low": 1, "high": 3}, "lr": 1e-4, "prune.lr": {"low": 1e-5, "high": 1e-3},
                         "groups": [None, 1]}, flags)
     assert dims["layers"].kind == "choice" and dims["layers"].choices == [2, 3, None]
     assert dims["temperature"].kind == "float" and dims["temperature"].log
-    assert dims["heads"].kind == "int"  # both bounds ints
+    assert dims["epochs"].kind == "int"  # both bounds ints
     assert dims["lr"].kind == "fixed" and dims["prune.lr"].kind == "float"
 
 
@@ -80,6 +80,14 @@ def test_space_kinds(flags):
     ({"layers": [1], "teacher_epochs": [1, 2]}, "teacher_epochs takes one fixed value"),
     ({"temperature": [1, 2]}, "no trial would run a step"),
     ({"layers": [None]}, "no trial would run a step"),
+    # values the commands refuse, found before the study opens rather than trial after trial
+    ({"heads": [1.5, 0.5]}, "heads: 1.5 is out of range; heads must be in [0, 1)"),
+    ({"ffn": {"low": 0.0, "high": 1.0}}, "ffn: 1.0 is out of range"),
+    ({"groups": [0]}, "groups: 0 is out of range; groups must be >= 1"),
+    ({"layers": [1], "temperature": [0, 2]}, "temperature: 0 is out of range; temperature must be > 0"),
+    ({"layers": [1], "batch_size": 0}, "batch_size: 0 is out of range"),
+    ({"layers": [1], "prune.lr": -1e-4}, "prune.lr: -0.0001 is out of range; lr must be > 0"),
+    ({"layers": [1], "max_length": 4}, "max_length: 4 is out of range"),
 ])
 def test_space_errors(flags, space, message):
     with pytest.raises(CompressError, match=None) as info:
@@ -335,6 +343,19 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
     line = err.strip()
     assert code == 1 and line.startswith("compress: error: space: ") and message in line and "\n" not in line, err
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"layers": [2, 10]}, "space: layers: 10 is more than the teacher's 4 layers"),
+    ({"groups": {"low": 1, "high": 9}}, "space: groups: 9 is more than the teacher's 4 layers"),
+])
+def test_depths_past_the_teacher_are_refused_before_the_study(space, message, tiny_teacher, tiny_data, workdir,
+                                                              capsys):
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data),
+                            "--space", json.dumps(space)], capsys)
+    line = err.strip()
+    assert code == 1 and line == f"compress: error: {message}", err
+    assert list(workdir.iterdir()) == []  # no study, no store, no outputs: the study's name is still free
 
 
 def test_an_electra_teacher_takes_share_attention_and_ffn_and_share_all_after_a_prune(flags, tiny_data, electra):
