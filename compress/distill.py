@@ -145,11 +145,11 @@ def distill(
     from compress import logit_cache
     from compress.module import LossWeights
     from compress.outputs import check_output
-    from compress.training import quiet_libraries, teacher_runs_bf16
+    from compress.training import RunState, quiet_libraries, teacher_runs_bf16
 
     quiet_libraries()
-    if output is not None:  # before a teacher is fine-tuned for minutes; the default name needs the student
-        check_output(output)
+    if output is not None:  # before a teacher is fine-tuned for minutes (the default name needs the student)
+        RunState(check_output(output), resume, overwrite)  # a file, or an existing folder without --overwrite
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
