@@ -144,12 +144,15 @@ def distill(
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
     from compress import logit_cache
     from compress.module import LossWeights
-    from compress.outputs import check_output
+    from compress.outputs import check_run_paths
     from compress.training import RunState, quiet_libraries, teacher_runs_bf16
 
     quiet_libraries()
-    if output is not None:  # before a teacher is fine-tuned for minutes (the default name needs the student)
-        RunState(check_output(output), resume, overwrite)  # a file, or an existing folder without --overwrite
+    teacher_runs_bf16(accelerator, precision)  # refuses an unknown --accelerator or --precision now
+    # before a teacher is fine-tuned for minutes (--output's default name needs the student)
+    checked = check_run_paths(output, reads=(teacher_path, student_path), tracking=tracking, cache=teacher_cache)
+    if checked is not None:
+        RunState(checked, resume, overwrite)  # an existing folder without --overwrite, or nothing to resume
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,

@@ -100,7 +100,7 @@ def model_from_run(run_id: str, tracking: str, scratch: Path) -> str:
                                                tracking_uri=tracking)
 
 
-def load_for_export(path: str, flag: str = "--model"):
+def load_for_export(path: str, flag: str = "--model", max_length: int | None = None):
     """The classifier in fp32 eval mode and its tokenizer; any model type the Auto classes know, no remote code."""
     import torch
     from safetensors import SafetensorError
@@ -119,7 +119,7 @@ def load_for_export(path: str, flag: str = "--model"):
                                                                    dtype=torch.float32)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
-    return model.eval(), load_tokenizer(path, flag, model.config)
+    return model.eval(), load_tokenizer(path, flag, model.config, max_length)
 
 
 def input_names(model, tokenizer) -> list[str]:
@@ -568,7 +568,7 @@ def export(
 
     from compress.data import load_task
     from compress.models import resolve_model
-    from compress.outputs import check_output
+    from compress.outputs import check_replaceable, check_run_paths
     from compress.training import quiet_libraries, read_lineage
 
     quiet_libraries()
@@ -580,12 +580,15 @@ def export(
             name = get_run(run, tracking).data.params.get("output") or f"run-{run[:8]}"
         else:
             path, name = resolve_model(model, "--model"), model
-        out = check_output(output if output is not None else f"outputs/export-{slug(name)}")
+        out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path,),
+                              tracking=tracking if register else None)
         if out.resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(out.resolve()):
             raise CompressError(f"--output {out}: holds the model being exported; choose another folder")
         if out.exists() and not overwrite:
             raise CompressError(f"--output {out}: already exists; pass --overwrite to replace it or choose another")
-        net, tokenizer = load_for_export(path, "--run" if run else "--model")
+        if out.exists():
+            check_replaceable(out)
+        net, tokenizer = load_for_export(path, "--run" if run else "--model", max_length)
         if task_data is not None and task_data.num_labels != net.config.num_labels:
             raise CompressError(f"--{'task' if task else 'data'}: {task_data.name} has {task_data.num_labels} labels "
                                 f"but the model's head has {net.config.num_labels}")

@@ -123,7 +123,7 @@ def finetune(
     from compress.data import load_task
     from compress.models import check_encoder, load_config, resolve_model
     from compress.recipe import TrainConfig
-    from compress.outputs import check_output
+    from compress.outputs import check_run_paths
     from compress.training import quiet_libraries
 
     quiet_libraries()
@@ -138,6 +138,6 @@ def finetune(
     path = resolve_model(model, "--model")
     check_encoder(load_config(path, "--model"), "--model")
     default = f"outputs/finetune-{slug(model)}-{slug(task_data.name)}"
-    out = check_output(output if output is not None else default)
+    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking)
     finetune_model(path, model, task_data, out, cfg, tracking=tracking, experiment=experiment, resume=resume,
                    overwrite=overwrite, params={"max_train": max_train})

@@ -155,7 +155,7 @@ def prune(
 
     from compress.data import load_task
     from compress.pruning import parse_drop_layers
-    from compress.outputs import check_output
+    from compress.outputs import check_run_paths
     from compress.training import RunState, resolve_accelerator
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
@@ -168,7 +168,8 @@ def prune(
     accelerator_name = resolve_accelerator(accelerator)
     desc = f"h{heads:g}-f{ffn:g}" + (f"-d{len(dropped)}" if dropped else "") + (f"-s{sparsity:g}" if sparsity else "")
     default = f"outputs/prune-{slug(model)}-{slug(task_data.name)}-{desc}"
-    out = check_output(output if output is not None else default)
+    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking,
+                          cache=teacher_cache if cache_teacher else None)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after minutes of scoring
 
     return _prune(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, heads=heads, ffn=ffn,

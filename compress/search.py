@@ -235,12 +235,17 @@ def _check_values(dims: dict[str, Dimension]) -> None:
 
 
 def _check_depths(config, dims: dict[str, Dimension]) -> None:
-    """Depths no trial can have: a student or a group count deeper than the teacher."""
-    layers = config.num_hidden_layers
+    """Sizes no trial can have: a student or a group count deeper than the teacher, inputs longer than its
+    positions."""
+    from compress.models import max_tokens
+
+    layers, positions = config.num_hidden_layers, max_tokens(config)
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
         if flag in ("layers", "groups") and (deep := [v for v in _values(dim) if v > layers]):
             raise CompressError(f"space: {key}: {deep[0]!r} is more than the teacher's {layers} layers")
+        if flag == "max_length" and positions and (long := [v for v in _values(dim) if v > positions]):
+            raise CompressError(f"space: {key}: {long[0]!r} is more than the teacher's {positions} positions")
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:

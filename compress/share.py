@@ -149,7 +149,7 @@ def share(
     cfg.validate(min_epochs=0)
 
     from compress.data import load_task
-    from compress.outputs import check_output
+    from compress.outputs import check_run_paths
     from compress.training import RunState
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
@@ -180,7 +180,8 @@ def share(
     require_task_head(config, task_data, model)
     desc = f"{share}-g{groups}" + (f"-e{embedding}" if embedding else "")
     default = f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}"
-    out = check_output(output if output is not None else default)
+    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking,
+                          cache=teacher_cache if cache_teacher else None)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after the conversion
 
     _share(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, groups=groups, share=share,

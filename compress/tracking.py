@@ -28,16 +28,38 @@ def resolve_tracking(uri: str) -> str:
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
-def _prepare_store(uri: str) -> str | None:
-    """Check the store's scheme, create the sqlite file's folder and pick an artifact folder beside it; None lets
-    the server decide."""
+def sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking(uri: str) -> None:
+    """A store MLflow can open, checked before any work rather than when the run opens: a known scheme, and for
+    sqlite a folder that can be made and a file that is a database (or not there yet)."""
+    from compress.outputs import check_folder
+
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri
     if scheme not in STORE_SCHEMES:
         raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
+        return
+    check_folder(db.parent, "--tracking")
+    if db.is_dir():
+        raise CompressError(f"--tracking {uri}: {db} is a folder; name the database file")
+    if db.exists() and db.stat().st_size:
+        with db.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise CompressError(f"--tracking {uri}: {db} is not an SQLite database")
+
+
+def _prepare_store(uri: str) -> str | None:
+    """Check the store, create the sqlite file's folder and pick an artifact folder beside it; None lets the server
+    decide."""
+    check_tracking(uri)
+    db = sqlite_file(uri)
+    if db is None:
         return None
-    db = Path(uri.removeprefix("sqlite:///"))
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
-from compress.outputs import check_output
+from compress.outputs import check_output, check_replaceable
 
 
 def quiet_libraries() -> None:
@@ -88,6 +88,8 @@ class RunState:
         check_output(output)
         if output.exists() and not overwrite:
             raise CompressError(f"--output {output}: already exists; pass --overwrite to replace it or choose another")
+        if output.exists():
+            check_replaceable(output)
         if self.dir.exists() and not resume:
             if not overwrite:
                 raise CompressError(
@@ -197,20 +199,27 @@ def score_in_place(model, datamodule, metric: str, num_labels: int) -> float:
 
 @contextmanager
 def atomic_output(output: Path, overwrite: bool):
-    """Yield a temporary folder beside `output`; rename it into place only if the block succeeds."""
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Yield a temporary folder beside `output`; rename it into place only if the block succeeds.
+
+    The temporary and the replaced folders get fresh hidden names (mkdtemp), so no folder of the user's that
+    happens to be called OUTPUT.tmp or OUTPUT.old is ever deleted."""
+    import tempfile
+    import uuid
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         yield tmp
-        if output.exists():
+        if output.exists() or output.is_symlink():
             if not overwrite or not output.is_dir():  # a file there is not an earlier model: never replace it
                 raise CompressError(f"--output {output}: appeared while running; not replacing it")
-            old = output.with_name(output.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
+            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            output.rename(old)  # a link is moved, not followed: what it pointed to stays
             tmp.rename(output)
-            shutil.rmtree(old)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old)
         else:
             tmp.rename(output)
     finally:

@@ -80,11 +80,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def leftovers(output: Path) -> list[str]:
-    """Siblings of `output` that share its name: OUTPUT itself, OUTPUT.partial, OUTPUT.tmp, OUTPUT.old."""
+    """Siblings of `output` that share its name: OUTPUT itself, OUTPUT.partial, and the hidden .OUTPUT.tmp-* and
+    .OUTPUT.old-* of an atomic write."""
     if not output.parent.exists():
         return []
     name = output.name
-    return sorted(p.name for p in output.parent.iterdir() if p.name == name or p.name.startswith(name + "."))
+    return sorted(p.name for p in output.parent.iterdir()
+                  if p.name == name or p.name.startswith((name + ".", "." + name + ".")))
 
 
 def error_lines(err: str) -> list[str]:
@@ -621,6 +623,11 @@ def _model_copy(root: Path, teacher: Path, name: str, *, tokenizer: str = "same"
     return folder
 
 
+def _text_file(root: Path, name: str) -> str:
+    (root / name).write_text("my notes\n")
+    return f"sqlite:///{root / name}"
+
+
 def _text_labels(root: Path) -> Path:
     rows = "".join(f"film number {i} was fine\tgood film {i}\n" for i in range(30))
     return _bad_data(root, "textlabels", "sentence\tlabel\n" + rows, "sentence\tlabel\n" + rows)
@@ -680,6 +687,10 @@ BAD_INPUTS = {
                                 ["--label_column label", "30 distinct values", "not class labels"]),
     "tracking-not-a-store": (lambda w, t, d: ["--teacher", t, "--data", d, "--tracking", "foo://bar"],
                              ["--tracking foo://bar", "not an MLflow store"]),
+    "tracking-not-a-database": (lambda w, t, d: ["--teacher", t, "--data", d, "--tracking", _text_file(w, "notes.db")],
+                                ["--tracking", "notes.db is not an SQLite database"]),
+    "teacher-cache-cannot-be-made": (lambda w, t, d: ["--teacher", t, "--data", d, "--teacher_cache", "/proc/no/c"],
+                                     ["--teacher_cache", "cannot create /proc/no"]),
 }
 
 
@@ -735,6 +746,32 @@ def test_evaluate_checks_its_flags_before_scoring(flags: list[str], wanted: str,
     assert wanted in line, line
 
 
+def test_json_out_never_takes_a_models_own_file(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    config = (tiny_teacher / "config.json").read_text()
+    code, _, err = run_main(["evaluate", "--model", tiny_teacher, "--data", tiny_data,
+                             "--json_out", tiny_teacher / "config.json"])
+    (line,) = error_lines(err)
+    assert code == 1 and "one of a model's own files" in line
+    assert (tiny_teacher / "config.json").read_text() == config
+
+
+def test_an_atomic_write_spares_the_users_folders_and_replaces_a_link_not_its_target(tiny_teacher: Path,
+                                                                                   workdir: Path) -> None:
+    """The temporary and the replaced folder have fresh hidden names, so OUTPUT.tmp or OUTPUT.old of the user's
+    survive; --overwrite of a link to an earlier output moves the link, not what it points to."""
+    for name in ("res.tmp", "res.old"):
+        (workdir / name).mkdir()
+        (workdir / name / "important.txt").write_text("keep")
+    ok(["export", "--model", tiny_teacher, "--format", "hf", "--output", "res"])
+    ok(["export", "--model", tiny_teacher, "--format", "hf", "--output", "res", "--overwrite"])
+    assert all((workdir / name / "important.txt").read_text() == "keep" for name in ("res.tmp", "res.old"))
+    (workdir / "link").symlink_to(workdir / "res")
+    ok(["export", "--model", tiny_teacher, "--format", "hf", "--output", "link", "--overwrite"])
+    assert not (workdir / "link").is_symlink() and (workdir / "link" / "config.json").is_file()
+    assert (workdir / "res" / "config.json").is_file()  # the link's old target is left as it was
+    assert sorted(p.name for p in workdir.iterdir()) == ["link", "res", "res.old", "res.tmp"]
+
+
 def test_evaluate_creates_the_json_outs_folder(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     out, _ = ok(["evaluate", "--model", tiny_teacher, "--data", tiny_data, "--latency_reps", "1",
                  "--json_out", "results/r.json"])
@@ -765,7 +802,30 @@ def test_existing_output_needs_overwrite(tiny_teacher: Path, tiny_data: Path, wo
     assert "--output" in line and "--overwrite" in line
     assert leftovers(workdir / "out") == ["out"]
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["keep.txt"]
-    # and --overwrite replaces it
-    ok([*args, "--overwrite"])
-    assert (workdir / "out" / "model.safetensors").is_file() and not (workdir / "out" / "keep.txt").exists()
-    assert leftovers(workdir / "out") == ["out"]
+    # --overwrite replaces an earlier output, not a folder of the user's other things
+    code, _, err = run_main([*args, "--overwrite"])
+    (line,) = error_lines(err)
+    assert code == 1 and "holds none" in line and (workdir / "out" / "keep.txt").read_text() == "mine"
+    ok(args[:-2] + ["--output", "out2", *track(workdir)])  # an earlier output ...
+    ok([*args[:-2], "--output", "out2", *track(workdir), "--overwrite"])  # ... is replaced
+    assert (workdir / "out2" / "model.safetensors").is_file() and leftovers(workdir / "out2") == ["out2"]
+
+
+def test_overwrite_never_deletes_what_the_run_reads(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    """--output naming the model itself, a folder above it, or the folder of the MLflow store is refused even
+    with --overwrite, which would delete them."""
+    import shutil
+
+    shutil.copytree(tiny_teacher, workdir / "models" / "teacher")
+    teacher = workdir / "models" / "teacher"
+    for command, output in ((["distill", "--teacher", teacher], teacher), (["distill", "--teacher", teacher],
+                                                                          workdir / "models"),
+                            (["prune", "--model", teacher, "--heads", "0.5"], teacher),
+                            (["export", "--model", teacher, "--format", "hf"], workdir / "models"),
+                            (["distill", "--teacher", teacher], workdir / "mlruns")):
+        (workdir / "mlruns").mkdir(exist_ok=True)
+        code, _, err = run_main([*command, "--data", tiny_data, "--output", output, "--overwrite", *track(workdir)]
+                                if command[0] != "export" else [*command, "--output", output, "--overwrite"])
+        (line,) = error_lines(err)
+        assert code == 1 and "which this run reads" in line, line
+        assert (teacher / "model.safetensors").is_file()

@@ -114,7 +114,7 @@ def test_export_writes_every_format_atomically(exported) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "compress.json", ONNX_FILE,
             INT8_FILE} <= names
-    assert not out.with_name(out.name + ".tmp").exists()
+    assert sorted(p.name for p in out.parent.iterdir() if out.name in p.name) == [out.name]  # no temporary left
     assert exported["summary"]["formats"] == ["hf", "onnx", "int8"]
     lineage = json.loads((out / "compress.json").read_text())
     assert lineage["command"] == "distill" and lineage["export"]["formats"] == ["hf", "onnx", "int8"]
@@ -273,7 +273,7 @@ def test_parity_failure_is_loud_and_writes_nothing(tmp_path, monkeypatch, capsys
     out = tmp_path / "out"
     message = cli_error(capsys, "export", "--model", other, "--format", "hf,onnx", "--output", out)
     assert "differs from PyTorch" in message and "nothing was written" in message
-    assert not out.exists() and not out.with_name("out.tmp").exists()
+    assert not out.exists() and not [p for p in out.parent.iterdir() if "out" in p.name]
 
 
 def test_parse_formats() -> None:
@@ -295,7 +295,7 @@ def test_metrics_by_hand() -> None:
 
 @pytest.mark.parametrize("case", [
     "missing-model", "unknown-format", "empty-format", "model-and-run", "neither", "unknown-run", "no-store",
-    "output-exists", "no-head", "label-mismatch",
+    "output-exists", "no-head", "label-mismatch", "max-length-past-positions",
 ])
 def test_bad_input_is_one_line(case, capsys, workdir, tiny_teacher, tiny_encoder, tiny_data, store, trained) -> None:
     (workdir / "taken").mkdir()
@@ -315,6 +315,7 @@ def test_bad_input_is_one_line(case, capsys, workdir, tiny_teacher, tiny_encoder
         "output-exists": (["--model", tiny_teacher, "--output", workdir / "taken"], "already exists"),
         "no-head": (["--model", tiny_encoder, "--format", "hf"], "no sequence-classification head"),
         "label-mismatch": (["--model", tiny_teacher, "--data", three], "3 labels"),
+        "max-length-past-positions": (["--model", tiny_teacher, "--max_length", "512"], "at most 128 tokens"),
     }[case]
     message = cli_error(capsys, "export", *args)
     assert expected in message

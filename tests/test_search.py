@@ -348,6 +348,7 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
 @pytest.mark.parametrize(("space", "message"), [
     ({"layers": [2, 10]}, "space: layers: 10 is more than the teacher's 4 layers"),
     ({"groups": {"low": 1, "high": 9}}, "space: groups: 9 is more than the teacher's 4 layers"),
+    ({"layers": [1], "max_length": [64, 512]}, "space: max_length: 512 is more than the teacher's 128 positions"),
 ])
 def test_depths_past_the_teacher_are_refused_before_the_study(space, message, tiny_teacher, tiny_data, workdir,
                                                               capsys):
