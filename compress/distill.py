@@ -191,7 +191,7 @@ def distill(
     print(f"student: {n_student} layers x {student_model.config.hidden_size}"
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
-    out = Path(output if output is not None else f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
+    out = checked if checked is not None else Path(f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
     cache_file = (logit_cache.file_for_run(Path(teacher_cache), teacher_path, task_data, tokenizer, cfg)
                   if cache_teacher else None)
     run_training(

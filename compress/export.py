@@ -581,7 +581,7 @@ def export(
         else:
             path, name = resolve_model(model, "--model"), model
         out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path,),
-                              tracking=tracking if register else None)
+                              tracking=tracking)  # read for --run and the card's lineage, written by --register
         if out.resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(out.resolve()):
             raise CompressError(f"--output {out}: holds the model being exported; choose another folder")
         if out.exists() and not overwrite:

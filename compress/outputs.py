@@ -22,7 +22,7 @@ def check_output(output: str | Path, flag: str = "--output", keep: tuple = ()) -
     (the models, store and cache the run reads), which --overwrite would delete."""
     if str(output) == "":
         raise CompressError(f"{flag}: empty; leave the flag out for the default folder")
-    path = Path(output)
+    path = Path(os.path.normpath(output))  # "x/../out" is out: no x is made on the way
     if path.name in ("", ".", ".."):
         raise CompressError(f"{flag} {output}: name a new folder, not {output}")
     if path.exists() and not path.is_dir():
@@ -62,6 +62,12 @@ def check_file_output(path: str, flag: str) -> Path:
         raise CompressError(f"{flag} {path}: is a folder; give a file name")
     if file.name in MODEL_FILES and (file.parent / "config.json").exists():
         raise CompressError(f"{flag} {path}: is one of a model's own files; give another file name")
+    if file.exists():  # only an earlier result is replaced, never data or anything else that is not JSON
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            raise CompressError(f"{flag} {path}: exists and is not an earlier JSON result; give another file "
+                                "name") from None
     _check_folder(file.parent, flag, path)
     return file
 

@@ -7,6 +7,7 @@ succeeds; only then does OUTPUT appear, renamed into place in one step, and the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -76,6 +77,7 @@ class RunState:
     def __init__(self, output: Path, resume: bool, overwrite: bool) -> None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+        output = Path(os.path.normpath(output))
         self.output = output
         self.dir = output.with_name(output.name + ".partial")
         self.ckpt_dir = self.dir / "checkpoints"
@@ -201,13 +203,14 @@ def score_in_place(model, datamodule, metric: str, num_labels: int) -> float:
 def atomic_output(output: Path, overwrite: bool):
     """Yield a temporary folder beside `output`; rename it into place only if the block succeeds.
 
-    The temporary and the replaced folders get fresh hidden names (mkdtemp), so no folder of the user's that
+    The temporary and the replaced folders get fresh hidden names, so no folder of the user's that
     happens to be called OUTPUT.tmp or OUTPUT.old is ever deleted."""
-    import tempfile
     import uuid
 
+    output = Path(os.path.normpath(output))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp, whose 0700 would become the output's mode
     try:
         yield tmp
         if output.exists() or output.is_symlink():

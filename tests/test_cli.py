@@ -772,6 +772,28 @@ def test_an_atomic_write_spares_the_users_folders_and_replaces_a_link_not_its_ta
     assert sorted(p.name for p in workdir.iterdir()) == ["link", "res", "res.old", "res.tmp"]
 
 
+def test_json_out_replaces_an_earlier_result_but_not_data(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
+    import shutil
+
+    data = shutil.copytree(tiny_data, workdir / "data")
+    train = (data / "train.tsv").read_text()
+    code, _, err = run_main(["evaluate", "--model", tiny_teacher, "--data", data, "--json_out", data / "train.tsv"])
+    (line,) = error_lines(err)
+    assert code == 1 and "not an earlier JSON result" in line and (data / "train.tsv").read_text() == train
+    (workdir / "r.json").write_text('{"score": 0}')
+    out, _ = ok(["evaluate", "--model", tiny_teacher, "--data", data, "--latency_reps", "1", "--json_out", "r.json"])
+    assert json.loads((workdir / "r.json").read_text()) == json.loads(out)
+
+
+def test_an_output_path_through_a_missing_folder_makes_no_folder(tiny_teacher: Path, workdir: Path) -> None:
+    """x/../out is out: nothing named x appears, and the new folder has the umask's mode, not mkdtemp's 0700."""
+    ok(["export", "--model", tiny_teacher, "--format", "hf", "--output", "x/../out"])
+    assert sorted(p.name for p in workdir.iterdir()) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (workdir / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_evaluate_creates_the_json_outs_folder(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     out, _ = ok(["evaluate", "--model", tiny_teacher, "--data", tiny_data, "--latency_reps", "1",
                  "--json_out", "results/r.json"])
@@ -822,10 +844,11 @@ def test_overwrite_never_deletes_what_the_run_reads(tiny_teacher: Path, tiny_dat
                                                                           workdir / "models"),
                             (["prune", "--model", teacher, "--heads", "0.5"], teacher),
                             (["export", "--model", teacher, "--format", "hf"], workdir / "models"),
-                            (["distill", "--teacher", teacher], workdir / "mlruns")):
+                            (["distill", "--teacher", teacher], workdir / "mlruns"),
+                            (["export", "--model", teacher, "--format", "hf"], workdir / "mlruns")):
         (workdir / "mlruns").mkdir(exist_ok=True)
-        code, _, err = run_main([*command, "--data", tiny_data, "--output", output, "--overwrite", *track(workdir)]
-                                if command[0] != "export" else [*command, "--output", output, "--overwrite"])
+        code, _, err = run_main([*command, *(["--data", tiny_data] if command[0] != "export" else []),
+                                 "--output", output, "--overwrite", *track(workdir)])
         (line,) = error_lines(err)
         assert code == 1 and "which this run reads" in line, line
         assert (teacher / "model.safetensors").is_file()
