@@ -568,7 +568,7 @@ def export(
 
     from compress.data import load_task
     from compress.models import resolve_model
-    from compress.outputs import check_replaceable, check_run_paths
+    from compress.outputs import check_overwrite, check_run_paths
     from compress.training import quiet_libraries, read_lineage
 
     quiet_libraries()
@@ -582,12 +582,7 @@ def export(
             path, name = resolve_model(model, "--model"), model
         out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path,),
                               tracking=tracking)  # read for --run and the card's lineage, written by --register
-        if out.resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(out.resolve()):
-            raise CompressError(f"--output {out}: holds the model being exported; choose another folder")
-        if out.exists() and not overwrite:
-            raise CompressError(f"--output {out}: already exists; pass --overwrite to replace it or choose another")
-        if out.exists():
-            check_replaceable(out)
+        check_overwrite(out, overwrite)
         net, tokenizer = load_for_export(path, "--run" if run else "--model", max_length)
         if task_data is not None and task_data.num_labels != net.config.num_labels:
             raise CompressError(f"--{'task' if task else 'data'}: {task_data.name} has {task_data.num_labels} labels "

@@ -28,17 +28,21 @@ def check_output(output: str | Path, flag: str = "--output", keep: tuple = ()) -
     if path.exists() and not path.is_dir():
         raise CompressError(f"{flag} {output}: is a file, not a model folder; choose another path")
     _check_folder(path.parent, flag, output)
-    here = Path(os.path.abspath(path))
+    here = path.resolve()  # through links too: an alias of the model is the model
     for other in keep:
         if other is not None:
-            there = Path(os.path.abspath(other))
+            there = Path(other).resolve()
             if there == here or there.is_relative_to(here):
                 raise CompressError(f"{flag} {output}: holds {other}, which this run reads; choose another folder")
     return path
 
 
-def check_replaceable(output: Path, flag: str = "--output") -> None:
-    """--overwrite replaces an earlier output, never a folder of something else."""
+def check_overwrite(output: Path, overwrite: bool, flag: str = "--output") -> None:
+    """An existing output needs --overwrite, which replaces an earlier output, never a folder of something else."""
+    if not output.exists():
+        return
+    if not overwrite:
+        raise CompressError(f"{flag} {output}: already exists; pass --overwrite to replace it or choose another")
     if output.is_dir() and not output.is_symlink() and any(output.iterdir()) and not any(
             (output / name).exists() for name in MODEL_MARKERS):
         raise CompressError(f"{flag} {output}: --overwrite replaces an earlier output, and this folder holds none "

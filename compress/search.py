@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError
-from compress.outputs import check_output
+from compress.outputs import check_folder, check_output
 from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, resolve_tracking
 
@@ -964,11 +964,7 @@ def run_search(
     teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
     # after every check, so a refused study leaves no mlruns/ behind
     if storage.startswith("sqlite:///"):
-        folder = Path(storage.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CompressError(f"--storage {storage}: cannot create {folder} ({err.strerror})") from None
+        check_folder(Path(storage.removeprefix("sqlite:///")).parent, "--storage").mkdir(parents=True, exist_ok=True)
     _prepare_store(resolve_tracking(tracking))  # a bad --tracking fails here once, not in every trial
     name = study or f"{slug(teacher)}-{slug(task or data)}"
     out = str(check_output(output if output is not None else f"outputs/search-{name}"))

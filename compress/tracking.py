@@ -60,10 +60,7 @@ def _prepare_store(uri: str) -> str | None:
     db = sqlite_file(uri)
     if db is None:
         return None
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CompressError(f"--tracking {uri}: cannot create {db.parent} ({err.strerror})") from None
+    db.parent.mkdir(parents=True, exist_ok=True)  # check_tracking found it can be made
     return (db.parent / "artifacts").resolve().as_uri()
 
 

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
-from compress.outputs import check_output, check_replaceable
+from compress.outputs import check_output, check_overwrite
 
 
 def quiet_libraries() -> None:
@@ -88,10 +88,7 @@ class RunState:
         if self._child:
             return
         check_output(output)
-        if output.exists() and not overwrite:
-            raise CompressError(f"--output {output}: already exists; pass --overwrite to replace it or choose another")
-        if output.exists():
-            check_replaceable(output)
+        check_overwrite(output, overwrite)
         if self.dir.exists() and not resume:
             if not overwrite:
                 raise CompressError(
