@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from compress import hub
 from compress.errors import CompressError
+from compress.flags import check_all
 
 
 class GlueTask(NamedTuple):
@@ -101,8 +102,7 @@ def load_task(
         raise CompressError(
             "give exactly one of --task (a GLUE task or bbc-news) and --data (a folder of train/dev files)"
         )
-    if max_train is not None and max_train < 1:
-        raise CompressError(f"--max_train must be >= 1, got {max_train}")
+    check_all(max_train=max_train)
     if data is not None:
         name, metric = Path(data).resolve().name, "accuracy"
         train_texts, train_labels, dev_texts, dev_labels, label_names = _load_folder(

@@ -111,6 +111,7 @@ def distill(
     from compress.finetune import ensure_task_teacher
     from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
                                  load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
+    from compress.flags import check_all
     from compress.recipe import TrainConfig, check_distill_flags, run_training
 
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
@@ -127,8 +128,9 @@ def distill(
                   checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, latency_reps=latency_reps)
     cfg = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, weight_decay=weight_decay, compile=compile, **common)
     cfg.validate()
+    check_all(teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, max_train=max_train)
+    # the rest of its flags are the student's, checked above
     teacher_cfg = TrainConfig(epochs=teacher_epochs, lr=teacher_lr, warmup=0.1, weight_decay=0.01, **common)
-    teacher_cfg.validate()
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
                           seed=seed)

@@ -41,15 +41,12 @@ def evaluate(
                                  resolve_model)
 
     from compress.errors import CompressError
+    from compress.flags import check_all
     from compress.outputs import check_file_output, write_json
 
     # input checks first: a bad flag should not wait for Lightning's import
-    for flag, value in (("--batch_size", batch_size), ("--latency_batch", latency_batch),
-                        ("--latency_seq", latency_seq), ("--latency_reps", latency_reps)):
-        if value < 1:
-            raise CompressError(f"{flag} {value}: must be at least 1")
-    if not 8 <= max_length <= 8192:
-        raise CompressError(f"--max_length {max_length}: must be between 8 and 8192")
+    check_all(batch_size=batch_size, latency_batch=latency_batch, latency_seq=latency_seq,
+              latency_reps=latency_reps, max_length=max_length)
     json_file = check_file_output(json_out, "--json_out") if json_out else None
     task_data = load_task(task, data, text_column=text_column, label_column=label_column)
     path = resolve_model(model, "--model")

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.flags import check_all
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
 FORMATS = ("hf", "onnx", "int8")
@@ -562,9 +563,7 @@ def export(
         raise CompressError("give exactly one of --model (a saved model folder) and --run (an MLflow run id)")
     if register is not None and not register.strip():
         raise CompressError("--register: the registered model name is empty")
-    for flag, value in (("--max_length", max_length), ("--batch_size", batch_size)):
-        if value < 1:
-            raise CompressError(f"{flag} {value}: must be at least 1")
+    check_all(max_length=max_length, batch_size=batch_size)
 
     from compress.data import load_task
     from compress.models import resolve_model

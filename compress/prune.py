@@ -17,11 +17,6 @@ from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 SCOPES = ("layer", "global")
 
 
-def _ratio(flag: str, value: float) -> None:
-    if not 0 <= value < 1:
-        raise CompressError(f"{flag} {value}: a fraction to remove, in [0, 1)")
-
-
 def _sizes_per_layer(config) -> tuple[list[int], list[int]]:
     heads = [config.attention_heads[a] for a in config.attention_map]
     widths = [config.intermediate_sizes[f] for f in config.ffn_map]
@@ -129,19 +124,16 @@ def prune(
         overwrite: replace an existing --output.
     """
     from compress.models import check_encoder, load_config, require_task_head, resolve_model
+    from compress.flags import check_all
     from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
-    for flag, value in (("--heads", heads), ("--ffn", ffn), ("--sparsity", sparsity)):
-        _ratio(flag, value)
+    check_all(heads=heads, ffn=ffn, sparsity=sparsity, recover_epochs=recover_epochs,
+              importance_batches=importance_batches)
     if criterion not in ("taylor", "magnitude", "random"):
         raise CompressError(f"--criterion {criterion}: use taylor, magnitude or random")
     if scope not in SCOPES:
         raise CompressError(f"--scope {scope}: use layer or global")
-    if recover_epochs < 0:
-        raise CompressError(f"--recover_epochs {recover_epochs}: must be >= 0 (0 skips recovery)")
-    if importance_batches < 1:
-        raise CompressError(f"--importance_batches {importance_batches}: must be at least 1")
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden},
                         training=recover_epochs > 0, cache_teacher=cache_teacher)
     if heads == ffn == sparsity == 0 and drop_layers in (None, 0, [], ""):
@@ -151,7 +143,7 @@ def prune(
                       devices=devices, strategy=strategy, num_workers=num_workers,
                       checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
                       latency_reps=latency_reps)
-    cfg.validate(min_epochs=0)
+    cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
     from compress.data import load_task
     from compress.pruning import parse_drop_layers

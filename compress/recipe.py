@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.flags import check_all
 
 
 @dataclass
@@ -36,24 +37,32 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
-    def validate(self, min_epochs: int = 1) -> None:
-        """min_epochs=0 is for run_training itself: 0 epochs scores, measures and saves the model as given."""
-        checks = [
-            (self.epochs >= min_epochs, f"--epochs must be at least {min_epochs}"),
-            (self.batch_size >= 1, "--batch_size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (0 <= self.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
-            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
-            (8 <= self.max_length <= 8192, "--max_length must be between 8 and 8192"),
-            (self.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: by time, see --checkpoint_minutes)"),
-            (self.checkpoint_minutes > 0, "--checkpoint_minutes must be positive"),
-            (self.latency_reps >= 1, "--latency_reps must be at least 1"),
-            (self.num_workers is None or self.num_workers >= 0, "--num_workers must be >= 0 (0: load in the main "
-                                                                "process)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise CompressError(message)
+    def validate(self, training: bool = True) -> None:
+        """training=False is for run_training itself: 0 epochs scores, measures and saves the model as given (the
+        commands check their own epoch flag first)."""
+        if training:
+            check_all(epochs=self.epochs)
+        check_all(batch_size=self.batch_size, lr=self.lr, warmup=self.warmup, weight_decay=self.weight_decay,
+                  max_length=self.max_length, checkpoint_every=self.checkpoint_every,
+                  checkpoint_minutes=self.checkpoint_minutes, latency_reps=self.latency_reps,
+                  num_workers=self.num_workers)
+        check_devices(self.devices)
+
+
+def check_devices(devices: int | str) -> None:
+    """Lightning checks --devices only when the Trainer is built, after the models are loaded; this runs first.
+    A count (-1: all), a list of device indices such as 0,1 or 0, (a list of one), or auto."""
+    text = str(devices).strip()
+    if text == "auto":
+        return
+    if "," in text or text.startswith("["):  # Lightning reads "0,1" and "0," as device indices
+        indices = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+        if indices and all(p.isdigit() for p in indices) and len(set(indices)) == len(indices):
+            return
+    elif text.lstrip("-").isdigit() and (int(text) >= 1 or int(text) == -1):
+        return
+    raise CompressError(f"--devices {devices}: give a count of at least 1, -1 for all, device indices such as 0,1, "
+                        "or auto")
 
 
 def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True,
@@ -63,11 +72,7 @@ def check_distill_flags(temperature: float, alphas: dict[str, float], training: 
     if cache_teacher and live:
         raise CompressError(f"--cache_teacher stores logits only: set {' and '.join(live)} with it "
                             "(hidden-state and attention losses need the live teacher every step)")
-    if temperature <= 0:
-        raise CompressError(f"--temperature {temperature}: must be > 0")
-    for name, value in alphas.items():
-        if value < 0:
-            raise CompressError(f"--{name} {value}: loss weights must be >= 0")
+    check_all(temperature=temperature, **alphas)
     if training and all(value == 0 for value in alphas.values()):
         raise CompressError("--alpha_*: every loss weight is 0, so training has nothing to learn from")
 
@@ -148,7 +153,7 @@ def run_training(
                                    quiet_libraries, resolve_precision, save_model, score, score_in_place,
                                    write_lineage)
 
-    cfg.validate(min_epochs=0)  # commands check their own epochs (>= 1 for finetune and distill) first
+    cfg.validate(training=False)
     hooks = _RUN_HOOKS.get() or {}
     if hooks.get("progress") is not None:
         cfg.progress = hooks["progress"]

@@ -201,24 +201,6 @@ def _check_share_fits(config, dims: dict[str, Dimension], flags: dict) -> None:
                             f"projected to {config.hidden_size}; leave embedding out or null")
 
 
-def _fraction(v) -> bool:
-    return 0 <= v < 1
-
-
-# What each numeric flag's command accepts (the same rules the commands apply), so that a space holding a value they
-# refuse fails in a second with one line, not trial after trial once the study (and its name) exist.
-_BOUNDS: dict[str, tuple[Any, str]] = {
-    **dict.fromkeys(("heads", "ffn", "sparsity", "warmup"), (_fraction, "in [0, 1)")),
-    **dict.fromkeys(("temperature", "lr"), (lambda v: v > 0, "> 0")),
-    **dict.fromkeys(("alpha_kd", "alpha_ce", "alpha_hidden", "alpha_attn", "weight_decay", "recover_epochs"),
-                    (lambda v: v >= 0, ">= 0")),
-    **dict.fromkeys(("layers", "groups", "epochs", "batch_size", "calibration", "importance_batches"),
-                    (lambda v: v >= 1, ">= 1")),
-    "embedding": (lambda v: v >= 2, ">= 2"),
-    "max_length": (lambda v: 8 <= v <= 8192, "between 8 and 8192"),
-}
-
-
 def _values(dim: Dimension) -> list:
     """The values a dimension can take that bound checks can judge: its value, choices, or a range's two ends."""
     values = [dim.value] if dim.kind == "fixed" else dim.choices if dim.kind == "choice" else [dim.low, dim.high]
@@ -226,12 +208,16 @@ def _values(dim: Dimension) -> list:
 
 
 def _check_values(dims: dict[str, Dimension]) -> None:
+    """A value the command would refuse fails here, in a second, not trial after trial once the study (and its
+    name) exist. The bounds are the commands' own (compress.flags)."""
+    from compress.flags import BOUNDS
+
     for key, dim in dims.items():
-        rule = _BOUNDS.get(key.rpartition(".")[2])
-        bad = [v for v in _values(dim) if rule and not rule[0](v)]
+        flag = key.rpartition(".")[2]
+        bound = BOUNDS.get(flag)
+        bad = [v for v in _values(dim) if bound and not bound.ok(v)]
         if bad:
-            raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {key.rpartition('.')[2]} must be "
-                                f"{rule[1]}")
+            raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {flag} must be {bound.text}")
 
 
 def _check_depths(config, dims: dict[str, Dimension]) -> None:

@@ -123,6 +123,7 @@ def share(
         overwrite: replace an existing --output.
     """
     from compress.models import check_encoder, load_config, require_task_head, resolve_model
+    from compress.flags import check_all
     from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
@@ -130,14 +131,7 @@ def share(
         raise CompressError(f"--share {share}: use all, attention or ffn")
     if init not in INITS:
         raise CompressError(f"--init {init}: use {', '.join(INITS)}")
-    if groups < 1:
-        raise CompressError(f"--groups {groups}: must be at least 1")
-    if embedding is not None and embedding < 2:
-        raise CompressError(f"--embedding {embedding}: must be at least 2")
-    if calibration < 1:
-        raise CompressError(f"--calibration {calibration}: must be at least 1")
-    if recover_epochs < 0:
-        raise CompressError(f"--recover_epochs {recover_epochs}: must be >= 0 (0 skips recovery)")
+    check_all(groups=groups, embedding=embedding, calibration=calibration, recover_epochs=recover_epochs)
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
                                       "alpha_attn": alpha_attn}, training=recover_epochs > 0,
                         cache_teacher=cache_teacher)
@@ -146,7 +140,7 @@ def share(
                       devices=devices, strategy=strategy, num_workers=num_workers,
                       checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
                       latency_reps=latency_reps)
-    cfg.validate(min_epochs=0)
+    cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
     from compress.data import load_task
     from compress.outputs import check_run_paths

@@ -660,7 +660,7 @@ BAD_INPUTS = {
     "warmup-1.5": (lambda w, t, d: ["--teacher", t, "--data", d, "--warmup", "1.5"], ["--warmup"]),
     "epochs-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--epochs", "0"], ["--epochs"]),
     "checkpoint-minutes-0": (lambda w, t, d: ["--teacher", t, "--data", d, "--checkpoint_minutes", "0"],
-                             ["--checkpoint_minutes", "positive"]),
+                             ["--checkpoint_minutes 0", "must be > 0"]),
     "student-and-layers": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", t, "--layers", "2"],
                            ["--student", "--layers"]),
     "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),

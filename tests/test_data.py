@@ -276,7 +276,7 @@ def test_text_column_rejected_with_task() -> None:
 
 @pytest.mark.parametrize("max_train", [0, -5])
 def test_max_train_must_be_positive(tmp_path: Path, max_train: int) -> None:
-    with pytest.raises(CompressError, match="--max_train must be >= 1"):
+    with pytest.raises(CompressError, match=rf"--max_train {max_train}: must be at least 1"):
         load_task(data=str(tmp_path), max_train=max_train)
 
 

@@ -83,11 +83,13 @@ def test_space_kinds(flags):
     # values the commands refuse, found before the study opens rather than trial after trial
     ({"heads": [1.5, 0.5]}, "heads: 1.5 is out of range; heads must be in [0, 1)"),
     ({"ffn": {"low": 0.0, "high": 1.0}}, "ffn: 1.0 is out of range"),
-    ({"groups": [0]}, "groups: 0 is out of range; groups must be >= 1"),
+    ({"groups": [0]}, "groups: 0 is out of range; groups must be at least 1"),
     ({"layers": [1], "temperature": [0, 2]}, "temperature: 0 is out of range; temperature must be > 0"),
     ({"layers": [1], "batch_size": 0}, "batch_size: 0 is out of range"),
     ({"layers": [1], "prune.lr": -1e-4}, "prune.lr: -0.0001 is out of range; lr must be > 0"),
     ({"layers": [1], "max_length": 4}, "max_length: 4 is out of range"),
+    ({"layers": [1], "teacher_lr": 0}, "teacher_lr: 0 is out of range; teacher_lr must be > 0"),
+    ({"layers": [1], "teacher_epochs": 0}, "teacher_epochs: 0 is out of range; teacher_epochs must be at least 1"),
 ])
 def test_space_errors(flags, space, message):
     with pytest.raises(CompressError, match=None) as info:

@@ -1,0 +1,75 @@
+"""The range each numeric flag must lie in.
+
+One table, read by every command that takes the flag and by `compress search`, which checks a space's values against
+it before a study opens: a bound stated once cannot drift between a command and the search over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from compress.errors import CompressError
+
+
+class Bound(NamedTuple):
+    ok: Callable[[float], bool]
+    text: str  # completes "must be ..."
+    hint: str = ""  # what the value means, where the range alone does not say
+
+
+def _fraction(hint: str) -> Bound:
+    return Bound(lambda v: 0 <= v < 1, "in [0, 1)", hint)
+
+
+def _at_least(n: int, hint: str = "") -> Bound:
+    return Bound(lambda v: v >= n, f"at least {n}", hint)
+
+
+_POSITIVE = Bound(lambda v: v > 0, "> 0")
+_WEIGHT = Bound(lambda v: v >= 0, ">= 0", "a loss weight")
+
+BOUNDS: dict[str, Bound] = {
+    # fractions
+    **dict.fromkeys(("heads", "ffn", "sparsity"), _fraction("the fraction to remove")),
+    "warmup": _fraction("a fraction of the training steps"),
+    # training
+    "epochs": _at_least(1),
+    "teacher_epochs": _at_least(1),
+    "recover_epochs": _at_least(0, "0 skips recovery"),
+    "batch_size": _at_least(1),
+    "lr": _POSITIVE,
+    "teacher_lr": _POSITIVE,
+    "weight_decay": Bound(lambda v: v >= 0, ">= 0"),
+    "max_length": Bound(lambda v: 8 <= v <= 8192, "between 8 and 8192", "tokens per example"),
+    "max_train": _at_least(1),
+    "num_workers": _at_least(0, "0 loads data in the main process"),
+    "checkpoint_every": _at_least(0, "0 saves by time, see --checkpoint_minutes"),
+    "checkpoint_minutes": _POSITIVE,
+    # distillation
+    "temperature": _POSITIVE,
+    **dict.fromkeys(("alpha_kd", "alpha_ce", "alpha_hidden", "alpha_attn"), _WEIGHT),
+    # student shapes and their inputs
+    "layers": _at_least(1),
+    "groups": _at_least(1),
+    "embedding": _at_least(2),
+    "calibration": _at_least(1, "batches that fit the shared weights"),
+    "importance_batches": _at_least(1),
+    # measurement
+    **dict.fromkeys(("latency_reps", "latency_batch", "latency_seq"), _at_least(1)),
+}
+
+
+def check(name: str, value: float | None) -> None:
+    """Refuse `--NAME VALUE` outside its range, in one line that says the range (None means unset: nothing to
+    check)."""
+    bound = BOUNDS[name]
+    if value is not None and not bound.ok(value):
+        shown = int(value) if isinstance(value, float) and value.is_integer() else value  # 0, as typed, not 0.0
+        raise CompressError(f"--{name} {shown}: must be {bound.text}" + (f" ({bound.hint})" if bound.hint else ""))
+
+
+def check_all(**values: float | None) -> None:
+    """`check` for each keyword, in the order given."""
+    for name, value in values.items():
+        check(name, value)
