@@ -169,6 +169,13 @@ def run_training(
 
     pl.seed_everything(cfg.seed, verbose=False)
     saved = state.read()
+    all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
+                  "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
+                  "output": str(output), **asdict(cfg), **(params or {})}
+    all_params.pop("extra")
+    all_params.pop("progress")
+    if resume:
+        state.check_resume(all_params)
     # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
@@ -177,12 +184,7 @@ def run_training(
                             callbacks=hooks.get("callbacks"))
     logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                           run_id=saved.get("run_id"))
-    state.write(run_id=logger.run_id)
-    all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
-                  "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
-                  "output": str(output), **asdict(cfg), **(params or {})}
-    all_params.pop("extra")
-    all_params.pop("progress")
+    state.write(run_id=logger.run_id, params=all_params)
     if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
         logger.log_hyperparams(all_params)
         state.write(params_logged=True)

@@ -71,8 +71,13 @@ def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
     return "bf16" in resolve_precision(precision, resolve_accelerator(accelerator))
 
 
+# What a resumed run may change: where and how it runs and is saved, not what it learns.
+RESUMABLE_CHANGES = frozenset({"accelerator", "devices", "strategy", "precision", "compile", "num_workers",
+                               "checkpoint_every", "checkpoint_minutes", "latency_reps"})
+
+
 class RunState:
-    """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id)."""
+    """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id, the params)."""
 
     def __init__(self, output: Path, resume: bool, overwrite: bool) -> None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -106,7 +111,22 @@ class RunState:
         if self._child:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._meta.write_text(json.dumps(self.read() | values))
+        self._meta.write_text(json.dumps(self.read() | values, default=str))  # params may hold paths
+
+    def check_resume(self, params: dict) -> None:
+        """Refuse to resume with another recipe. Lightning would restore the old optimizer and schedule over the new
+        flags (a new --lr is lost; a new --batch_size resumes at the wrong batch), a student of another shape fails to
+        load, and MLflow refuses to change a logged param."""
+        before = self.read().get("params")
+        if before is None:  # nothing recorded yet (killed before its first write)
+            return
+        now = json.loads(json.dumps(params, default=str))
+        changed = [k for k in sorted(set(before) | set(now))
+                   if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+        if changed:
+            k, more = changed[0], f" (also {', '.join(changed[1:])})" if changed[1:] else ""
+            raise CompressError(f"--resume: the interrupted run at {self.dir} had {k} {before.get(k)}, this one "
+                                f"{now.get(k)}{more}; resume with the same flags, or pass --overwrite to start over")
 
     def last_checkpoint(self) -> str | None:
         """The newest checkpoint that loads; a kill -9 during a write can leave the newest one truncated."""
