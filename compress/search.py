@@ -91,6 +91,28 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def load_space(space: dict | str) -> dict:
+    """--space as a mapping (inline YAML, or under space: in --config) or as the path of a YAML file holding one."""
+    if not isinstance(space, str):
+        return space
+    path = Path(space)
+    if not path.is_file():  # jsonargparse hands over as text whatever did not parse as a mapping
+        raise CompressError(f"--space {space}: neither a mapping nor a YAML file; give it inline, e.g. --space "
+                            "'{layers: [3, 4], temperature: {low: 1, high: 8}}', or the path of a YAML file holding it")
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise CompressError(f"--space {space}: not a readable YAML file ({' '.join(str(err).split())[:200]})") from None
+    if isinstance(loaded, dict) and "space" in loaded and "teacher" in loaded:
+        raise CompressError(f"--space {space}: this is a whole search config; run it with --config {space}")
+    if not isinstance(loaded, dict):
+        raise CompressError(f"--space {space}: the file holds {type(loaded).__name__}, not a mapping of flags to "
+                            "values, lists (choices) or {low, high} ranges")
+    return loaded
+
+
 def parse_space(space: dict, flags: dict[str, dict[str, Any]]) -> dict[str, Dimension]:
     """Check every key and value of the YAML space; raise a one-line CompressError naming the first bad one."""
     if not isinstance(space, dict) or not space:
@@ -891,7 +913,7 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
 
 def run_search(
     teacher: str,
-    space: dict,
+    space: dict | str,
     task: str | None = None,
     data: str | None = None,
     objectives: str | list[str] = "score,params",
@@ -939,6 +961,7 @@ def run_search(
         raise CompressError(f"compress search needs Optuna: pip install 'optuna>=4.9' optuna-integration "
                             f"({err})") from None
     flags = step_flags()
+    space = load_space(space)
     dims = parse_space(space, flags)
     if sampler == "nsga2" and len(objs) == 1:
         print("--sampler nsga2 with one objective: TPE usually does better there", file=sys.stderr)
@@ -1010,7 +1033,7 @@ def _raise_if_all_failed(ctx: Context, since: float) -> None:
 
 def search(
     teacher: str,
-    space: dict[str, Any],
+    space: dict[str, Any] | str,
     task: str | None = None,
     data: str | None = None,
     objectives: str | list[str] = "score,params",
@@ -1043,7 +1066,8 @@ def search(
         space: flags of distill, prune and share to search: a list is a categorical choice, {low, high} a range
             (int when both are ints; add log: true for a log scale, or step), a single value is fixed. null in a
             list skips that step (layers: distill, groups: share, a prune fraction: that pruning). STEP.FLAG
-            (e.g. prune.lr) sets a flag for one step only; a plain flag goes to every step that has it.
+            (e.g. prune.lr) sets a flag for one step only; a plain flag goes to every step that has it. Inline YAML
+            (--space '{layers: [3, 4]}'), a YAML file holding the mapping, or space: in --config.
         task: a GLUE task (sst2, mnli, ...) or bbc-news. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         objectives: score, score,params or score,latency_ms (or all three): score is maximised, the others

@@ -300,10 +300,11 @@ def test_a_trial_prunes_then_shares_the_pruned_model(tmp_path, tiny_teacher, tin
     from mlflow import MlflowClient
 
     stores = [arg for key, uri in store(tmp_path).items() for arg in (f"--{key}", uri)]
+    space = tmp_path / "space.yaml"  # --space as a file, the way a space is kept next to its experiment
+    space.write_text(yaml.safe_dump({"heads": 0.5, "scope": "global", "groups": 2, "recover_epochs": 1, **QUICK}))
     code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1",
-                            "--study", "chain", "--output", str(tmp_path / "out"), *stores,
-                            "--space", json.dumps({"heads": 0.5, "scope": "global", "groups": 2,
-                                                   "recover_epochs": 1, **QUICK})], capsys)
+                            "--study", "chain", "--output", str(tmp_path / "out"), *stores, "--space", str(space)],
+                           capsys)
     assert code == 0, err
     (trial,) = trials_of(store(tmp_path)["storage"], "chain")
     assert trial.state.name == "COMPLETE" and trial.user_attrs["recipe"].startswith("prune h0.5")
@@ -345,6 +346,30 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
     line = err.strip()
     assert code == 1 and line.startswith("compress: error: space: ") and message in line and "\n" not in line, err
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("layers: [2, 10]\n", "space: layers: 10 is more than the teacher's 4 layers"),  # the file was read
+    (None, "--space nofile.yaml: neither a mapping nor a YAML file; give it inline"),
+    ("- 1\n- 2\n", "--space space.yaml: the file holds list, not a mapping of flags"),
+    ("layers: [1\n", "--space space.yaml: not a readable YAML file"),
+    ("teacher: t\nspace: {layers: [1]}\n", "--space space.yaml: this is a whole search config; run it with --config"),
+])
+def test_space_from_a_file(text, message, tiny_teacher, tiny_data, workdir, capsys):
+    name = "nofile.yaml" if text is None else "space.yaml"
+    if text is not None:
+        (workdir / name).write_text(text)
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--space", name],
+                           capsys)
+    line = err.strip()
+    assert code == 1 and line.startswith(f"compress: error: {message}") and "\n" not in line, err
+    assert sorted(p.name for p in workdir.iterdir()) == ([] if text is None else ["space.yaml"])
+
+
+def test_inline_space_that_does_not_parse_says_how_to_give_one(tiny_teacher, tiny_data, workdir, capsys):
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data),
+                            "--space", "{layers: [1"], capsys)
+    assert code == 1 and err.strip().startswith("compress: error: --space {layers: [1: neither a mapping nor"), err
 
 
 @pytest.mark.parametrize(("space", "message"), [
