@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from compress.outputs import share_like_open
+
 
 def cache_key(teacher_path: str, task, tokenizer, max_length: int, teacher_dtype: str) -> str:
     from compress.finetune import _weights_identity
@@ -63,4 +65,5 @@ def save(path: Path, logits: torch.Tensor, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    share_like_open(tmp)  # the cache may be shared by a team's runs
     os.replace(tmp, path)

@@ -121,3 +121,14 @@ def check_run_paths(output: str | Path | None, *, reads: tuple = (), tracking: s
         check_folder(cache, "--teacher_cache")
     local = [r for r in reads if r is not None and Path(r).exists()]  # a hub name is no folder to protect
     return None if output is None else check_output(output, keep=(*local, store, cache))
+
+
+def share_like_open(*files: Path) -> None:
+    """Give files the mode open() would have (0666 less the umask). safetensors >= 0.8.1 writes through a 0600
+    temporary file (safetensors issue 782), so model.safetensors alone would be readable only by whoever trained it,
+    unlike the config.json beside it: a colleague, a serving user or a container's non-root user could not load it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in files:
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~mask)

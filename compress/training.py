@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
-from compress.outputs import check_output, check_overwrite
+from compress.outputs import check_output, check_overwrite, share_like_open
 
 
 def quiet_libraries() -> None:
@@ -230,6 +230,7 @@ def atomic_output(output: Path, overwrite: bool):
     tmp.mkdir()  # not mkdtemp, whose 0700 would become the output's mode
     try:
         yield tmp
+        share_like_open(*tmp.rglob("*.safetensors"))
         if output.exists() or output.is_symlink():
             if not overwrite or not output.is_dir():  # a file there is not an earlier model: never replace it
                 raise CompressError(f"--output {output}: appeared while running; not replacing it")

@@ -236,6 +236,11 @@ def test_distill_writes_a_complete_output_folder(distilled, tiny_teacher: Path) 
     assert leftovers(out) == ["student"], "a .partial, .tmp or .old folder was left behind"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "compress.json"):
         assert (out / name).is_file(), name
+    # the weights are as readable as the config beside them (safetensors alone writes 0600), and the folder too
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {name: 0o777 & ~umask if name == "student" else 0o666 & ~umask for name in modes}, modes
     config = json.loads((out / "config.json").read_text())
     teacher_config = json.loads((tiny_teacher / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"}
@@ -407,6 +412,7 @@ def test_cached_teacher_logits_are_reused_by_the_next_distill(tiny_teacher: Path
     _, err1 = ok([*args, "--output", "s1"])
     files = list((workdir / "cache" / "logits").glob("*.safetensors"))
     assert len(files) == 1 and "teacher logits cached in" in err1
+    assert files[0].stat().st_mode & 0o777 == (workdir / "s1" / "config.json").stat().st_mode & 0o777
     _, err2 = ok([*args, "--output", "s2"])
     assert f"teacher logits: read from cache/logits/{files[0].name}" in err2
     # both runs trained on the same targets from the same start: the students are the same

@@ -115,6 +115,7 @@ def test_export_writes_every_format_atomically(exported) -> None:
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "compress.json", ONNX_FILE,
             INT8_FILE} <= names
     assert sorted(p.name for p in out.parent.iterdir() if out.name in p.name) == [out.name]  # no temporary left
+    assert len({p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}) == 1  # weights as readable as all
     assert exported["summary"]["formats"] == ["hf", "onnx", "int8"]
     lineage = json.loads((out / "compress.json").read_text())
     assert lineage["command"] == "distill" and lineage["export"]["formats"] == ["hf", "onnx", "int8"]
