@@ -73,3 +73,19 @@ def check_all(**values: float | None) -> None:
     """`check` for each keyword, in the order given."""
     for name, value in values.items():
         check(name, value)
+
+
+def check_devices(devices: int | str) -> None:
+    """Lightning checks --devices only when the Trainer is built, after the models are loaded; this runs first.
+    A count (-1: all), a list of device indices such as 0,1 or 0, (a list of one), or auto."""
+    text = str(devices).strip()
+    if text == "auto":
+        return
+    if "," in text or text.startswith("["):  # Lightning reads "0,1" and "0," as device indices
+        indices = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+        if indices and all(p.isdigit() for p in indices) and len(set(indices)) == len(indices):
+            return
+    elif text.lstrip("-").isdigit() and (int(text) >= 1 or int(text) == -1):
+        return
+    raise CompressError(f"--devices {devices}: give a count of at least 1, -1 for all, device indices such as 0,1, "
+                        "or auto")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.flags import check_all
+from compress.flags import check_all, check_devices
 
 
 @dataclass
@@ -47,22 +47,6 @@ class TrainConfig:
                   checkpoint_minutes=self.checkpoint_minutes, latency_reps=self.latency_reps,
                   num_workers=self.num_workers)
         check_devices(self.devices)
-
-
-def check_devices(devices: int | str) -> None:
-    """Lightning checks --devices only when the Trainer is built, after the models are loaded; this runs first.
-    A count (-1: all), a list of device indices such as 0,1 or 0, (a list of one), or auto."""
-    text = str(devices).strip()
-    if text == "auto":
-        return
-    if "," in text or text.startswith("["):  # Lightning reads "0,1" and "0," as device indices
-        indices = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
-        if indices and all(p.isdigit() for p in indices) and len(set(indices)) == len(indices):
-            return
-    elif text.lstrip("-").isdigit() and (int(text) >= 1 or int(text) == -1):
-        return
-    raise CompressError(f"--devices {devices}: give a count of at least 1, -1 for all, device indices such as 0,1, "
-                        "or auto")
 
 
 def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True,

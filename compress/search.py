@@ -108,8 +108,9 @@ def load_space(space: dict | str) -> dict:
     if isinstance(loaded, dict) and "space" in loaded and "teacher" in loaded:
         raise CompressError(f"--space {space}: this is a whole search config; run it with --config {space}")
     if not isinstance(loaded, dict):
-        raise CompressError(f"--space {space}: the file holds {type(loaded).__name__}, not a mapping of flags to "
-                            "values, lists (choices) or {low, high} ranges")
+        held = "nothing" if loaded is None else f"a {type(loaded).__name__}"
+        raise CompressError(f"--space {space}: the file holds {held}, not a mapping of flags to values, lists "
+                            "(choices) or {low, high} ranges")
     return loaded
 
 

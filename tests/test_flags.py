@@ -11,8 +11,7 @@ from test_cli import error_lines, run_main
 
 from compress.__main__ import COMMANDS
 from compress.errors import CompressError
-from compress.flags import BOUNDS, check
-from compress.recipe import check_devices
+from compress.flags import BOUNDS, check, check_devices
 from compress.search import step_flags
 
 UNBOUNDED = {"seed"}  # any integer is a seed
