@@ -19,7 +19,7 @@ from compress.data import TaskData
 class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled batches of indices, reproducible from (seed, epoch), sharded across DDP ranks.
 
-    Lightning calls `set_epoch`; `skip_to(epoch, n)` drops the first n batches of that epoch once.
+    Lightning calls `set_epoch` (through `.sampler`); `skip_to(epoch, n)` drops the first n batches of that epoch once.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -30,6 +30,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> ResumableBatchSampler:
+        """Lightning calls set_epoch on `loader.sampler` and `loader.batch_sampler.sampler`, never on a batch sampler
+        itself: without this every epoch drew epoch 0's order, and a resume after epoch 0 skipped nothing."""
+        return self
 
     def skip_to(self, epoch: int, batches: int) -> None:
         self._skip = (epoch, batches)
