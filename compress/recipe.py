@@ -49,6 +49,35 @@ class TrainConfig:
         check_devices(self.devices)
 
 
+def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
+    """trainer.fit, with a stop by signal told apart from success and from an error. Lightning turns Ctrl-C into
+    sys.exit(1) (no word of resuming) and SIGTERM into SIGTERMException, a SystemExit of code None, which exited 0
+    with no output written, so `compress finetune && compress distill` went on as if it had worked."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except SIGTERMException:
+        _close_progress_bars(trainer)
+        print("compress: terminated (SIGTERM); rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        raise SystemExit(143) from None
+    except SystemExit:
+        if trainer.interrupted:  # Ctrl-C: the CLI says how to resume and exits 130; search marks the trial failed
+            _close_progress_bars(trainer)
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _close_progress_bars(trainer) -> None:
+    """Lightning leaves its bars open when fit stops early; tqdm would redraw them at exit, below the last word."""
+    from tqdm import tqdm
+
+    for value in getattr(trainer.progress_bar_callback, "__dict__", {}).values():
+        if isinstance(value, tqdm):
+            value.close()
+
+
 def check_distill_flags(temperature: float, alphas: dict[str, float], training: bool = True,
                         cache_teacher: bool = False) -> None:
     """The flags distill shares with the recovery steps of prune and share; `alphas` maps flag name to weight."""
@@ -181,7 +210,7 @@ def run_training(
     if resume:
         print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
     if cfg.epochs > 0:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        fit_or_stop(trainer, module, datamodule, ckpt)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # DDP fit is over and the other ranks return now: rank 0 scores alone, and a live process group would make
         # torchmetrics wait at compute() for ranks that have gone. A later fit (distill after finetune) re-creates it.

@@ -560,6 +560,35 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny
     assert len(client.get_metric_history(killed_runs[0].info.run_id, "val_score")) == 2
 
 
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, said: str, tiny_teacher: Path,
+                                                               tiny_data: Path, workdir: Path) -> None:
+    """Lightning made Ctrl-C exit 1 with no word of --resume, and SIGTERM exit 0 with nothing written."""
+    args = ["distill", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--epochs", "40", "--batch_size",
+            "8", "--checkpoint_every", "3", *FAST, *track(workdir), "--output", "stopped"]
+    log = workdir / "stop.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(COMPRESS), *args], cwd=workdir, env=subprocess_env(), stdout=sink,
+                                stderr=subprocess.STDOUT)
+    ckpt_dir = workdir / "stopped.partial" / "checkpoints"
+    deadline = time.monotonic() + 120
+    try:
+        while not (ckpt_dir.is_dir() and any(_loads(p) for p in ckpt_dir.glob("*.ckpt"))):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no checkpoint after 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert proc.returncode == code, text[-3000:]
+    assert "Traceback" not in text
+    assert f"compress: {said}; rerun with --resume" in text.strip().splitlines()[-1]
+    assert leftovers(workdir / "stopped") == ["stopped.partial"]  # resumable, and nothing that looks finished
+
+
 # --- DDP on CPU -------------------------------------------------------------------------------------------------------
 
 
