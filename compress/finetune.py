@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking
         print(f"teacher {model_name}: reusing its fine-tuned copy for {task.name} at {folder}", file=sys.stderr)
         return str(folder)
     partial = folder.with_name(folder.name + ".partial")
+    left = partial / "run.json"
+    if left.is_file() and json.loads(left.read_text()).get("inputs", {}).get("tracking", tracking) != tracking:
+        # its MLflow run is in another store: this recipe's key says the work is the same, so start it again here
+        print(f"teacher {model_name}: an interrupted fine-tuning logged to another MLflow store; starting it over",
+              file=sys.stderr)
+        shutil.rmtree(partial)
     print(f"teacher {model_name} has no classifier for {task.name}'s {task.num_labels} labels: fine-tuning it "
           f"first ({cfg.epochs} epochs, logged as its own MLflow run) -> {folder}", file=sys.stderr)
     result = finetune_model(model_path, model_name, task, folder, cfg, tracking=tracking, experiment=experiment,

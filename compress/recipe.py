@@ -6,6 +6,8 @@ measure size and latency -> log the final metrics under the names every compress
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -47,6 +49,20 @@ class TrainConfig:
                   checkpoint_minutes=self.checkpoint_minutes, latency_reps=self.latency_reps,
                   num_workers=self.num_workers)
         check_devices(self.devices)
+
+
+def _input_identity(task, params: dict, tracking: str) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one beyond its params: the rows (not just the data's
+    name and size), the weights of the models it read (name, size and mtime of their files, as the teacher cache
+    keys them), and the MLflow store holding its run."""
+    from compress.finetune import _weights_identity
+
+    inputs = {"data": task.fingerprint, "tracking": tracking}
+    for key in ("teacher_path", "model_path", "student"):
+        folder = params.get(key)
+        if folder and Path(str(folder)).is_dir():
+            inputs[key] = hashlib.sha256(json.dumps(_weights_identity(str(folder))).encode()).hexdigest()[:16]
+    return inputs
 
 
 def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
@@ -187,8 +203,9 @@ def run_training(
                   "output": str(output), **asdict(cfg), **(params or {})}
     all_params.pop("extra")
     all_params.pop("progress")
+    inputs = _input_identity(task, params or {}, tracking)
     if resume:
-        state.check_resume(all_params)
+        state.check_resume(all_params, inputs)
     # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
     trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                             strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
@@ -197,7 +214,7 @@ def run_training(
                             callbacks=hooks.get("callbacks"))
     logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                           run_id=saved.get("run_id"))
-    state.write(run_id=logger.run_id, params=all_params)
+    state.write(run_id=logger.run_id, params=all_params, inputs=inputs)
     if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
         logger.log_hyperparams(all_params)
         state.write(params_logged=True)

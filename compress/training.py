@@ -76,6 +76,16 @@ RESUMABLE_CHANGES = frozenset({"accelerator", "devices", "strategy", "precision"
                                "checkpoint_every", "checkpoint_minutes", "latency_reps"})
 
 
+# Params that are no flag of their own, by the flag that sets them.
+_DERIVED = {"command": "the command", "task": "--task/--data", "train_rows": "training rows", "dev_rows": "dev rows",
+            "metric": "the metric", "num_labels": "labels", "teacher_path": "--teacher", "model_path": "--model",
+            "teacher_layers_kept": "--layers", "student": "--student"}
+
+
+def _shown(value) -> str:
+    return "unset" if value in (None, "") else str(value)
+
+
 class RunState:
     """OUTPUT.partial/: checkpoints plus a small JSON of what must survive a crash (the MLflow run id, the params)."""
 
@@ -113,20 +123,36 @@ class RunState:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._meta.write_text(json.dumps(self.read() | values, default=str))  # params may hold paths
 
-    def check_resume(self, params: dict) -> None:
-        """Refuse to resume with another recipe. Lightning would restore the old optimizer and schedule over the new
-        flags (a new --lr is lost; a new --batch_size resumes at the wrong batch), a student of another shape fails to
-        load, and MLflow refuses to change a logged param."""
-        before = self.read().get("params")
-        if before is None:  # nothing recorded yet (killed before its first write)
+    def check_resume(self, params: dict, inputs: dict) -> None:
+        """Refuse to resume another run. Lightning would restore the old optimizer and schedule over new flags (a new
+        --lr is lost; a new --batch_size resumes at the wrong batch), a student of another shape fails to load, MLflow
+        refuses to change a logged param or cannot find the run in another store, and other data or other teacher
+        weights under the same names would quietly finish the run on them. `inputs` are what the params cannot show:
+        the data's and models' fingerprints and the MLflow store."""
+        saved = self.read()
+        if saved.get("params") is None:  # nothing recorded yet (killed before its first write)
             return
-        now = json.loads(json.dumps(params, default=str))
-        changed = [k for k in sorted(set(before) | set(now))
-                   if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+        hint = "resume with the same flags and files, or drop --resume and pass --overwrite to start over"
+        for key, now in json.loads(json.dumps(inputs, default=str)).items():
+            before = saved.get("inputs", {}).get(key)
+            if before is None or before == now:
+                continue
+            if key == "tracking":
+                raise CompressError(f"--resume: the interrupted run at {self.dir} logs to --tracking {before}, not "
+                                    f"{now}; {hint}")
+            what = "the data's rows" if key == "data" else f"the weights in {_DERIVED.get(key, key)}"
+            raise CompressError(f"--resume: {what} changed since the interrupted run at {self.dir}; {hint}")
+        before, now = saved["params"], json.loads(json.dumps(params, default=str))
+        changed = sorted((k for k in set(before) | set(now)
+                          if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)),
+                         key=lambda k: (k in _DERIVED, k))  # the flags the user typed first
         if changed:
-            k, more = changed[0], f" (also {', '.join(changed[1:])})" if changed[1:] else ""
-            raise CompressError(f"--resume: the interrupted run at {self.dir} had {k} {before.get(k)}, this one "
-                                f"{now.get(k)}{more}; resume with the same flags, or pass --overwrite to start over")
+            k = changed[0]
+            others = [name for name in dict.fromkeys(_DERIVED.get(c, "--" + c) for c in changed[1:])
+                      if name != _DERIVED.get(k, "--" + k)]
+            more = f" (also {', '.join(others)})" if others else ""
+            raise CompressError(f"--resume: the interrupted run at {self.dir} had {_DERIVED.get(k, '--' + k)} "
+                                f"{_shown(before.get(k))}, this one {_shown(now.get(k))}{more}; {hint}")
 
     def last_checkpoint(self) -> str | None:
         """The newest checkpoint that loads; a kill -9 during a write can leave the newest one truncated."""

@@ -400,6 +400,15 @@ def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny
     assert len(runs_of(runs, "finetune")) == 1, "the second distill fine-tuned the teacher again"
     distills = runs_of(runs, "distill")
     assert len(distills) == 2
+
+    # an interrupted fine-tuning whose MLflow run is in another store is started over, not resumed into a run the
+    # store does not have (the user never typed --resume for it)
+    partial = cached.with_name(cached.name + ".partial")
+    cached.rename(partial)
+    (partial / "run.json").write_text(json.dumps({"run_id": "0" * 32, "params": {}, "inputs": {"tracking": "x://y"}}))
+    _, err3 = ok([*args, "--output", "s3"])
+    assert "logged to another MLflow store; starting it over" in err3 and (cached / "config.json").is_file()
+    assert not partial.exists()
     assert {(workdir / r.data.params["teacher_path"]).resolve() for r in distills} == {cached.resolve()}
     assert sorted(p.name for p in (workdir / "outputs" / "teachers").iterdir()) == [cached.name]
     assert (workdir / "s1" / "model.safetensors").is_file() and (workdir / "s2" / "model.safetensors").is_file()
@@ -532,12 +541,24 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny
 
     # resuming with another recipe is refused (Lightning would restore the old optimizer over a new --lr, and a
     # student of another shape would not load); where and how it runs may change
-    for changed, named in ((["--lr", "1e-3"], "had lr 0.0001, this one 0.001"), (["--layers", "1"], "had layers 2")):
+    flipped = workdir / "other" / tiny_data.name  # the same name and size, other labels
+    flipped.mkdir(parents=True)
+    for split in ("train.tsv", "dev.tsv"):
+        lines = (tiny_data / split).read_text().splitlines()
+        (flipped / split).write_text("\n".join([lines[0], *(t[:-1] + str(1 - int(t[-1])) for t in lines[1:])]) + "\n")
+    other_store = ["--tracking", f"sqlite:///{workdir / 'other' / 'mlflow.db'}"]
+    for changed, named in (
+        (["--lr", "1e-3"], "the interrupted run at killed.partial had --lr 0.0001, this one 0.001"),
+        (["--layers", "1"], "the interrupted run at killed.partial had --layers 2, this one 1; resume with the same"),
+        (["--data", flipped], "the data's rows changed since the interrupted run at killed.partial"),
+        ([*other_store], "the interrupted run at killed.partial logs to --tracking sqlite:///"),
+    ):
         code, _, err = run_main([*args, "--output", "killed", "--resume", *changed])
         assert code == 1 and "Traceback" not in err, err
         (line,) = error_lines(err)
-        assert line.startswith("compress: error: --resume: the interrupted run at killed.partial") and named in line
+        assert line.startswith(f"compress: error: --resume: {named}"), line
         assert "--overwrite" in line and leftovers(workdir / "killed") == ["killed.partial"]
+    assert not (workdir / "other" / "mlflow.db").exists()
 
     _, err = ok([*args, "--output", "killed", "--resume", "--num_workers", "0"])
     match = re.search(r"resuming from \S*step(\d+)\.ckpt", err)
@@ -558,6 +579,22 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny
     assert len(runs) == 2
     client, _ = mlflow_runs(sqlite_uri(workdir))
     assert len(client.get_metric_history(killed_runs[0].info.run_id, "val_score")) == 2
+
+
+def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params(tmp_path: Path) -> None:
+    from compress.errors import CompressError
+    from compress.training import RunState
+
+    (tmp_path / "out.partial").mkdir()
+    state = RunState(tmp_path / "out", resume=True, overwrite=False)
+    params = {"lr": 1e-4, "teacher_path": "t", "embedding": None, "devices": "auto"}
+    state.write(params=params, inputs={"data": "d1", "tracking": "sqlite:///a.db", "teacher_path": "w1"})
+    state.check_resume({**params, "devices": 2}, {"data": "d1", "tracking": "sqlite:///a.db", "teacher_path": "w1"})
+    with pytest.raises(CompressError, match=r"--resume: the weights in --teacher changed since the interrupted run"):
+        state.check_resume(params, {"data": "d1", "tracking": "sqlite:///a.db", "teacher_path": "w2"})
+    with pytest.raises(CompressError, match=r"had --embedding unset, this one 16; resume with the same flags and "
+                                            r"files, or drop --resume and pass --overwrite"):
+        state.check_resume({**params, "embedding": 16}, {"data": "d1", "tracking": "sqlite:///a.db"})
 
 
 @pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
