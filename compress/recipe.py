@@ -187,96 +187,99 @@ def run_training(
     if hooks.get("progress") is not None:
         cfg.progress = hooks["progress"]
     quiet_libraries()
-    state = RunState(output, resume, overwrite)
-    accelerator = resolve_accelerator(cfg.accelerator)
-    precision = resolve_precision(cfg.precision, accelerator)
-    workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator == "cuda" else 0)
-    datamodule = TaskDataModule(task, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                num_workers=workers, seed=cfg.seed)
+    with RunState(output, resume, overwrite) as state:  # holds OUTPUT.partial's lock until it ends
+        accelerator = resolve_accelerator(cfg.accelerator)
+        precision = resolve_precision(cfg.precision, accelerator)
+        workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator == "cuda" else 0)
+        datamodule = TaskDataModule(task, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                    num_workers=workers, seed=cfg.seed)
 
-    import lightning.pytorch as pl
+        import lightning.pytorch as pl
 
-    pl.seed_everything(cfg.seed, verbose=False)
-    saved = state.read()
-    all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
-                  "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
-                  "output": str(output), **asdict(cfg), **(params or {})}
-    all_params.pop("extra")
-    all_params.pop("progress")
-    inputs = _input_identity(task, params or {}, tracking)
-    if resume:
-        state.check_resume(all_params, inputs)
-    # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
-    trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
-                            strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
-                            checkpoint_every=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
-                            progress=cfg.progress,
-                            callbacks=hooks.get("callbacks"))
-    logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
-                          run_id=saved.get("run_id"))
-    state.write(run_id=logger.run_id, params=all_params, inputs=inputs)
-    if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
-        logger.log_hyperparams(all_params)
-        state.write(params_logged=True)
+        pl.seed_everything(cfg.seed, verbose=False)
+        saved = state.read()
+        all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
+                      "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
+                      "output": str(output), **asdict(cfg), **(params or {})}
+        all_params.pop("extra")
+        all_params.pop("progress")
+        inputs = _input_identity(task, params or {}, tracking)
+        if resume:
+            state.check_resume(all_params, inputs)
+        # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
+        trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
+                                strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
+                                checkpoint_every=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
+                                progress=cfg.progress,
+                                callbacks=hooks.get("callbacks"))
+        logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
+                              run_id=saved.get("run_id"))
+        state.write(run_id=logger.run_id, params=all_params, inputs=inputs)
+        if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
+            logger.log_hyperparams(all_params)
+            state.write(params_logged=True)
 
-    module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric, temperature=temperature,
-                           weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                           cache_teacher=cache_teacher, cache_file=cache_file, compile=cfg.compile)
-    trainer.logger = logger
-    ckpt = state.last_checkpoint() if resume else None
-    if resume:
-        print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
-    if cfg.epochs > 0:
-        fit_or_stop(trainer, module, datamodule, ckpt)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # DDP fit is over and the other ranks return now: rank 0 scores alone, and a live process group would make
-        # torchmetrics wait at compute() for ranks that have gone. A later fit (distill after finetune) re-creates it.
-        torch.distributed.destroy_process_group()
-    if not trainer.is_global_zero:
-        return None
+        module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric,
+                               temperature=temperature, weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               warmup=cfg.warmup, cache_teacher=cache_teacher, cache_file=cache_file,
+                               compile=cfg.compile)
+        trainer.logger = logger
+        ckpt = state.last_checkpoint() if resume else None
+        if resume:
+            print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
+        if cfg.epochs > 0:
+            fit_or_stop(trainer, module, datamodule, ckpt)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP fit is over and the other ranks return now: rank 0 scores alone, and a live process group would
+            # make torchmetrics wait at compute() for ranks that have gone. A later fit (distill after finetune)
+            # re-creates it.
+            torch.distributed.destroy_process_group()
+        if not trainer.is_global_zero:
+            return None
 
-    student = module.student.float().cpu()
-    if finalize is not None:
-        finalize(student)
-    student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
-    metrics = {"student_score": student_score, "student_params": count_params(student)}
-    placed = module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
-    if teacher is not None:
-        if placed:
-            teacher_score = score_in_place(teacher, datamodule, task.metric, task.num_labels)
-        else:
-            teacher = teacher.float().cpu()
-            teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
-        metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
-                    "retention": student_score / teacher_score if teacher_score else 0.0,
-                    "compression": count_params(teacher) / metrics["student_params"]}
+        student = module.student.float().cpu()
+        if finalize is not None:
+            finalize(student)
+        student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
+        metrics = {"student_score": student_score, "student_params": count_params(student)}
+        placed = module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
+        if teacher is not None:
+            if placed:
+                teacher_score = score_in_place(teacher, datamodule, task.metric, task.num_labels)
+            else:
+                teacher = teacher.float().cpu()
+                teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
+            metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
+                        "retention": student_score / teacher_score if teacher_score else 0.0,
+                        "compression": count_params(teacher) / metrics["student_params"]}
 
-    device = "cuda" if accelerator == "cuda" else "cpu"
-    timed_teacher = teacher is not None and not placed  # a teacher split over devices has no comparable latency
-    if teacher is not None and placed:
-        print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not measured",
+        device = "cuda" if accelerator == "cuda" else "cpu"
+        timed_teacher = teacher is not None and not placed  # a teacher split over devices has no comparable latency
+        if teacher is not None and placed:
+            print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not measured",
+                  file=sys.stderr)
+        models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
+        seq = min(128, student.config.max_position_embeddings)
+        print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)",
               file=sys.stderr)
-    models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
-    seq = min(128, student.config.max_position_embeddings)
-    print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)", file=sys.stderr)
-    lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
-                     vocab_size=student.config.vocab_size)
-    metrics["latency_ms"] = lat["student"]
-    if timed_teacher:
-        metrics["teacher_latency_ms"] = lat["teacher"]
-        metrics["speedup"] = lat["teacher"] / lat["student"]
-    metrics |= extra_metrics or {}
+        lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
+                         vocab_size=student.config.vocab_size)
+        metrics["latency_ms"] = lat["student"]
+        if timed_teacher:
+            metrics["teacher_latency_ms"] = lat["teacher"]
+            metrics["speedup"] = lat["teacher"] / lat["student"]
+        metrics |= extra_metrics or {}
 
-    student.config.architectures = [type(student).__name__]
-    with atomic_output(output, overwrite) as tmp:
-        save_model(student, tokenizer, tmp)
-        metrics["student_mb"] = weights_mb(tmp)
-        write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
-                            task.label_names, "mlflow_run_id": logger.run_id, "tracking": tracking,
-                            "metrics": metrics, **(lineage or {})})
-        log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
-    logger.finalize("success")
-    state.finish()
+        student.config.architectures = [type(student).__name__]
+        with atomic_output(output, overwrite) as tmp:
+            save_model(student, tokenizer, tmp)
+            metrics["student_mb"] = weights_mb(tmp)
+            write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
+                                task.label_names, "mlflow_run_id": logger.run_id, "tracking": tracking,
+                                "metrics": metrics, **(lineage or {})})
+            log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
+        logger.finalize("success")
+        state.finish()
 
     def fmt(key: str) -> str:
         v = metrics.get(key)

@@ -104,6 +104,10 @@ class RunState:
             return
         check_output(output)
         check_overwrite(output, overwrite)
+        self._lock = None
+        if (holder := _lock_holder(self.dir / "lock")) is not None:  # before --overwrite could delete a live run's work
+            raise CompressError(f"--output {output}: another compress process ({holder}) is writing it now; wait for "
+                                "it to finish, or choose another --output")
         if self.dir.exists() and not resume:
             if not overwrite:
                 raise CompressError(
@@ -121,6 +125,11 @@ class RunState:
         if self._child:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = _take_lock(self.dir / "lock")
+            if self._lock is None:
+                raise CompressError(f"--output {self.output}: another compress process "
+                                    f"({_lock_holder(self.dir / 'lock')}) started writing it; choose another --output")
         self._meta.write_text(json.dumps(self.read() | values, default=str))  # params may hold paths
 
     def check_resume(self, params: dict, inputs: dict) -> None:
@@ -166,6 +175,54 @@ class RunState:
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):  # -> Self (typing.Self needs Python 3.11; the project runs on 3.10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Release the lock however the run ends: a failed run in a process that goes on (search's trials, tests)
+        must not keep its folder from being resumed."""
+        if getattr(self, "_lock", None):
+            self._lock.close()
+            self._lock = None
+
+
+# A run holds an flock on OUTPUT.partial/lock while it writes there. The kernel drops it when the process dies, even by
+# kill -9, so a lock left behind by a dead run never blocks --resume; a live one stops a second run from writing the
+# same checkpoints (or --overwrite from deleting them). Where flock is unavailable (some network file systems), runs
+# go unguarded as before.
+def _take_lock(path: Path):
+    """The open, locked file (kept open for the run), False where locks are unsupported, None if another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return False
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError:  # ENOLCK and the like: no locking here
+        handle.close()
+        return False
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Who holds the lock at `path` ("pid N on HOST"), or None when no live process does."""
+    if not path.is_file():
+        return None
+    lock = _take_lock(path)
+    if lock is None:
+        return path.read_text().strip() or "a live run"
+    if lock:
+        lock.close()  # free: a run that died; its folder is an interrupted run's
+    return None
 
 
 def build_trainer(

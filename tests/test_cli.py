@@ -615,6 +615,12 @@ def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, s
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, f"no checkpoint after 120 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.05)
+        # while it runs, a second run on the same --output is refused, and --overwrite deletes nothing of it
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            again, _, err = run_main([*args, *extra])
+            (line,) = error_lines(err)
+            assert again == 1 and f"another compress process (pid {proc.pid} on " in line, line
+        assert proc.poll() is None
         proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
@@ -624,6 +630,9 @@ def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, s
     assert "Traceback" not in text
     assert f"compress: {said}; rerun with --resume" in text.strip().splitlines()[-1]
     assert leftovers(workdir / "stopped") == ["stopped.partial"]  # resumable, and nothing that looks finished
+    again, _, err = run_main(args)  # the lock went with the process: this is an interrupted run now
+    (line,) = error_lines(err)
+    assert again == 1 and "an interrupted run left" in line and "--resume" in line, line
 
 
 # --- DDP on CPU -------------------------------------------------------------------------------------------------------
