@@ -421,12 +421,14 @@ def model_card(*, name: str, folder: str, model, lineage: dict, run: dict, files
         lines += ["", f"ONNX parity: max abs logit difference to PyTorch {worst:.2e} (limit {PARITY_TOL:g}) on "
                   f"shapes {', '.join(parity_diffs)}, none of them the traced {EXAMPLE_SHAPE[0]}x{EXAMPLE_SHAPE[1]}; "
                   "batch and sequence axes are dynamic."]
+    # compress's own class: its code is beside the weights. AutoTokenizer reads the config too (transformers 5), so
+    # without the flag it asks whether to run that code, though the tokenizer is BERT's.
     remote = ", trust_remote_code=True" if getattr(cfg, "auto_map", None) else ""
-    lines += ["", "## Use", "", "```python"]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoTokenizer",
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder}"{remote})']
     if "hf" in files:
-        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-                  f'model = AutoModelForSequenceClassification.from_pretrained("{folder}"{remote})',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{folder}")']
+        lines += ["from transformers import AutoModelForSequenceClassification",
+                  f'model = AutoModelForSequenceClassification.from_pretrained("{folder}"{remote})']
     if "onnx" in files or "int8" in files:
         onnx_file = files.get("int8", files.get("onnx"))["file"]
         lines += ["import onnxruntime, numpy as np",

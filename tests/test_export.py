@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +233,18 @@ def test_round_trip_other_model_kinds(kind, tmp_path, tiny_teacher) -> None:
     if kind == "compress_bert":  # loads where compress is not installed: the code travels with the weights
         assert (out / "modeling_compress_bert.py").exists()
         assert "auto_map" in json.loads((out / "config.json").read_text())
+    # the card's snippet runs as written, in a Python that cannot import compress, for each set of formats
+    for formats in ("hf,onnx", "onnx"):
+        card_out = tmp_path / f"card-{formats}"
+        run_cli("export", "--model", src, "--format", formats, "--output", card_out)
+        card = (card_out / "README.md").read_text()
+        snippet = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+        if kind == "compress_bert":
+            assert f'AutoTokenizer.from_pretrained("{card_out.name}", trust_remote_code=True)' in snippet
+        proc = subprocess.run([sys.executable, "-c", f"import sys; sys.modules['compress'] = None\n{snippet}\n"
+                               "print(logits.shape)"], cwd=tmp_path,  # the card names the folder as it is written
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, check=False)
+        assert proc.returncode == 0 and "(1, 2)" in proc.stdout, proc.stderr[-2000:]
 
 
 # --- finding the model through its MLflow run ---------------------------------------------------------------------
