@@ -520,6 +520,28 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message=r".*SADeprecationWarning.*|.*noload.*")
 
 
+def check_storage(url: str) -> Path | None:
+    """The sqlite file of --storage (None for a server database), checked read-only before anything writes: Optuna's
+    RDBStorage adds its tables to whatever database it opens, an MLflow store included, and only then fails on that
+    store's alembic revision."""
+    from compress.tracking import MLFLOW_TABLES, OPTUNA_TABLES, sqlite_file, sqlite_tables
+
+    db = sqlite_file(url)
+    if db is None:
+        return None
+    check_folder(db.parent, "--storage")
+    if db.is_dir():
+        raise CompressError(f"--storage {url}: {db} is a folder; name the database file")
+    tables = sqlite_tables(db, f"--storage {url}") if db.is_file() and db.stat().st_size else set()
+    if tables and not tables & OPTUNA_TABLES:
+        if tables & MLFLOW_TABLES or "alembic_version" in tables:
+            raise CompressError(f"--storage {url}: an MLflow store, not an Optuna study database (use it as "
+                                "--tracking)")
+        raise CompressError(f"--storage {url}: {db} holds another application's tables "
+                            f"({', '.join(sorted(tables)[:4])}), not an Optuna study database; name a new file")
+    return db
+
+
 def make_storage(url: str, heartbeat: int, retries: int, tracking: str):
     import optuna
 
@@ -973,8 +995,8 @@ def run_search(
         raise CompressError("--storage: an in-memory sqlite database cannot be shared by workers")
     teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
     # after every check, so a refused study leaves no mlruns/ behind
-    if storage.startswith("sqlite:///"):
-        check_folder(Path(storage.removeprefix("sqlite:///")).parent, "--storage").mkdir(parents=True, exist_ok=True)
+    if (db := check_storage(storage)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     _prepare_store(resolve_tracking(tracking))  # a bad --tracking fails here once, not in every trial
     name = study or f"{slug(teacher)}-{slug(task or data)}"
     out = str(check_output(output if output is not None else f"outputs/search-{name}"))

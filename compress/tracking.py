@@ -32,11 +32,40 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# Each tool's first tables. Both create an alembic_version table, so that one tells neither apart.
+MLFLOW_TABLES = {"experiments", "runs"}
+OPTUNA_TABLES = {"studies", "version_info"}
+
+
+def sqlite_tables(db: Path, flag: str) -> set[str]:
+    """The tables of an existing SQLite file, read without writing a byte: MLflow's alembic and Optuna's RDBStorage
+    both add their tables to any database they are pointed at before finding it is the other's, so a wrong store is
+    told apart here, read-only, first."""
+    import contextlib
+    import sqlite3
+
+    try:  # as_uri quotes a '?' or '#' in the path, which the file: URI would otherwise read as its own
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise CompressError(f"{flag}: cannot read {db} as an SQLite database ({err})") from None
+
+
 def check_tracking(uri: str) -> None:
     """A store MLflow can open, checked before any work rather than when the run opens: a known scheme, and for
-    sqlite a folder that can be made and a file that is a database (or not there yet)."""
+    sqlite a folder that can be made and a file that is MLflow's database, an empty one, or not there yet."""
     from compress.outputs import check_folder
 
+    check_store_kind(uri)
+    db = sqlite_file(uri)
+    if db is not None:
+        check_folder(db.parent, "--tracking")
+
+
+def check_store_kind(uri: str) -> None:
+    """The part of check_tracking that needs no folder to write in: a known scheme, and an existing sqlite file that
+    is MLflow's database (or empty). The CLI checks every command's --tracking this far before the command runs,
+    since export --run and bench --run read the store before they check where they write."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri
     if scheme not in STORE_SCHEMES:
         raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
@@ -44,13 +73,24 @@ def check_tracking(uri: str) -> None:
     db = sqlite_file(uri)
     if db is None:
         return
-    check_folder(db.parent, "--tracking")
-    if db.is_dir():
-        raise CompressError(f"--tracking {uri}: {db} is a folder; name the database file")
-    if db.exists() and db.stat().st_size:
+    try:
+        if db.is_dir():
+            raise CompressError(f"--tracking {uri}: {db} is a folder; name the database file")
+        if not db.is_file() or not db.stat().st_size:
+            return  # MLflow makes a new one
         with db.open("rb") as f:
-            if f.read(16) != b"SQLite format 3\x00":
-                raise CompressError(f"--tracking {uri}: {db} is not an SQLite database")
+            header = f.read(16)
+    except OSError:  # a folder we may not look into: check_folder names the problem where the run writes
+        return
+    if header != b"SQLite format 3\x00":
+        raise CompressError(f"--tracking {uri}: {db} is not an SQLite database")
+    tables = sqlite_tables(db, f"--tracking {uri}")
+    if tables and not tables & MLFLOW_TABLES:
+        if tables & OPTUNA_TABLES:
+            raise CompressError(f"--tracking {uri}: an Optuna study database, not an MLflow store (use it as "
+                                "search's --storage)")
+        raise CompressError(f"--tracking {uri}: {db} holds another application's tables "
+                            f"({', '.join(sorted(tables)[:4])}), not an MLflow store; name a new file")
 
 
 def _prepare_store(uri: str) -> str | None:

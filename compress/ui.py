@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.search import DEFAULT_STORAGE
-from compress.tracking import DEFAULT_TRACKING
+from compress.search import DEFAULT_STORAGE, check_storage
+from compress.tracking import DEFAULT_TRACKING, check_tracking
 
 HOST = "127.0.0.1"  # local only: reach it from elsewhere through an SSH tunnel, not by opening the port
 START_TIMEOUT_S = 180  # MLflow answers after about 13 s on an idle machine; a busy one takes longer
@@ -124,10 +124,13 @@ def ui(
         if "://" not in storage:
             raise CompressError(f"--storage {storage}: an RDB URL such as {DEFAULT_STORAGE}")
         _sqlite_file(storage, "--storage")
+        check_storage(storage)  # optuna-dashboard would add Optuna's tables to an MLflow store
         cmd = [_executable("optuna-dashboard"), storage, "--host", HOST, "--port", str(port)]
         what, health = f"optuna-dashboard on {storage}", base + "/"
     else:
         db = _sqlite_file(tracking, "--tracking")
+        # here, not 15 s later in the server's log: an unknown scheme, or another tool's database it would write to
+        check_tracking(tracking)
         cmd = [_executable("mlflow"), "server", "--host", HOST, "--port", str(port), "--backend-store-uri", tracking,
                "--workers", "1"]
         if db is not None:  # compress's layout: artifacts beside the database (tracking._prepare_store)
