@@ -14,10 +14,18 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def weights_mb(model_dir: str | Path) -> float:
-    """Size on disk of the weight files, in MB (10^6 bytes)."""
-    files = [f for f in Path(model_dir).iterdir() if f.suffix in (".safetensors", ".bin", ".onnx")]
-    return sum(f.stat().st_size for f in files) / 1e6
+def weights_mb(model: str | Path) -> float:
+    """Size on disk of one model's weights, in MB (10^6 bytes): an .onnx file with its external data, or a saved
+    model folder's PyTorch weights. An exported folder also holds model.onnx and model.int8.onnx, other models of
+    the same network, so counting every weight file there reported several times the size."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        files = [path, path.with_name(path.name + ".data")]  # weights over protobuf's 2 GB go beside the graph
+    else:
+        # what transformers loads: safetensors when there are any (hub repos often carry a .bin duplicate as well),
+        # else pytorch_model*.bin, leaving out training_args.bin and the like
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6
 
 
 def interleaved_ms(
