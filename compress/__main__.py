@@ -1,5 +1,8 @@
 """The `compress` command: maps subcommand names to typed functions; jsonargparse builds flags from signatures.
 
+Between parsing and the command, what every command shares: a leading ~ in path flags expanded, and --tracking
+checked to be an MLflow store before anything opens it.
+
 Heavy libraries (torch, transformers, Lightning) are imported inside the commands, so `compress --help`
 answers at once.
 """
@@ -92,13 +95,78 @@ def _one_line_parser():
     return OneLineParser
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+# Flags naming a local file or folder (or, for the model flags, a hub name, which never starts with '~').
+# teacher_device_map may name a JSON file; space may name a YAML file (a dict given inline is left alone).
+PATH_FLAGS = ("teacher", "student", "model", "data", "output", "teacher_cache", "teacher_device_map", "json_out",
+              "json", "space")
 
+
+def _expand_home(values) -> None:
+    """Expand a leading ~ in path flags, as the shell does for an unquoted one. A quoted flag or a config file's
+    `data: ~/data` reaches us as is: transformers expands a model's ~ itself, but --data then "did not exist" and
+    --output made a folder named ~ in the working directory, one `rm -rf ~` away from the user's home.
+    URIs (--tracking, --storage) are not paths and stay as given."""
+    import os
+
+    for name in PATH_FLAGS:
+        value = values.get(name)
+        if isinstance(value, str):
+            values[name] = os.path.expanduser(value)
+        elif isinstance(value, list):  # bench's repeated --model
+            values[name] = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """A --config file (top-level or a command's) that is not UTF-8: jsonargparse reads it as text and raises
+    UnicodeDecodeError from deep in its parser, which no parser error hook sees."""
+    from pathlib import Path
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():  # missing, a folder or inline YAML: jsonargparse says so in one line
+            continue
+        try:
+            path.read_bytes().decode("utf-8")
+        except OSError:  # unreadable: jsonargparse says so too
+            continue
+        except UnicodeDecodeError as err:
+            raise CompressError(f"--config {value}: not UTF-8 text (byte {err.start}); give a YAML configuration "
+                                "file") from None
+
+
+def _run(argv: list[str]) -> None:
+    """Parse, check what every command shares, then call the command: jsonargparse's CLI would call it straight
+    from the parse, leaving no place to expand ~ or to refuse another tool's database as --tracking."""
+    from jsonargparse import auto_parser
+
+    from compress.tracking import check_store_kind
+
+    _check_config_files(argv)
+    parser = auto_parser(COMMANDS, prog="compress", as_positional=False, parser_class=_one_line_parser(),
+                         description="Distil, share, prune, search and export BERT-family models; every run tracked "
+                                     "in MLflow.")
+    init = parser.instantiate(parser.parse_args(argv))
+    command = init.subcommand
+    values = dict(init[command].items())
+    values.pop("config", None)
+    _expand_home(values)
+    if "tracking" in values:
+        # here, not in each command: export --run and bench --run open the store before their own checks, and
+        # MLflow adds its tables to whatever database it opens
+        check_store_kind(values["tracking"])
+    COMMANDS[command](**values)
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
-        CLI(COMMANDS, args=argv, prog="compress", as_positional=False, parser_class=_one_line_parser(),
-            description="Distil, share, prune, search and export BERT-family models; every run tracked in MLflow.")
+        _run(argv)
     except CompressError as err:
         print(f"compress: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
