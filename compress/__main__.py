@@ -82,6 +82,18 @@ def _one_line_parser():
             if typed:
                 text = f"--{typed.group(1)} {typed.group(3)}: expected a{'n' if typed.group(2)[0] in 'aeiou' else ''} "
                 text += typed.group(2)
+            # a flag typed int | None: 'Parser key "layers": Does not validate against any of the Union subtypes
+            # Subtypes: [<class 'int'>, <class 'NoneType'>] Errors: ... Given value: two' -> '--layers two: expected
+            # an int or null'
+            union = re.fullmatch(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes '
+                                 r"Subtypes: \[(.*?)\] .* Given value: (.*)", text)
+            if union:
+                kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>",
+                                                                            union.group(2))]
+                text = f"--{union.group(1).rpartition('.')[2]} {union.group(3)}: expected {' or '.join(kinds)}"
+            unknown = re.fullmatch(r"Subcommand '(\w+)' does not accept option '(\w+)'", text)
+            if unknown:  # often a config written for another command
+                text = f"compress {unknown.group(1)} has no flag --{unknown.group(2)}"
             prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
             # 'required: distill.teacher' -> 'required: --teacher', and the help to read is distill's
             required = re.fullmatch(r"the following arguments are required: (([\w]+)\.[\w.]+(, [\w.]+)*)", text)
@@ -138,6 +150,16 @@ def _check_config_files(argv: list[str]) -> None:
         except UnicodeDecodeError as err:
             raise CompressError(f"--config {value}: not UTF-8 text (byte {err.start}); give a YAML configuration "
                                 "file") from None
+        import yaml
+
+        try:
+            held = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:  # jsonargparse names the line
+            continue
+        if not isinstance(held, dict):  # jsonargparse says only "Unexpected config:"
+            what = "nothing" if held is None else f"a {type(held).__name__}"
+            raise CompressError(f"--config {value}: the file holds {what}, not flags; write one flag a line, e.g. "
+                                "'teacher: minilm-l6'")
 
 
 def _run(argv: list[str]) -> None:

@@ -180,11 +180,24 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
     (["prune", "--model", "m", "--heads", "half"], "--heads half: expected a float (see compress prune --help)"),
     (["distill", "--teacher", "t", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see compress distill --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
+    (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
 def test_a_flag_that_does_not_parse_is_one_line(args: list[str], line: str) -> None:
     """jsonargparse would print a usage block of some 35 lines above its message."""
     code, out, err = run_main(args)
     assert (code, out, err) == (2, "", f"compress: error: {line}\n")
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("", "--config c.yaml: the file holds nothing, not flags"),
+    ("- teacher\n", "--config c.yaml: the file holds a list, not flags"),
+    ("teacher: t\nheads: 0.5\n", "compress distill has no flag --heads (see compress distill --help)"),
+])
+def test_a_config_that_is_no_set_of_the_commands_flags_is_one_line(text: str, line: str, workdir: Path) -> None:
+    (workdir / "c.yaml").write_text(text)
+    code, out, err = run_main(["distill", "--config", "c.yaml"])
+    assert code in (1, 2) and out == "" and err == f"compress: error: {line}" + err.split(line, 1)[1], err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_the_three_core_commands_exist() -> None:
