@@ -344,7 +344,13 @@ def source_run_info(run_id: str | None, stores: list[str]) -> dict:
         return {}
     from mlflow.exceptions import MlflowException
 
+    from compress.tracking import check_store_kind
+
     for uri in dict.fromkeys(s for s in stores if s):
+        try:
+            check_store_kind(uri)  # a store named in the model's record may since have become another tool's file,
+        except CompressError:     # which MLflow would add its tables to
+            continue
         if not store_exists(uri):
             continue
         client = mlflow_client(uri)

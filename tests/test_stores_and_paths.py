@@ -274,3 +274,13 @@ def test_data_and_output_under_tilde_run_for_real(tiny_teacher: Path, tiny_data:
                              "--latency_reps", "1", "--latency_batch", "1", "--latency_seq", "8"])
     assert code == 0, err[-3000:]
     assert (home / "r.json").is_file() and not (workdir / "~").exists()
+
+
+def test_export_never_opens_a_store_its_model_names_that_is_now_another_tools(optuna_db: Path) -> None:
+    """A model's compress.json names the store its run was logged in; if that file is now an Optuna database, the
+    model card goes without the run's metrics rather than MLflow writing its tables into it."""
+    from compress.export import source_run_info
+
+    before = hashlib.sha256(optuna_db.read_bytes()).hexdigest()
+    assert source_run_info("0" * 32, [f"sqlite:///{optuna_db}"]) == {}
+    assert hashlib.sha256(optuna_db.read_bytes()).hexdigest() == before
