@@ -78,11 +78,26 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         print("compress: terminated (SIGTERM); rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
         raise SystemExit(143) from None
-    except SystemExit:
-        if trainer.interrupted:  # Ctrl-C: the CLI says how to resume and exits 130; search marks the trial failed
+    except (SystemExit, Exception) as stop:
+        # Ctrl-C: the CLI says how to resume and exits 130; search marks the trial failed. Lightning's sys.exit(1)
+        # is raised while handling the KeyboardInterrupt, and so is its own shutdown failing: a Ctrl-C that lands
+        # inside an MLflow write leaves SQLite locked, and closing the run as FAILED then raises "database is
+        # locked". The checkpoints are whole either way, and --resume continues the same run.
+        if _during_ctrl_c(stop):
             _close_progress_bars(trainer)
             raise KeyboardInterrupt from None
         raise
+
+
+def _during_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt was being handled (an error of its own is not)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _close_progress_bars(trainer) -> None:

@@ -610,6 +610,22 @@ def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params
         state.check_resume({**params, "embedding": 16}, {"data": "d1", "tracking": "sqlite:///a.db"})
 
 
+def test_only_what_is_raised_while_handling_ctrl_c_counts_as_ctrl_c() -> None:
+    """Lightning's sys.exit(1), or its shutdown failing (MLflow's "database is locked"), during a Ctrl-C is the
+    Ctrl-C; an error of the run's own (out of memory) is that error."""
+    from compress.recipe import _during_ctrl_c
+
+    for raised in (SystemExit(1), RuntimeError("database is locked")):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise raised  # its implicit context, the KeyboardInterrupt, is what is tested
+        except BaseException as error:
+            assert _during_ctrl_c(error)
+    assert not _during_ctrl_c(RuntimeError("out of memory")) and not _during_ctrl_c(SystemExit(2))
+
+
 @pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, said: str, tiny_teacher: Path,
@@ -619,8 +635,11 @@ def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, s
             "8", "--checkpoint_every", "3", *FAST, *track(workdir), "--output", "stopped"]
     log = workdir / "stop.log"
     with log.open("w") as sink:
+        # A shell starts background jobs (CI's, for one) with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt; the run under test gets the disposition a terminal gives it.
         proc = subprocess.Popen([str(COMPRESS), *args], cwd=workdir, env=subprocess_env(), stdout=sink,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     ckpt_dir = workdir / "stopped.partial" / "checkpoints"
     deadline = time.monotonic() + 120
     try:
