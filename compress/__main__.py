@@ -144,7 +144,7 @@ def _check_config_files(argv: list[str]) -> None:
         if not path.is_file():  # missing, a folder or inline YAML: jsonargparse says so in one line
             continue
         try:
-            path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except OSError:  # unreadable: jsonargparse says so too
             continue
         except UnicodeDecodeError as err:
@@ -153,7 +153,7 @@ def _check_config_files(argv: list[str]) -> None:
         import yaml
 
         try:
-            held = yaml.safe_load(path.read_text())
+            held = yaml.safe_load(text)
         except yaml.YAMLError:  # jsonargparse names the line
             continue
         if not isinstance(held, dict):  # jsonargparse says only "Unexpected config:"

@@ -100,11 +100,11 @@ class RunState:
         # A DDP child process (Lightning re-runs the command with LOCAL_RANK set) finds rank 0's OUTPUT.partial: it
         # only helps with fit, so it neither checks nor writes the folder, and reads rank 0's run id from it.
         self._child = rank_zero_only.rank != 0
+        self._lock = None  # OUTPUT.partial/lock, taken at the first write (rank 0 only)
         if self._child:
             return
         check_output(output)
         check_overwrite(output, overwrite)
-        self._lock = None
         if (holder := _lock_holder(self.dir / "lock")) is not None:  # before --overwrite could delete a live run's work
             raise CompressError(f"--output {output}: another compress process ({holder}) is writing it now; wait for "
                                 "it to finish, or choose another --output")
@@ -142,7 +142,7 @@ class RunState:
         if saved.get("params") is None:  # nothing recorded yet (killed before its first write)
             return
         hint = "resume with the same flags and files, or drop --resume and pass --overwrite to start over"
-        for key, now in json.loads(json.dumps(inputs, default=str)).items():
+        for key, now in inputs.items():  # strings: a fingerprint, a URI
             before = saved.get("inputs", {}).get(key)
             if before is None or before == now:
                 continue
@@ -182,7 +182,7 @@ class RunState:
     def __exit__(self, *exc) -> None:
         """Release the lock however the run ends: a failed run in a process that goes on (search's trials, tests)
         must not keep its folder from being resumed."""
-        if getattr(self, "_lock", None):
+        if self._lock:  # False where locks are unsupported
             self._lock.close()
             self._lock = None
 
