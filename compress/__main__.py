@@ -164,10 +164,8 @@ def _check_config_files(argv: list[str]) -> None:
 
 def _run(argv: list[str]) -> None:
     """Parse, check what every command shares, then call the command: jsonargparse's CLI would call it straight
-    from the parse, leaving no place to expand ~ or to refuse another tool's database as --tracking."""
+    from the parse, leaving no place to expand ~ in path flags."""
     from jsonargparse import auto_parser
-
-    from compress.tracking import check_store_kind
 
     _check_config_files(argv)
     parser = auto_parser(COMMANDS, prog="compress", as_positional=False, parser_class=_one_line_parser(),
@@ -178,10 +176,6 @@ def _run(argv: list[str]) -> None:
     values = dict(init[command].items())
     values.pop("config", None)
     _expand_home(values)
-    if "tracking" in values:
-        # here, not in each command: export --run and bench --run open the store before their own checks, and
-        # MLflow adds its tables to whatever database it opens
-        check_store_kind(values["tracking"])
     COMMANDS[command](**values)
 
 

@@ -319,7 +319,7 @@ def metric_key(label: str, batch: int, what: str) -> str:
 def log_to_run(run_id: str, tracking: str, report: dict) -> None:
     from mlflow.entities import Metric
 
-    from compress.export import mlflow_client
+    from compress.tracking import mlflow_client
 
     client = mlflow_client(tracking)
     import time

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.flags import check_all
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, mlflow_client
 
 FORMATS = ("hf", "onnx", "int8")
 ONNX_FILE = "model.onnx"
@@ -57,23 +57,15 @@ def store_exists(uri: str) -> bool:
     return True
 
 
-def mlflow_client(uri: str):
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def get_run(run_id: str, tracking: str, flag: str = "--run"):
     """The MLflow run, or a CompressError naming the flag and the store."""
-    from mlflow.exceptions import MlflowException
-
     if not store_exists(tracking):
         raise CompressError(f"{flag} {run_id}: no MLflow store at --tracking {tracking}")
+    client = mlflow_client(tracking)  # checks the store before mlflow is imported
+    from mlflow.exceptions import MlflowException
+
     try:
-        return mlflow_client(tracking).get_run(run_id)
+        return client.get_run(run_id)
     except MlflowException:
         raise CompressError(f"{flag} {run_id}: no such MLflow run in {tracking}") from None
 
@@ -344,16 +336,13 @@ def source_run_info(run_id: str | None, stores: list[str]) -> dict:
         return {}
     from mlflow.exceptions import MlflowException
 
-    from compress.tracking import check_store_kind
-
     for uri in dict.fromkeys(s for s in stores if s):
-        try:
-            check_store_kind(uri)  # a store named in the model's record may since have become another tool's file,
-        except CompressError:     # which MLflow would add its tables to
-            continue
         if not store_exists(uri):
             continue
-        client = mlflow_client(uri)
+        try:
+            client = mlflow_client(uri)
+        except CompressError:  # a store named in the model's record may since have become another tool's file
+            continue
         try:
             run = client.get_run(run_id)
         except MlflowException:

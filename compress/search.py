@@ -23,7 +23,7 @@ from typing import Any
 from compress.errors import CompressError
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, resolve_tracking
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # objective name -> (metric in compress.json, direction)
@@ -356,18 +356,11 @@ class _OffsetTrial:
         return getattr(self._trial, name)
 
 
-def _mlflow_client(tracking: str):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking)
-
-
 def close_runs(tracking: str, run_id: str | None, status: str) -> None:
     """End a trial's MLflow run and any step run under it still marked running (its process died or was pruned)."""
     if not run_id:
         return
-    client = _mlflow_client(tracking)
+    client = mlflow_client(tracking)
     try:
         run = client.get_run(run_id)
     except Exception:  # the run is gone or the store moved: nothing to close
@@ -431,7 +424,7 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
     title = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else "")
     print(f"{title}: {recipe}", file=sys.stderr)
 
-    client = _mlflow_client(ctx.tracking)
+    client = mlflow_client(ctx.tracking)
     run = client.create_run(ctx.experiment_id, run_name=f"{title}: {recipe}", tags={
         "mlflow.parentRunId": ctx.parent_run_id, "compress.command": "search-trial", "optuna.study": ctx.study,
         "optuna.trial": str(trial.number), "compress.steps": ",".join(names)})
@@ -706,7 +699,7 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
     """The study's MLflow parent run (created once, found again on resume) and its experiment id."""
     from compress.tracking import git_commit
 
-    client = _mlflow_client(tracking)
+    client = mlflow_client(tracking)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=_prepare_store(tracking))
@@ -902,7 +895,7 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     plot_front(files["plot"], rows, front, teacher,
                f"compress search {ctx.study}: {len(rows)} trials, front by {' / '.join(keys)}")
 
-    client = _mlflow_client(ctx.tracking)
+    client = mlflow_client(ctx.tracking)
     for path in files.values():
         client.log_artifact(ctx.parent_run_id, str(path))
     now = int(time.time() * 1000)
@@ -1030,10 +1023,10 @@ def run_search(
     except KeyboardInterrupt:
         print(f"compress: search interrupted; rerun the same command (--study {name}) to continue the study",
               file=sys.stderr)
-        _mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED")
+        mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED")
         raise
     except BaseException:
-        _mlflow_client(tracking).set_terminated(ctx.parent_run_id, "FAILED")
+        mlflow_client(tracking).set_terminated(ctx.parent_run_id, "FAILED")
         raise
     _raise_if_all_failed(ctx, started)
     return result

@@ -64,8 +64,8 @@ def check_tracking(uri: str) -> None:
 
 def check_store_kind(uri: str) -> None:
     """The part of check_tracking that needs no folder to write in: a known scheme, and an existing sqlite file that
-    is MLflow's database (or empty). The CLI checks every command's --tracking this far before the command runs,
-    since export --run and bench --run read the store before they check where they write."""
+    is MLflow's database (or empty). Every client opens through mlflow_client, which checks this far first, since
+    export --run and bench --run read a store they never write to."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri
     if scheme not in STORE_SCHEMES:
         raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
@@ -91,6 +91,16 @@ def check_store_kind(uri: str) -> None:
                                 "search's --storage)")
         raise CompressError(f"--tracking {uri}: {db} holds another application's tables "
                             f"({', '.join(sorted(tables)[:4])}), not an MLflow store; name a new file")
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri`, after check_store_kind: MLflow's alembic adds its tables to whatever database it
+    opens, an Optuna study's included, before finding it is not its own."""
+    check_store_kind(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _prepare_store(uri: str) -> str | None:
