@@ -50,9 +50,12 @@ def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking
     if (folder / "config.json").exists():
         print(f"teacher {model_name}: reusing its fine-tuned copy for {task.name} at {folder}", file=sys.stderr)
         return str(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    left = partial / "run.json"
-    if left.is_file() and json.loads(left.read_text()).get("inputs", {}).get("tracking", tracking) != tracking:
+    from compress.training import RunState, lock_holder
+
+    partial = RunState.partial(folder)
+    left_in = RunState.left_at(folder).get("inputs", {}).get("tracking", tracking)
+    # a live fine-tuning (another process holds its lock) is never deleted: RunState below refuses it by name
+    if left_in != tracking and lock_holder(partial / "lock") is None:
         # its MLflow run is in another store: this recipe's key says the work is the same, so start it again here
         print(f"teacher {model_name}: an interrupted fine-tuning logged to another MLflow store; starting it over",
               file=sys.stderr)

@@ -94,7 +94,7 @@ class RunState:
 
         output = Path(os.path.normpath(output))
         self.output = output
-        self.dir = output.with_name(output.name + ".partial")
+        self.dir = self.partial(output)
         self.ckpt_dir = self.dir / "checkpoints"
         self._meta = self.dir / "run.json"
         # A DDP child process (Lightning re-runs the command with LOCAL_RANK set) finds rank 0's OUTPUT.partial: it
@@ -105,7 +105,7 @@ class RunState:
             return
         check_output(output)
         check_overwrite(output, overwrite)
-        if (holder := _lock_holder(self.dir / "lock")) is not None:  # before --overwrite could delete a live run's work
+        if (holder := lock_holder(self.dir / "lock")) is not None:  # before --overwrite could delete a live run's work
             raise CompressError(f"--output {output}: another compress process ({holder}) is writing it now; wait for "
                                 "it to finish, or choose another --output")
         if self.dir.exists() and not resume:
@@ -118,6 +118,19 @@ class RunState:
         if resume and not self.dir.exists():
             raise CompressError(f"--resume: no interrupted run to resume at {self.dir}")
 
+    @staticmethod
+    def partial(output: Path) -> Path:
+        """Where a run writing `output` keeps its checkpoints and record until it finishes."""
+        output = Path(os.path.normpath(output))
+        return output.with_name(output.name + ".partial")
+
+    @classmethod
+    def left_at(cls, output: Path) -> dict:
+        """The record of an interrupted run at `output`, or {} when none was left; read without taking the folder,
+        so a caller can decide whether to resume it before a RunState checks it."""
+        meta = cls.partial(output) / "run.json"
+        return json.loads(meta.read_text()) if meta.is_file() else {}
+
     def read(self) -> dict:
         return json.loads(self._meta.read_text()) if self._meta.exists() else {}
 
@@ -129,7 +142,7 @@ class RunState:
             self._lock = _take_lock(self.dir / "lock")
             if self._lock is None:
                 raise CompressError(f"--output {self.output}: another compress process "
-                                    f"({_lock_holder(self.dir / 'lock')}) started writing it; choose another --output")
+                                    f"({lock_holder(self.dir / 'lock')}) started writing it; choose another --output")
         self._meta.write_text(json.dumps(self.read() | values, default=str))  # params may hold paths
 
     def check_resume(self, params: dict, inputs: dict) -> None:
@@ -213,7 +226,7 @@ def _take_lock(path: Path):
     return handle
 
 
-def _lock_holder(path: Path) -> str | None:
+def lock_holder(path: Path) -> str | None:
     """Who holds the lock at `path` ("pid N on HOST"), or None when no live process does."""
     if not path.is_file():
         return None

@@ -419,6 +419,14 @@ def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny
     partial = cached.with_name(cached.name + ".partial")
     cached.rename(partial)
     (partial / "run.json").write_text(json.dumps({"run_id": "0" * 32, "params": {}, "inputs": {"tracking": "x://y"}}))
+    # ... unless another process is writing it now: that one is refused by name, and its folder kept
+    from compress.training import _take_lock
+
+    held = _take_lock(partial / "lock")
+    code, _, err = run_main([*args, "--output", "s3"])
+    held.close()
+    assert code == 1 and f"pid {os.getpid()}" in error_lines(err)[0] and "is writing it now" in err, err[-2000:]
+    assert (partial / "run.json").is_file() and not (workdir / "s3").exists()
     _, err3 = ok([*args, "--output", "s3"])
     assert "logged to another MLflow store; starting it over" in err3 and (cached / "config.json").is_file()
     assert not partial.exists()
