@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a clean one-line error and a non-zero exit."""
+"""The exceptions the CLI turns into one line and a non-zero exit: a user's mistake, and a stop by SIGTERM."""
 
 
 class CompressError(Exception):
@@ -7,3 +7,9 @@ class CompressError(Exception):
     Raise it for anything the user can fix (a missing file, a bad ratio, an offline hub). Bugs stay ordinary
     exceptions so their tracebacks reach us.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """A run stopped by SIGTERM (a scheduler, `kill`, a container stopping). It is a KeyboardInterrupt so that every
+    handler of a Ctrl-C (a search closing its cut-short trial, Optuna failing it) handles it the same way; the CLI
+    exits 143 instead of 130."""

@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compress.errors import CompressError
+from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
 
 
@@ -75,9 +75,7 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
         _close_progress_bars(trainer)
-        print("compress: terminated (SIGTERM); rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        raise SystemExit(143) from None
+        raise Terminated from None
     except (SystemExit, Exception) as stop:
         # Ctrl-C: the CLI says how to resume and exits 130; search marks the trial failed. Lightning's sys.exit(1)
         # is raised while handling the KeyboardInterrupt, and so is its own shutdown failing: a Ctrl-C that lands

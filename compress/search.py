@@ -12,18 +12,22 @@ so the same --study resumes, several processes share it, and a trial whose worke
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compress.errors import CompressError
+from compress.errors import CompressError, Terminated
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # objective name -> (metric in compress.json, direction)
@@ -420,8 +424,9 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         print(f"trial {trial.number}: {recipe}: skipped, {reason}", file=sys.stderr)
         raise optuna.TrialPruned(reason)
     trial.set_user_attr("mlflow_run_id", "")  # a retried trial inherits its dead original's attributes
-    retry_of = retried_from(trial)
-    title = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else "")
+    retry_of, rerun_of = retried_from(trial), trial.user_attrs.get("rerun_of")
+    title = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else
+                                       f" (rerun of interrupted trial {rerun_of})" if rerun_of is not None else "")
     print(f"{title}: {recipe}", file=sys.stderr)
 
     client = mlflow_client(ctx.tracking)
@@ -473,6 +478,7 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         raise
     except KeyboardInterrupt:
         status = "KILLED"
+        trial.set_user_attr("interrupted", True)  # Optuna fails it; the next run of the study runs it again first
         raise
     except Exception as err:
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
@@ -511,6 +517,27 @@ def _quiet_optuna() -> None:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=r".*SADeprecationWarning.*|.*noload.*")
+    log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoCtrlCTraceback) for f in log.filters):
+        log.addFilter(_NoCtrlCTraceback())
+
+
+class _NoCtrlCTraceback(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C as a failure, with the traceback of the user's keypress and a second
+    "failed with value None" line; compress says instead that the search was interrupted and how to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drop_next = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):  # SIGTERM's Terminated too
+            self._drop_next = True
+            return False
+        if self._drop_next and "failed with value" in record.getMessage():
+            self._drop_next = False
+            return False
+        return True
 
 
 def check_storage(url: str) -> Path | None:
@@ -608,8 +635,62 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
     if wait:  # a replacement for a dead worker: let the dead one's heartbeat go stale, so its trial is retried first
         time.sleep(wait)
     # Exceptions fail the trial and the study goes on (Optuna logs each with its traceback); Ctrl-C stops it.
-    study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
-                   gc_after_trial=True)
+    with CtrlC() as ctrl_c:
+        study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
+                       gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
+        ctrl_c.stop_if_pressed()
+
+
+class CtrlC:
+    """Remembers a Ctrl-C, so one that Python dropped still stops the study after its trial.
+
+    Python prints and drops an exception raised inside `__del__`, and Optuna's gc.collect() after every trial runs
+    many (Lightning's profiler has one), so a Ctrl-C landing there used to let the study run all its trials and
+    exit 0. Only the main thread's default handler is replaced: a SIGINT ignored (a shell's background job) stays
+    ignored.
+    """
+
+    def __init__(self) -> None:
+        self.pressed, self._installed = False, False
+
+    def __enter__(self) -> Self:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_signal)
+            self._installed = True
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def stop_if_pressed(self, study=None, trial=None) -> None:
+        """An Optuna callback (after each trial) and a last check once optimize returns."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def requeue_interrupted(study) -> list[int]:
+    """Queue again the parameters of each trial a Ctrl-C cut short and no later trial has re-run, so the next run of
+    the study starts with them; returns their numbers."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    rerun = {t.user_attrs.get("rerun_of") for t in trials}
+    cut = [t for t in trials
+           if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in rerun]
+    for t in cut:
+        study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
+    return [t.number for t in cut]
 
 
 def _finished_by(study, pid: int) -> int:
@@ -912,9 +993,10 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     running = counts.get("running", 0) + counts.get("waiting", 0)
     client.set_terminated(ctx.parent_run_id, "FINISHED")
 
+    cut = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted"))
     print(f"\nsearch {ctx.study}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned or skipped, "
-          f"{counts.get('fail', 0)} failed trials in {ctx.storage}; Pareto front by {' / '.join(keys)}:\n",
-          file=sys.stderr)
+          f"{counts.get('fail', 0) - cut} failed" + (f", {cut} interrupted" if cut else "")
+          + f" trials in {ctx.storage}; Pareto front by {' / '.join(keys)}:\n", file=sys.stderr)
     print(front_table(front, teacher))
     if running:
         print(f"\n{running} trial(s) still running or queued (another worker, or a retry of a dead worker's trial): "
@@ -1001,12 +1083,14 @@ def run_search(
                   progress=workers == 1 and sys.stderr.isatty(), trials=trials)
     opened = open_study(ctx, config)
     before = len(opened.trials)
+    requeued = requeue_interrupted(opened)
     ctx.parent_run_id, ctx.experiment_id = _parent_run(
         {"teacher": teacher, "task": task or "", "data": data or "", "objectives": ",".join(objs), "storage": storage,
          "sampler": sampler, "pruner": pruner if len(objs) == 1 else "none (multi-objective)",
          "space": json.dumps(space)}, opened, tracking, experiment, name)
     print(f"search {name}: {trials} trial(s) on {workers} worker(s), objectives {' / '.join(objs)}"
           + (f", adding to its {before} earlier trial(s)" if before else "")
+          + (f" (interrupted trial(s) {', '.join(map(str, requeued))} run again first)" if requeued else "")
           + f"; study in {storage}, models under {out}, MLflow parent run {ctx.parent_run_id}", file=sys.stderr)
 
     started = time.time()
@@ -1020,9 +1104,10 @@ def run_search(
         result = summarise(ctx, dims)
         if errors:
             raise CompressError(f"{'; '.join(errors)}: see its error above")
-    except KeyboardInterrupt:
-        print(f"compress: search interrupted; rerun the same command (--study {name}) to continue the study",
-              file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study, "
+              "starting with the trial it cut short", file=sys.stderr)
         mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED")
         raise
     except BaseException:
@@ -1112,5 +1197,5 @@ def search(
                    workers=workers, study=study, storage=storage, sampler=sampler, pruner=pruner,
                    sampler_seed=sampler_seed, heartbeat=heartbeat, retries=retries, output=output,
                    text_column=text_column, label_column=label_column, tracking=tracking, experiment=experiment)
-    except KeyboardInterrupt:  # run_search said how to continue (the same --study); the CLI's --resume hint is wrong
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:  # run_search said how to continue (the same --study); the CLI's hint is wrong
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None

@@ -16,7 +16,7 @@ import yaml
 from conftest import save_tiny_bert
 
 from compress.__main__ import main
-from compress.errors import CompressError
+from compress.errors import CompressError, Terminated
 from compress.search import pareto, parse_space, plan, run_search, step_flags, trial_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -458,3 +458,105 @@ def test_a_killed_workers_trial_is_retried(workdir, tiny_teacher, tiny_data):
     steps = client.search_runs([dead.info.experiment_id], f"tags.mlflow.parentRunId = '{dead.info.run_id}'")
     assert [s.info.status for s in steps] == ["FAILED"]
     assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.run_name.startswith("trial 1 (retry of 0): ")
+
+
+@pytest.mark.parametrize(("stop", "code", "said"), [(KeyboardInterrupt, 130, "interrupted"),
+                                                    (Terminated, 143, "terminated (SIGTERM)")])
+def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, code: int, said: str, workdir,
+                                                                       tiny_teacher, tiny_data, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) in trial 1's training: exit 130 (143) with how to go on, no traceback of the keypress, the
+    trial and its runs closed as interrupted; the same command again re-runs trial 1's values first and counts it as
+    interrupted. SIGTERM used to say "rerun with --resume", which search has no flag for, and leave the trial
+    running until its heartbeat went stale."""
+    import functools
+    import logging
+
+    from mlflow import MlflowClient
+
+    from compress import search as search_module
+
+    real = search_module.step_functions()
+    calls = []
+
+    @functools.wraps(real["distill"])  # search reads the step's flags from its signature
+    def distill(**kwargs):
+        calls.append(kwargs["output"])
+        if len(calls) == 2:
+            raise stop  # where recipe.fit_or_stop raises it for a Ctrl-C (SIGTERM) during fit
+        return real["distill"](**kwargs)
+
+    monkeypatch.setattr(search_module, "step_functions", lambda: real | {"distill": distill})
+    paths = store(workdir)
+    space = json.dumps({"layers": [1, 2], "temperature": {"low": 1.0, "high": 8.0}, **QUICK})
+    args = ["search", "--teacher", tiny_teacher, "--data", tiny_data, "--study", "cut", "--space", space,
+            "--tracking", paths["tracking"], "--storage", paths["storage"]]
+    logged = logging.Handler()  # Optuna's logger does not propagate to the root, where caplog listens
+    logged.records = []
+    logged.emit = logged.records.append
+    logging.getLogger("optuna").addHandler(logged)
+    try:
+        exit_code, _, err = run_cli([str(a) for a in [*args, "--trials", "3"]], capsys)
+    finally:
+        logging.getLogger("optuna").removeHandler(logged)
+    assert exit_code == code and len(calls) == 2, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == (f"compress: search {said}; rerun the same command (--study cut) to "
+                                             "continue the study, starting with the trial it cut short")
+    assert not [r for r in logged.records if "Trial 1 failed" in r.getMessage()]  # Optuna's traceback of Ctrl-C
+    assert [r.getMessage() for r in logged.records if "Trial 0 finished" in r.getMessage()]  # the handler hears it
+    done, cut = trials_of(paths["storage"], "cut")
+    assert done.state.name == "COMPLETE" and cut.state.name == "FAIL" and cut.user_attrs["interrupted"] is True
+    client = MlflowClient(paths["tracking"])
+    assert client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    parent = client.get_run(cut.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent).info.status == "KILLED"
+
+    exit_code, _, err = run_cli([str(a) for a in [*args, "--trials", "1"]], capsys)
+    assert exit_code == 0, err[-2000:]
+    assert "adding to its 2 earlier trial(s) (interrupted trial(s) 1 run again first)" in err
+    assert "trial 2 (rerun of interrupted trial 1): " in err
+    assert "1 failed" not in err and "2 complete, 0 pruned or skipped, 0 failed, 1 interrupted trials" in err
+    trials = trials_of(paths["storage"], "cut")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == cut.params and trials[2].user_attrs["rerun_of"] == 1
+    assert search_module.requeue_interrupted(optuna_study(paths["storage"], "cut")) == []  # re-run once, not again
+
+
+def optuna_study(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Ctrl-C, as intended
+def test_a_ctrl_c_that_python_drops_in_a_del_still_stops_the_study():
+    """Python prints and drops an exception raised in __del__; the gc.collect() Optuna runs after each trial calls
+    many. Without CtrlC the study ran all five trials and returned normally."""
+    import gc
+
+    import optuna
+
+    from compress.search import CtrlC
+
+    class SignalsWhenCollected:
+        def __init__(self) -> None:
+            self.cycle = self  # only gc.collect() frees it, as after a trial
+
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here, inside __del__, and its KeyboardInterrupt is dropped
+
+    def objective(trial) -> float:
+        SignalsWhenCollected()
+        return trial.suggest_float("x", 0, 1)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
+    try:
+        gc.collect()
+        study = optuna.create_study()
+        with pytest.raises(KeyboardInterrupt), CtrlC() as ctrl_c:
+            study.optimize(objective, n_trials=5, gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
+            ctrl_c.stop_if_pressed()
+        assert len(study.trials) == 1 and study.trials[0].state.name == "COMPLETE"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
