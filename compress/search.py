@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+# how a spawned worker's exit code says it was stopped, like a shell's 128 + the signal
+STOP_CODES = {KeyboardInterrupt: 130, Terminated: 143}
+STOPPED_BY = {code: stop for stop, code in STOP_CODES.items()}
 # objective name -> (metric in compress.json, direction)
 OBJECTIVES = {"score": ("student_score", "maximize"), "params": ("student_params", "minimize"),
               "latency_ms": ("latency_ms", "minimize")}
@@ -440,7 +444,7 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
 
     single = len(ctx.objectives) == 1
     folder = Path(ctx.output) / f"trial-{trial.number:03d}"
-    model, first, last, offset, status = ctx.teacher_path, None, None, 0, "FAILED"
+    model, first, last, offset, status, stopped = ctx.teacher_path, None, None, 0, "FAILED", False
     functions = step_functions()
     try:
         for step, kwargs in steps:
@@ -477,7 +481,7 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         client.set_tag(run_id, "compress.pruned", "true")
         raise
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, stopped = "KILLED", True
         trial.set_user_attr("interrupted", True)  # Optuna fails it; the next run of the study runs it again first
         raise
     except Exception as err:
@@ -485,7 +489,20 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         client.set_tag(run_id, "compress.error", f"{type(err).__name__}: {err}"[:5000])
         raise
     finally:
-        close_runs(ctx.tracking, run_id, status)
+        close_after(stopped, lambda: close_runs(ctx.tracking, run_id, status))
+
+
+def close_after(stopped: bool, close) -> None:
+    """Close MLflow runs; after a Ctrl-C, at best. A Ctrl-C that cut an MLflow write leaves SQLite locked, and the
+    error from closing would replace the KeyboardInterrupt: Optuna would take it for a failed trial and go on to
+    the next, so the study ran on after the user stopped it. The runs stay RUNNING in MLflow instead."""
+    try:
+        close()
+    except Exception as err:
+        if not stopped:
+            raise
+        print(f"note: MLflow runs left open ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+              file=sys.stderr)
 
 
 # --- the study --------------------------------------------------------------------------------------------------
@@ -635,10 +652,19 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
     if wait:  # a replacement for a dead worker: let the dead one's heartbeat go stale, so its trial is retried first
         time.sleep(wait)
     # Exceptions fail the trial and the study goes on (Optuna logs each with its traceback); Ctrl-C stops it.
-    with CtrlC() as ctrl_c:
-        study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
-                       gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
-        ctrl_c.stop_if_pressed()
+    try:
+        with CtrlC() as ctrl_c:
+            study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
+                           gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
+            ctrl_c.stop_if_pressed()
+    except KeyboardInterrupt as stop:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is None:
+            raise
+        # a spawned worker: multiprocessing would print the whole traceback of the keypress; the exit code tells
+        # the parent which stop it was, and the parent says how to go on
+        raise SystemExit(STOP_CODES[type(stop)]) from None
 
 
 class CtrlC:
@@ -654,7 +680,6 @@ class CtrlC:
         self.pressed, self._installed = False, False
 
     def __enter__(self) -> Self:
-        import signal
         import threading
 
         if threading.current_thread() is threading.main_thread() and \
@@ -674,8 +699,6 @@ class CtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._installed:
-            import signal
-
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -717,6 +740,11 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
         proc.start()
         procs[i] = (proc, n)
 
+    def on_sigterm(signum, frame):
+        raise Terminated
+
+    # `kill PID` reaches this process only; without a handler it died at once and left its workers training
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     for i, n in enumerate(shares):
         if n:
             start(i, n)
@@ -729,6 +757,8 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
                 del procs[i]
                 left = n - _finished_by(study, proc.pid)
                 # killed by a signal (kill -9, the OOM killer): replace it; an error would only repeat, so report it
+                if proc.exitcode in STOPPED_BY:  # it was stopped (a signal to it alone): stop them all alike
+                    raise STOPPED_BY[proc.exitcode]
                 if proc.exitcode < 0 and left > 0 and restarts < max(ctx.retries, 1) * workers:
                     restarts += 1
                     print(f"worker {i} (pid {proc.pid}) was killed (signal {-proc.exitcode}); starting a replacement "
@@ -737,12 +767,21 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
                     start(i, left, wait=2 * ctx.heartbeat + 1)
                 elif proc.exitcode != 0:
                     errors.append(f"worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
-    except KeyboardInterrupt:
-        for proc, _ in procs.values():  # Ctrl-C reached them too; give them a moment to fail their trials cleanly
+    except KeyboardInterrupt as stop:
+        # A Ctrl-C at a terminal reached every worker too; SIGTERM is passed on to them here. Each closes its trial
+        # as interrupted, given the time it needs; one still going is stopped, and its trial retried later.
+        for proc, _ in procs.values():
+            if isinstance(stop, Terminated):
+                proc.terminate()
             proc.join(timeout=10)
             if proc.exitcode is None:
                 proc.terminate()
+                proc.join(timeout=20)
+            if proc.exitcode is None:
+                proc.kill()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return errors
 
 
@@ -1106,9 +1145,9 @@ def run_search(
             raise CompressError(f"{'; '.join(errors)}: see its error above")
     except KeyboardInterrupt as stop:
         said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        close_after(True, lambda: mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED"))
         print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study, "
               "starting with the trial it cut short", file=sys.stderr)
-        mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED")
         raise
     except BaseException:
         mlflow_client(tracking).set_terminated(ctx.parent_run_id, "FAILED")

@@ -560,3 +560,68 @@ def test_a_ctrl_c_that_python_drops_in_a_del_still_stops_the_study():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_to_a_searchs_parent_stops_its_workers(workdir, tiny_teacher, tiny_data):
+    """`kill PID` reaches the parent alone: it used to die at once (exit -15) and leave its spawned workers to run
+    every trial. Now it passes SIGTERM on, each worker closes its trial as interrupted, and the search exits 143."""
+    paths = store(workdir)
+    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 200}  # seconds of training to land in
+    args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "6", "--workers", "2",
+            "--study", "term", "--space", json.dumps(space), "--tracking", paths["tracking"],
+            "--storage", paths["storage"]]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    folder = workdir / "outputs" / "search-term"
+    deadline = time.monotonic() + 180
+    while len(list(folder.glob("trial-*/*.partial/run.json"))) < 2:  # both workers are training
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("compress: search terminated (SIGTERM)")
+    trials = trials_of(paths["storage"], "term")
+    states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials]
+    # a loaded machine may let a worker finish a trial before the signal; none is left running, none ran after it
+    assert set(states) <= {("FAIL", True), ("COMPLETE", None)} and ("FAIL", True) in states and len(trials) < 6
+    for pid in {t.user_attrs["worker"] for t in trials}:  # no worker outlived the search
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_an_mlflow_store_still_locked_after_a_ctrl_c_does_not_keep_the_study_going(workdir, tiny_teacher, tiny_data,
+                                                                                   capsys, monkeypatch):
+    """A Ctrl-C that cuts an MLflow write leaves SQLite locked; closing the trial's runs then failed, that error
+    replaced the KeyboardInterrupt, and Optuna, taking it for a failed trial, started the next one."""
+    import functools
+
+    from mlflow.exceptions import MlflowException
+
+    from compress import search as search_module
+
+    real = search_module.step_functions()
+    calls = []
+
+    @functools.wraps(real["distill"])
+    def distill(**kwargs):
+        calls.append(kwargs["output"])
+        raise KeyboardInterrupt
+
+    def locked(tracking, run_id, status):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(search_module, "step_functions", lambda: real | {"distill": distill})
+    monkeypatch.setattr(search_module, "close_runs", locked)
+    paths = store(workdir)
+    code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "3",
+                            "--space", json.dumps({"layers": [1], **QUICK}), "--tracking", paths["tracking"],
+                            "--storage", paths["storage"], "--study", "locked"], capsys)
+    assert code == 130 and len(calls) == 1, err[-2000:]
+    assert "note: MLflow runs left open (MlflowException: (sqlite3.OperationalError) database is locked)" in err
+    assert [t.state.name for t in trials_of(paths["storage"], "locked")] == ["FAIL"]
