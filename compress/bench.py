@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.outputs import check_file_output, write_json
-from compress.tracking import DEFAULT_TRACKING
+from compress.tracking import DEFAULT_TRACKING, shown
 
 
 def parse_ints(value: str | int, flag: str) -> list[int]:
@@ -331,4 +331,5 @@ def log_to_run(run_id: str, tracking: str, report: dict) -> None:
             metrics.append(Metric(metric_key(r["model"], r["batch"], what), float(r[what]), now, 0))
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, report, "bench/bench.json")
-    print(f"logged {len(metrics)} metrics and bench/bench.json to MLflow run {run_id} in {tracking}", file=sys.stderr)
+    print(f"logged {len(metrics)} metrics and bench/bench.json to MLflow run {run_id} in {shown(tracking)}",
+          file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.flags import check_all
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, mlflow_client
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, mlflow_client, shown
 
 FORMATS = ("hf", "onnx", "int8")
 ONNX_FILE = "model.onnx"
@@ -354,7 +354,7 @@ def source_run_info(run_id: str | None, stores: list[str]) -> dict:
                 steps = max(m.step for m in history) + 1 if history else None
                 break
         metrics = {k: v for k, v in sorted(run.data.metrics.items()) if k != "epoch"}
-        return {"run_id": run_id, "tracking": uri, "experiment_id": run.info.experiment_id, "metrics": metrics,
+        return {"run_id": run_id, "tracking": shown(uri), "experiment_id": run.info.experiment_id, "metrics": metrics,
                 "params": dict(run.data.params), "tags": dict(run.data.tags), "steps": steps}
     return {}
 
@@ -501,7 +501,7 @@ def register(folder: Path, name: str, *, tracking: str, experiment: str, source:
         if run_id:
             client.set_terminated(run_id, "FAILED")
         raise CompressError(f"--register {name}: MLflow refused it ({str(err).splitlines()[0]})") from None
-    return {"name": version.name, "version": str(version.version), "run_id": run_id, "tracking": tracking}
+    return {"name": version.name, "version": str(version.version), "run_id": run_id, "tracking": shown(tracking)}
 
 
 # --- the command --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
+from compress.tracking import shown, where_to_look
 
 
 @dataclass
@@ -152,8 +153,7 @@ def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | N
     for name, student, teacher in rows:
         print(f"  {name:{width}}  {student:>12}  {teacher:>12}", file=sys.stderr)
     if run_id:
-        see = tracking if tracking.startswith("http") else f"compress ui --tracking {tracking}"
-        print(f"  MLflow run {run_id} in {tracking}  (open it: {see})", file=sys.stderr)
+        print(f"  MLflow run {run_id} in {shown(tracking)}  (open it: {where_to_look(tracking)})", file=sys.stderr)
 
 
 def run_training(
@@ -288,7 +288,7 @@ def run_training(
             save_model(student, tokenizer, tmp)
             metrics["student_mb"] = weights_mb(tmp)
             write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
-                                task.label_names, "mlflow_run_id": logger.run_id, "tracking": tracking,
+                                task.label_names, "mlflow_run_id": logger.run_id, "tracking": shown(tracking),
                                 "metrics": metrics, **(lineage or {})})
             log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
         logger.finalize("success")

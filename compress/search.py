@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from compress.errors import CompressError, Terminated
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking
+from compress.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking,
+                               shown, where_to_look)
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -561,21 +562,18 @@ def check_storage(url: str) -> Path | None:
     """The sqlite file of --storage (None for a server database), checked read-only before anything writes: Optuna's
     RDBStorage adds its tables to whatever database it opens, an MLflow store included, and only then fails on that
     store's alembic revision."""
-    from compress.tracking import MLFLOW_TABLES, OPTUNA_TABLES, sqlite_file, sqlite_tables
+    from compress.tracking import MLFLOW_TABLES, OPTUNA_TABLES, other_tables, shown, sqlite_file, store_tables
 
     db = sqlite_file(url)
-    if db is None:
-        return None
-    check_folder(db.parent, "--storage")
-    if db.is_dir():
-        raise CompressError(f"--storage {url}: {db} is a folder; name the database file")
-    tables = sqlite_tables(db, f"--storage {url}") if db.is_file() and db.stat().st_size else set()
+    if db is not None:
+        check_folder(db.parent, "--storage")
+    tables = store_tables(url, "--storage")
     if tables and not tables & OPTUNA_TABLES:
         if tables & MLFLOW_TABLES or "alembic_version" in tables:
-            raise CompressError(f"--storage {url}: an MLflow store, not an Optuna study database (use it as "
+            raise CompressError(f"--storage {shown(url)}: an MLflow store, not an Optuna study database (use it as "
                                 "--tracking)")
-        raise CompressError(f"--storage {url}: {db} holds another application's tables "
-                            f"({', '.join(sorted(tables)[:4])}), not an Optuna study database; name a new file")
+        raise CompressError(f"--storage {shown(url)}: the database holds another application's tables "
+                            f"({other_tables(tables)}), not an Optuna study database; name a new database")
     return db
 
 
@@ -824,7 +822,7 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=_prepare_store(tracking))
     run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id and study.user_attrs.get("mlflow_tracking") == tracking:
+    if run_id and study.user_attrs.get("mlflow_tracking") == shown(tracking):
         try:
             client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
@@ -839,7 +837,7 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
 
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in ctx_fields.items()])
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    study.set_user_attr("mlflow_tracking", tracking)
+    study.set_user_attr("mlflow_tracking", shown(tracking))
     return run.info.run_id, exp_id
 
 
@@ -1035,13 +1033,13 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     cut = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted"))
     print(f"\nsearch {ctx.study}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned or skipped, "
           f"{counts.get('fail', 0) - cut} failed" + (f", {cut} interrupted" if cut else "")
-          + f" trials in {ctx.storage}; Pareto front by {' / '.join(keys)}:\n", file=sys.stderr)
+          + f" trials in {shown(ctx.storage)}; Pareto front by {' / '.join(keys)}:\n", file=sys.stderr)
     print(front_table(front, teacher))
     if running:
         print(f"\n{running} trial(s) still running or queued (another worker, or a retry of a dead worker's trial): "
               "run the same command again to add them", file=sys.stderr)
     print(f"\nfront: {files['front_csv']}, plot: {files['plot']}; MLflow parent run {ctx.parent_run_id} in "
-          f"{ctx.tracking} (open it: compress ui --tracking {ctx.tracking})", file=sys.stderr)
+          f"{shown(ctx.tracking)} (open it: {where_to_look(ctx.tracking)})", file=sys.stderr)
     return SearchResult(ctx.study, front, rows, teacher, ctx.parent_run_id, counts,
                         {k: str(v) for k, v in files.items()})
 
@@ -1124,13 +1122,14 @@ def run_search(
     before = len(opened.trials)
     requeued = requeue_interrupted(opened)
     ctx.parent_run_id, ctx.experiment_id = _parent_run(
-        {"teacher": teacher, "task": task or "", "data": data or "", "objectives": ",".join(objs), "storage": storage,
-         "sampler": sampler, "pruner": pruner if len(objs) == 1 else "none (multi-objective)",
-         "space": json.dumps(space)}, opened, tracking, experiment, name)
+        {"teacher": teacher, "task": task or "", "data": data or "", "objectives": ",".join(objs),
+         "storage": shown(storage), "sampler": sampler,
+         "pruner": pruner if len(objs) == 1 else "none (multi-objective)", "space": json.dumps(space)},
+        opened, tracking, experiment, name)
     print(f"search {name}: {trials} trial(s) on {workers} worker(s), objectives {' / '.join(objs)}"
           + (f", adding to its {before} earlier trial(s)" if before else "")
           + (f" (interrupted trial(s) {', '.join(map(str, requeued))} run again first)" if requeued else "")
-          + f"; study in {storage}, models under {out}, MLflow parent run {ctx.parent_run_id}", file=sys.stderr)
+          + f"; study in {shown(storage)}, models under {out}, MLflow parent run {ctx.parent_run_id}", file=sys.stderr)
 
     started = time.time()
     try:

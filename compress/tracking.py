@@ -26,6 +26,29 @@ def resolve_tracking(uri: str) -> str:
 
 # MLflow's database and server stores; its file store refuses to start (STACK.md), so a bare path is no store.
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# Database servers, and the driver each needs as pip names it: SQLAlchemy 2.1 opens postgresql:// with psycopg 3,
+# so the long-standing advice, psycopg2, leaves "Failed to import DB access module".
+SERVER_DRIVERS = {"postgresql": "psycopg[binary]", "mysql": "mysqlclient", "mssql": "pyodbc"}
+CONNECT_TIMEOUT_S = 10  # a server that never answers is reported, not waited on
+
+
+def scheme_of(url: str) -> str:
+    """postgresql for postgresql+psycopg://..., sqlite for sqlite:///..., the whole text when it has no scheme."""
+    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else url
+
+
+def shown(url: str) -> str:
+    """`url` with its password hidden: for what is printed, logged to MLflow or saved beside a model."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -51,6 +74,68 @@ def sqlite_tables(db: Path, flag: str) -> set[str]:
         raise CompressError(f"{flag}: cannot read {db} as an SQLite database ({err})") from None
 
 
+def where_to_look(uri: str) -> str:
+    """Where a finished run's line tells the user to open the store: a server in the browser, else compress ui."""
+    if uri.startswith(("http://", "https://")):
+        return shown(uri)
+    if shown(uri) != uri:
+        return "compress ui --tracking with this URL and its password"
+    return f"compress ui --tracking {uri}"
+
+
+def server_tables(url: str, flag: str) -> set[str]:
+    """The tables of a database on a server (its default schema), read without writing, like sqlite_tables: MLflow
+    and Optuna add their tables to a PostgreSQL database of the other's just as they do to a sqlite file."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    scheme = scheme_of(url)
+    timeout = {"mssql": {"timeout": CONNECT_TIMEOUT_S}}.get(scheme, {"connect_timeout": CONNECT_TIMEOUT_S})
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=timeout)
+    except ImportError as err:  # the dialect's driver (ModuleNotFoundError), or SQLAlchemy's NoSuchModuleError
+        raise CompressError(f"{flag} {shown(url)}: no driver for {scheme} is installed ({err}); pip install "
+                            f"'{SERVER_DRIVERS[scheme]}'") from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise CompressError(f"{flag} {shown(url)}: not a database URL ({err})") from None
+    try:
+        with engine.connect() as con:
+            return set(sqlalchemy.inspect(con).get_table_names())
+    except sqlalchemy.exc.DBAPIError as err:
+        said = " ".join(str(err.orig).split())  # the driver's reason, on one line
+        hint = "; create it first (e.g. createdb)" if "database" in said and "does not exist" in said else ""
+        raise CompressError(f"{flag} {shown(url)}: cannot use the database: {said}{hint}") from None
+    finally:
+        engine.dispose()
+
+
+def store_tables(url: str, flag: str) -> set[str] | None:
+    """The tables of the database `url` names, read-only; None where there is nothing to read yet (a sqlite file
+    not made, an empty one) or it is no database (a tracking server)."""
+    scheme = scheme_of(url)
+    if scheme in SERVER_DRIVERS:
+        return server_tables(url, flag)
+    db = sqlite_file(url)
+    if db is None:
+        return None
+    try:
+        if db.is_dir():
+            raise CompressError(f"{flag} {url}: {db} is a folder; name the database file")
+        if not db.is_file() or not db.stat().st_size:
+            return None  # the tool makes a new one
+        with db.open("rb") as f:
+            header = f.read(16)
+    except OSError:  # a folder we may not look into: check_folder names the problem where the run writes
+        return None
+    if header != b"SQLite format 3\x00":
+        raise CompressError(f"{flag} {url}: {db} is not an SQLite database")
+    return sqlite_tables(db, f"{flag} {url}")
+
+
+def other_tables(tables: set[str]) -> str:
+    return ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+
+
 def check_tracking(uri: str) -> None:
     """A store MLflow can open, checked before any work rather than when the run opens: a known scheme, and for
     sqlite a folder that can be made and a file that is MLflow's database, an empty one, or not there yet."""
@@ -63,34 +148,19 @@ def check_tracking(uri: str) -> None:
 
 
 def check_store_kind(uri: str) -> None:
-    """The part of check_tracking that needs no folder to write in: a known scheme, and an existing sqlite file that
-    is MLflow's database (or empty). Every client opens through mlflow_client, which checks this far first, since
-    export --run and bench --run read a store they never write to."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri
-    if scheme not in STORE_SCHEMES:
+    """The part of check_tracking that needs no folder to write in: a known scheme, and a database (sqlite file or
+    server) that is MLflow's, empty, or not there yet. Every client opens through mlflow_client, which checks this
+    far first, since export --run and bench --run read a store they never write to."""
+    if scheme_of(uri) not in STORE_SCHEMES:
         raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
-    db = sqlite_file(uri)
-    if db is None:
-        return
-    try:
-        if db.is_dir():
-            raise CompressError(f"--tracking {uri}: {db} is a folder; name the database file")
-        if not db.is_file() or not db.stat().st_size:
-            return  # MLflow makes a new one
-        with db.open("rb") as f:
-            header = f.read(16)
-    except OSError:  # a folder we may not look into: check_folder names the problem where the run writes
-        return
-    if header != b"SQLite format 3\x00":
-        raise CompressError(f"--tracking {uri}: {db} is not an SQLite database")
-    tables = sqlite_tables(db, f"--tracking {uri}")
+    tables = store_tables(uri, "--tracking")
     if tables and not tables & MLFLOW_TABLES:
         if tables & OPTUNA_TABLES:
-            raise CompressError(f"--tracking {uri}: an Optuna study database, not an MLflow store (use it as "
+            raise CompressError(f"--tracking {shown(uri)}: an Optuna study database, not an MLflow store (use it as "
                                 "search's --storage)")
-        raise CompressError(f"--tracking {uri}: {db} holds another application's tables "
-                            f"({', '.join(sorted(tables)[:4])}), not an MLflow store; name a new file")
+        raise CompressError(f"--tracking {shown(uri)}: the database holds another application's tables "
+                            f"({other_tables(tables)}), not an MLflow store; name a new database")
 
 
 def mlflow_client(uri: str):

@@ -169,3 +169,79 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a temp dir so mlruns/ and outputs/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on a free localhost port, run as the `postgres` user when tests run as root
+    (the server refuses root). Databases are made with createdb and inspected with psql, not with compress's code."""
+
+    def __init__(self, bin_dir: Path, root: Path) -> None:
+        import socket
+
+        self.bin, self.root = bin_dir, root
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            self.port = s.getsockname()[1]
+        self._run("initdb", "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
+        self._run("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start", "-o",
+                  f"-k {root} -p {self.port} -c listen_addresses=localhost")
+
+    def _run(self, tool: str, *args: str) -> str:
+        import subprocess
+
+        cmd = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, f"{tool}: {done.stderr[-2000:]}"
+        return done.stdout
+
+    def url(self, db: str, password: str = "") -> str:
+        return f"postgresql://postgres{':' + password if password else ''}@localhost:{self.port}/{db}"
+
+    def create(self, db: str) -> str:
+        self._run("createdb", "-h", "localhost", "-p", str(self.port), "-U", "postgres", db)
+        return self.url(db)
+
+    def tables(self, db: str) -> list[str]:
+        out = self._run("psql", "-h", "localhost", "-p", str(self.port), "-U", "postgres", "-d", db, "-Atc",
+                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        return out.split()
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
+
+
+def _postgres_bin() -> Path | None:
+    import glob
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found and (Path(found).resolve().parent / "initdb").is_file():
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(versions[-1]).parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A live PostgreSQL server, for compress search --storage and --tracking on a shared database. Skipped where
+    the server is not installed, except under CI (.ci/run sets COMPRESS_TEST_POSTGRES=required and installs it)."""
+    import shutil
+    import tempfile
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("COMPRESS_TEST_POSTGRES") == "required":
+            pytest.fail("COMPRESS_TEST_POSTGRES=required, but no PostgreSQL server is installed (apt install "
+                        "postgresql)")
+        pytest.skip("no PostgreSQL server installed (apt install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="compress-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    server = Postgres(bin_dir, root)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -136,10 +136,15 @@ def test_each_store_takes_its_own_database_an_empty_file_or_a_new_one(optuna_db:
 def test_a_store_that_is_not_sqlite_is_one_line(tmp_path: Path) -> None:
     text = tmp_path / "notes.db"
     text.write_text("not a database, " * 8)
-    with pytest.raises(CompressError, match=r"--storage .*cannot read .* as an SQLite database"):
+    with pytest.raises(CompressError, match=r"--storage .*notes.db is not an SQLite database"):
         check_storage(f"sqlite:///{text}")
-    with pytest.raises(CompressError, match=r"--tracking .*is not an SQLite database"):
+    with pytest.raises(CompressError, match=r"--tracking .*notes.db is not an SQLite database"):
         check_tracking(f"sqlite:///{text}")
+    torn = tmp_path / "torn.db"  # SQLite's header, then no database
+    torn.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    for check, flag in ((check_storage, "--storage"), (check_tracking, "--tracking")):
+        with pytest.raises(CompressError, match=rf"^{flag} .*torn.db: cannot read .* as an SQLite database"):
+            check(f"sqlite:///{torn}")
 
 
 # --- 2. compress ui checks --tracking before it starts a server -----------------------------------------------------
