@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.search import DEFAULT_STORAGE, check_storage
-from compress.tracking import DEFAULT_TRACKING, check_tracking
+from compress.tracking import DEFAULT_TRACKING, check_tracking, shown
 
 HOST = "127.0.0.1"  # local only: reach it from elsewhere through an SSH tunnel, not by opening the port
 START_TIMEOUT_S = 180  # MLflow answers after about 13 s on an idle machine; a busy one takes longer
@@ -120,27 +120,30 @@ def ui(
     if not 1 <= port <= 65535:
         raise CompressError(f"--port {port}: must be between 1 and 65535")
     base = f"http://{HOST}:{port}"
+    extra_env = {}
     if dashboard:
         if "://" not in storage:
             raise CompressError(f"--storage {storage}: an RDB URL such as {DEFAULT_STORAGE}")
         _sqlite_file(storage, "--storage")
         check_storage(storage)  # optuna-dashboard would add Optuna's tables to an MLflow store
         cmd = [_executable("optuna-dashboard"), storage, "--host", HOST, "--port", str(port)]
-        what, health = f"optuna-dashboard on {storage}", base + "/"
+        what, health = f"optuna-dashboard on {shown(storage)}", base + "/"
     else:
         db = _sqlite_file(tracking, "--tracking")
         # here, not 15 s later in the server's log: an unknown scheme, or another tool's database it would write to
         check_tracking(tracking)
-        cmd = [_executable("mlflow"), "server", "--host", HOST, "--port", str(port), "--backend-store-uri", tracking,
-               "--workers", "1"]
+        # the store goes by environment, not argv, where `ps` would show a password in it to every user
+        cmd = [_executable("mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1"]
+        extra_env["MLFLOW_BACKEND_STORE_URI"] = tracking
         if db is not None:  # compress's layout: artifacts beside the database (tracking._prepare_store)
             cmd += ["--artifacts-destination", (db.parent / "artifacts").resolve().as_uri()]
-        what, health = f"MLflow UI on {tracking}", base + "/health"
+        what, health = f"MLflow UI on {shown(tracking)}", base + "/health"
     _check_port(port)
 
     log = Path(tempfile.mkstemp(prefix="compress-ui-", suffix=".log")[1])
     # MLflow's job runner (8 processes for GenAI jobs and trace rollups) does nothing for compress's runs
-    env = os.environ | {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = os.environ | {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                        **extra_env}
     # its own session: the terminal's Ctrl-C reaches only us, and we stop the server and its workers in order
     with log.open("w") as out:
         try:
