@@ -93,10 +93,10 @@ def server_tables(url: str, flag: str) -> set[str]:
     timeout = {"mssql": {"timeout": CONNECT_TIMEOUT_S}}.get(scheme, {"connect_timeout": CONNECT_TIMEOUT_S})
     try:
         engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=timeout)
-    except ImportError as err:  # the dialect's driver (ModuleNotFoundError), or SQLAlchemy's NoSuchModuleError
+    except ImportError as err:  # the dialect's driver is not installed
         raise CompressError(f"{flag} {shown(url)}: no driver for {scheme} is installed ({err}); pip install "
                             f"'{SERVER_DRIVERS[scheme]}'") from None
-    except sqlalchemy.exc.ArgumentError as err:
+    except sqlalchemy.exc.ArgumentError as err:  # NoSuchModuleError too: a driver SQLAlchemy does not know
         raise CompressError(f"{flag} {shown(url)}: not a database URL ({err})") from None
     try:
         with engine.connect() as con:
