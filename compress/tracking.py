@@ -109,6 +109,28 @@ def server_tables(url: str, flag: str) -> set[str]:
         engine.dispose()
 
 
+def check_server_answers(uri: str) -> None:
+    """A tracking server that is down is one line within seconds: MLflow's client retries each request with backoff
+    for about four minutes, then prints a traceback. Only silence is refused; an HTTP error (a login, a proxy) is an
+    answer, and MLflow reports what it means."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    bare = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host)  # urllib takes no user:password@
+    try:
+        with urllib.request.urlopen(bare.geturl().rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:  # URLError is an OSError; a timeout too
+        reason = getattr(err, "reason", err)
+        raise CompressError(f"--tracking {shown(uri)}: no MLflow tracking server answers there ({reason}); start one "
+                            "(mlflow server) or correct the URL") from None
+
+
 def store_tables(url: str, flag: str) -> set[str] | None:
     """The tables of the database `url` names, read-only; None where there is nothing to read yet (a sqlite file
     not made, an empty one) or it is no database (a tracking server)."""
@@ -154,6 +176,9 @@ def check_store_kind(uri: str) -> None:
     if scheme_of(uri) not in STORE_SCHEMES:
         raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
+    if scheme_of(uri) in ("http", "https"):
+        check_server_answers(uri)
+        return
     tables = store_tables(uri, "--tracking")
     if tables and not tables & MLFLOW_TABLES:
         if tables & OPTUNA_TABLES:

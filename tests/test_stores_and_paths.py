@@ -289,3 +289,82 @@ def test_export_never_opens_a_store_its_model_names_that_is_now_another_tools(op
     before = hashlib.sha256(optuna_db.read_bytes()).hexdigest()
     assert source_run_info("0" * 32, [f"sqlite:///{optuna_db}"]) == {}
     assert hashlib.sha256(optuna_db.read_bytes()).hexdigest() == before
+
+
+# --- an MLflow tracking server as --tracking, the README's way to share runs past one machine ---------------------
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """`mlflow server` on a free port, keeping records in sqlite and artifacts in a folder of its own."""
+    import os
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root}/store.db",
+                             "--artifacts-destination", (root / "artifacts").as_uri()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    try:
+        yield {"url": url, "artifacts": root / "artifacts"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_a_tracking_server_takes_the_runs_and_their_artifacts(tracking_server, tiny_teacher, tiny_data, tmp_path,
+                                                               monkeypatch) -> None:
+    """Distil on one "machine", export the run's model on another that has only the server's URL: the model comes
+    through the server, and neither folder gets an mlruns/."""
+    from mlflow import MlflowClient
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run_main(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--layers",
+                             "1", "--latency_reps", "1", "--tracking", tracking_server["url"], "--output", "s"])
+    assert code == 0, err[-2000:]
+    run_id = json.loads((here / "s" / "compress.json").read_text())["mlflow_run_id"]
+    assert (tracking_server["artifacts"] / "1" / run_id / "artifacts" / "model" / "model.safetensors").is_file()
+    monkeypatch.chdir(there)
+    code, _, err = run_main(["export", "--run", run_id, "--tracking", tracking_server["url"], "--format", "hf",
+                             "--output", "e", "--register", "tiny-student"])
+    assert code == 0, err[-2000:]
+    assert (there / "e" / "model.safetensors").read_bytes() == (here / "s" / "model.safetensors").read_bytes()
+    client = MlflowClient(tracking_server["url"])
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [v.version for v in client.search_model_versions("name = 'tiny-student'")] == ["1"]
+    assert not (here / "mlruns").exists() and not (there / "mlruns").exists()
+
+
+def test_a_tracking_server_that_is_down_is_one_line_in_seconds(tiny_teacher, tiny_data, workdir) -> None:
+    """MLflow's client retried for about four minutes, then printed a traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for args in (["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--output", "s"],
+                 ["export", "--run", "0123456789abcdef", "--format", "hf"],
+                 ["bench", "--model", tiny_teacher, "--run", "0123456789abcdef"]):
+        code, _, err = run_main([*args, "--tracking", url])
+        (line,) = error_lines(err)
+        assert code == 1 and line.startswith(f"compress: error: --tracking {url}: no MLflow tracking server answers "
+                                             "there ("), err[-2000:]
+    assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written
