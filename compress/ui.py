@@ -6,6 +6,7 @@ Starts the server as a child in its own session, waits until it answers, prints 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -126,7 +127,7 @@ def ui(
             raise CompressError(f"--storage {storage}: an RDB URL such as {DEFAULT_STORAGE}")
         _sqlite_file(storage, "--storage")
         check_storage(storage)  # optuna-dashboard would add Optuna's tables to an MLflow store
-        cmd = [_executable("optuna-dashboard"), storage, "--host", HOST, "--port", str(port)]
+        cmd = [_executable("optuna-dashboard"), "--host", HOST, "--port", str(port)]
         what, health = f"optuna-dashboard on {shown(storage)}", base + "/"
     else:
         db = _sqlite_file(tracking, "--tracking")
@@ -141,6 +142,11 @@ def ui(
     _check_port(port)
 
     log = Path(tempfile.mkstemp(prefix="compress-ui-", suffix=".log")[1])
+    secret = None
+    if dashboard:  # the storage goes in a file only this user can read (mkstemp's 0600), not in argv, where `ps`
+        secret = Path(tempfile.mkstemp(prefix="compress-dashboard-", suffix=".toml")[1])  # shows a password to all
+        secret.write_text(f"[optuna_dashboard]\nstorage = {json.dumps(storage)}\n")  # a JSON string is TOML's too
+        cmd += ["--from-config", str(secret)]
     # MLflow's job runner (8 processes for GenAI jobs and trace rollups) does nothing for compress's runs
     env = os.environ | {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                         **extra_env}
@@ -150,6 +156,9 @@ def ui(
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         except FileNotFoundError:
+            for left in (log, secret):
+                if left is not None:
+                    left.unlink(missing_ok=True)
             raise CompressError(f"{cmd[0]} is not installed: pip install "
                                 + ("optuna-dashboard" if dashboard else "mlflow")) from None
 
@@ -181,4 +190,6 @@ def ui(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         log.unlink(missing_ok=True)
+        if secret is not None:
+            secret.unlink(missing_ok=True)
     print("stopped", file=sys.stderr)
