@@ -1145,8 +1145,8 @@ def run_search(
     except KeyboardInterrupt as stop:
         said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         close_after(True, lambda: mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED"))
-        print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study, "
-              "starting with the trial it cut short", file=sys.stderr)
+        print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study (a trial "
+              "it cut short runs again first)", file=sys.stderr)
         raise
     except BaseException:
         mlflow_client(tracking).set_terminated(ctx.parent_run_id, "FAILED")

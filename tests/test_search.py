@@ -500,7 +500,7 @@ def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, cod
         logging.getLogger("optuna").removeHandler(logged)
     assert exit_code == code and len(calls) == 2, err[-2000:]
     assert err.rstrip().splitlines()[-1] == (f"compress: search {said}; rerun the same command (--study cut) to "
-                                             "continue the study, starting with the trial it cut short")
+                                             "continue the study (a trial it cut short runs again first)")
     assert not [r for r in logged.records if "Trial 1 failed" in r.getMessage()]  # Optuna's traceback of Ctrl-C
     assert [r.getMessage() for r in logged.records if "Trial 0 finished" in r.getMessage()]  # the handler hears it
     done, cut = trials_of(paths["storage"], "cut")
