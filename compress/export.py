@@ -52,9 +52,10 @@ def require_onnx(flag: str) -> None:
 
 def store_exists(uri: str) -> bool:
     """Whether an MLflow store is there to read; a sqlite URI whose file is missing would be created empty."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).is_file()
-    return True
+    from compress.tracking import sqlite_file
+
+    db = sqlite_file(uri)
+    return db.is_file() if db is not None else True
 
 
 def get_run(run_id: str, tracking: str, flag: str = "--run"):

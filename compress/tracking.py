@@ -19,9 +19,12 @@ DEFAULT_EXPERIMENT = "compress"
 def resolve_tracking(uri: str) -> str:
     """Make a relative sqlite path absolute. MLflow caches one engine per URI string, so the same relative URI
     used from two working directories would otherwise keep writing to the first one's database."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    db = sqlite_file(uri)
+    if db is None or db.is_absolute():
+        return uri
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).set(database=str(db.resolve())).render_as_string(hide_password=False)
 
 
 # MLflow's database and server stores; its file store refuses to start (STACK.md), so a bare path is no store.
@@ -52,7 +55,19 @@ def shown(url: str) -> str:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The file a sqlite URI opens, as SQLAlchemy (so MLflow and Optuna) reads it: the path ends at a '?', which
+    starts the query, and is percent-decoded. Read as plain text, `sqlite:////d/x?y/ml.db` named a file that does
+    not exist while MLflow opened /d/x, another application's database, past every check. None for in-memory."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        db = make_url(uri).database
+    except ArgumentError:
+        return None
+    return Path(db) if db and db != ":memory:" else None
 
 
 # Each tool's first tables. Both create an alembic_version table, so that one tells neither apart.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.search import DEFAULT_STORAGE, check_storage
-from compress.tracking import DEFAULT_TRACKING, check_tracking, shown
+from compress.tracking import DEFAULT_TRACKING, check_tracking, shown, sqlite_file
 
 HOST = "127.0.0.1"  # local only: reach it from elsewhere through an SSH tunnel, not by opening the port
 START_TIMEOUT_S = 180  # MLflow answers after about 13 s on an idle machine; a busy one takes longer
@@ -26,9 +26,9 @@ START_TIMEOUT_S = 180  # MLflow answers after about 13 s on an idle machine; a b
 
 def _sqlite_file(uri: str, flag: str) -> Path | None:
     """The database file of a sqlite URI, checked to exist (a typo or another folder would show an empty UI)."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_file(uri)
+    if path is None:
         return None
-    path = Path(uri.removeprefix("sqlite:///"))
     if not path.exists():
         raise CompressError(f"{flag} {uri}: no such database ({path.resolve()}); run compress from the folder "
                             f"holding mlruns/, or pass {flag}")

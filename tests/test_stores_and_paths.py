@@ -368,3 +368,28 @@ def test_a_tracking_server_that_is_down_is_one_line_in_seconds(tiny_teacher, tin
         assert code == 1 and line.startswith(f"compress: error: --tracking {url}: no MLflow tracking server answers "
                                              "there ("), err[-2000:]
     assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("flag", ["--tracking", "--storage"])
+def test_a_sqlite_path_is_read_as_sqlalchemy_reads_it(flag: str, optuna_db: Path, mlflow_db: Path, workdir: Path,
+                                                      tiny_teacher: Path, tiny_data: Path) -> None:
+    """SQLAlchemy ends the path at a '?' (the query) and percent-decodes it. Read as plain text, the check looked at
+    a file that did not exist while MLflow (or Optuna) opened the other tool's database and added its tables."""
+    other, _ = copy(mlflow_db if flag == "--storage" else optuna_db, workdir)
+    (workdir / f"{other.name}?x").mkdir()
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    uri = f"sqlite:///{workdir}/{other.name}?x/new.db"
+    if flag == "--tracking":
+        args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--tracking", uri]
+        wanted = "an Optuna study database"
+    else:
+        args = ["search", "--teacher", tiny_teacher, "--data", tiny_data, "--space", "{layers: [1]}", "--storage", uri,
+                "--tracking", sqlite_uri(workdir)]
+        wanted = "an MLflow store"
+    refused(args, f"{flag} {uri}", wanted)
+    assert hashlib.sha256(other.read_bytes()).hexdigest() == digest
+    assert check_tracking(f"sqlite:///{workdir}/a%20b.db") is None and not (workdir / "a b.db").exists()
+    from compress.tracking import resolve_tracking, sqlite_file
+
+    assert sqlite_file(f"sqlite:///{workdir}/a%20b.db?timeout=5") == workdir / "a b.db"
+    assert sqlite_file(resolve_tracking("sqlite:///rel%20dir/m.db?timeout=5")) == workdir / "rel dir" / "m.db"
