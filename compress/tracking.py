@@ -73,6 +73,10 @@ def sqlite_file(uri: str) -> Path | None:
 # Each tool's first tables. Both create an alembic_version table, so that one tells neither apart.
 MLFLOW_TABLES = {"experiments", "runs"}
 OPTUNA_TABLES = {"studies", "version_info"}
+# What an older compress (or a mistyped flag) left: one tool's tables added to the other's database. Each keeps its
+# schema revision in the one alembic_version table, so neither can open it again.
+BOTH_TOOLS = ("the database holds both an Optuna study and MLflow's tables, which cannot share one database (each "
+              "keeps its schema revision in alembic_version); name a new database for each")
 
 
 def sqlite_tables(db: Path, flag: str) -> set[str]:
@@ -195,6 +199,8 @@ def check_store_kind(uri: str) -> None:
         check_server_answers(uri)
         return
     tables = store_tables(uri, "--tracking")
+    if tables and tables & MLFLOW_TABLES and tables & OPTUNA_TABLES:
+        raise CompressError(f"--tracking {shown(uri)}: {BOTH_TOOLS}")
     if tables and not tables & MLFLOW_TABLES:
         if tables & OPTUNA_TABLES:
             raise CompressError(f"--tracking {shown(uri)}: an Optuna study database, not an MLflow store (use it as "

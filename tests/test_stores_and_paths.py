@@ -393,3 +393,17 @@ def test_a_sqlite_path_is_read_as_sqlalchemy_reads_it(flag: str, optuna_db: Path
 
     assert sqlite_file(f"sqlite:///{workdir}/a%20b.db?timeout=5") == workdir / "a b.db"
     assert sqlite_file(resolve_tracking("sqlite:///rel%20dir/m.db?timeout=5")) == workdir / "rel dir" / "m.db"
+
+
+def test_a_database_holding_both_tools_tables_is_refused_as_either(optuna_db: Path, tmp_path: Path) -> None:
+    """What an older compress left when MLflow added its tables to a study database: both tools then failed on
+    the other's alembic revision with tracebacks."""
+    both, _ = copy(optuna_db, tmp_path)
+    with sqlite3.connect(both) as con:
+        con.execute("CREATE TABLE experiments (id INTEGER)")
+        con.execute("CREATE TABLE runs (id INTEGER)")
+    con.close()
+    for check, flag in ((check_tracking, "--tracking"), (check_storage, "--storage")):
+        with pytest.raises(CompressError, match=rf"^{flag} .*: the database holds both an Optuna study and MLflow's "
+                                                r"tables, which cannot share one database"):
+            check(f"sqlite:///{both}")
