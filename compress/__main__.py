@@ -19,6 +19,7 @@ from compress.export import export
 from compress.finetune import finetune
 from compress.prune import prune
 from compress.share import share
+from compress.signals import sigterm_raises
 from compress.search import search
 from compress.ui import ui
 
@@ -182,7 +183,8 @@ def _run(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = _normalise_flags(sys.argv[1:] if argv is None else list(argv))
     try:
-        _run(argv)
+        with sigterm_raises():
+            _run(argv)
     except CompressError as err:
         print(f"compress: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

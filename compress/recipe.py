@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
+from compress.signals import lightning_fit
 from compress.tracking import shown, where_to_look
 
 
@@ -73,7 +74,8 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        with lightning_fit():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
         _close_progress_bars(trainer)
         raise Terminated from None

@@ -11,6 +11,7 @@ so the same --study resumes, several processes share it, and a trial whose worke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,16 +21,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compress.errors import CompressError, Terminated
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
+from compress.signals import CtrlC, sigterm_raises
 from compress.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking,
                                shown, where_to_look)
-
-if TYPE_CHECKING:  # typing.Self is Python 3.11+
-    from typing_extensions import Self
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # how a spawned worker's exit code says it was stopped, like a shell's 128 + the signal
@@ -654,7 +653,7 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
         time.sleep(wait)
     # Exceptions fail the trial and the study goes on (Optuna logs each with its traceback); Ctrl-C stops it.
     try:
-        with CtrlC() as ctrl_c:
+        with sigterm_raises(), CtrlC() as ctrl_c:
             study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
                            gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
             ctrl_c.stop_if_pressed()
@@ -666,41 +665,6 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
         # a spawned worker: multiprocessing would print the whole traceback of the keypress; the exit code tells
         # the parent which stop it was, and the parent says how to go on
         raise SystemExit(STOP_CODES[type(stop)]) from None
-
-
-class CtrlC:
-    """Remembers a Ctrl-C, so one that Python dropped still stops the study after its trial.
-
-    Python prints and drops an exception raised inside `__del__`, and Optuna's gc.collect() after every trial runs
-    many (Lightning's profiler has one), so a Ctrl-C landing there used to let the study run all its trials and
-    exit 0. Only the main thread's default handler is replaced: a SIGINT ignored (a shell's background job) stays
-    ignored.
-    """
-
-    def __init__(self) -> None:
-        self.pressed, self._installed = False, False
-
-    def __enter__(self) -> Self:
-        import threading
-
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, self._on_signal)
-            self._installed = True
-        return self
-
-    def _on_signal(self, signum, frame) -> None:
-        self.pressed = True
-        raise KeyboardInterrupt
-
-    def stop_if_pressed(self, study=None, trial=None) -> None:
-        """An Optuna callback (after each trial) and a last check once optimize returns."""
-        if self.pressed:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def requeue_interrupted(study) -> list[int]:
@@ -741,11 +705,6 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
         proc.start()
         procs[i] = (proc, n)
 
-    def on_sigterm(signum, frame):
-        raise Terminated
-
-    # `kill PID` reaches this process only; without a handler it died at once and left its workers training
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     for i, n in enumerate(shares):
         if n:
             start(i, n)
@@ -769,21 +728,29 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
                 elif proc.exitcode != 0:
                     errors.append(f"worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
     except KeyboardInterrupt as stop:
-        # A Ctrl-C at a terminal reached every worker too; SIGTERM is passed on to them here. Each closes its trial
-        # as interrupted, given the time it needs; one still going is stopped, and its trial retried later.
-        for proc, _ in procs.values():
-            if isinstance(stop, Terminated):
-                proc.terminate()
-            proc.join(timeout=10)
-            if proc.exitcode is None:
-                proc.terminate()
-                proc.join(timeout=20)
-            if proc.exitcode is None:
-                proc.kill()
+        _stop_workers([proc for proc, _ in procs.values()], terminated=isinstance(stop, Terminated))
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return errors
+
+
+def _stop_workers(procs: list, terminated: bool) -> None:
+    """A Ctrl-C at a terminal reached every worker too; SIGTERM (`kill PID`, a scheduler) reached only this process
+    and is passed on to all of them at once, since a scheduler's grace period is short. Each closes its trial as
+    interrupted; one still going after the deadline is stopped harder, and its trial retried later. A second Ctrl-C
+    meanwhile is ignored here: it used to end the wait and leave the workers to print their tracebacks last."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for sent, wait_s in ((signal.SIGTERM if terminated else None, 10), (signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            alive = [p for p in procs if p.exitcode is None]
+            if sent is not None:
+                for p in alive:
+                    with contextlib.suppress(ProcessLookupError):  # it exited just now
+                        os.kill(p.pid, sent)
+            deadline = time.monotonic() + wait_s
+            for p in alive:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _study_config(teacher: str, task: str | None, data: str | None, objectives: list[str], space: dict) -> dict:
@@ -1129,13 +1096,13 @@ def run_search(
          "storage": shown(storage), "sampler": sampler,
          "pruner": pruner if len(objs) == 1 else "none (multi-objective)", "space": json.dumps(space)},
         opened, tracking, experiment, name)
-    print(f"search {name}: {trials} trial(s) on {workers} worker(s), objectives {' / '.join(objs)}"
-          + (f", adding to its {before} earlier trial(s)" if before else "")
-          + (f" (interrupted trial(s) {', '.join(map(str, requeued))} run again first)" if requeued else "")
-          + f"; study in {shown(storage)}, models under {out}, MLflow parent run {ctx.parent_run_id}", file=sys.stderr)
-
-    started = time.time()
-    try:
+    try:  # from here the parent run exists, and any stop closes it
+        print(f"search {name}: {trials} trial(s) on {workers} worker(s), objectives {' / '.join(objs)}"
+              + (f", adding to its {before} earlier trial(s)" if before else "")
+              + (f" (interrupted trial(s) {', '.join(map(str, requeued))} run again first)" if requeued else "")
+              + f"; study in {shown(storage)}, models under {out}, MLflow parent run {ctx.parent_run_id}",
+              file=sys.stderr)
+        started = time.time()
         ctx.teacher_path = teacher_for(ctx.parent_run_id, tracking, experiment, ctx.progress)
         errors = []
         if workers == 1:
@@ -1150,6 +1117,7 @@ def run_search(
         close_after(True, lambda: mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED"))
         print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study (a trial "
               "it cut short runs again first)", file=sys.stderr)
+        stop.reported = True
         raise
     except BaseException:
         mlflow_client(tracking).set_terminated(ctx.parent_run_id, "FAILED")
@@ -1238,5 +1206,8 @@ def search(
                    workers=workers, study=study, storage=storage, sampler=sampler, pruner=pruner,
                    sampler_seed=sampler_seed, heartbeat=heartbeat, retries=retries, output=output,
                    text_column=text_column, label_column=label_column, tracking=tracking, experiment=experiment)
-    except KeyboardInterrupt as stop:  # run_search said how to continue (the same --study); the CLI's hint is wrong
+    except KeyboardInterrupt as stop:  # the CLI's hint (--resume) is wrong for a search: the same command goes on
+        said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        if not getattr(stop, "reported", False):  # stopped before its study had a parent run to close
+            print(f"compress: search {said}; rerun the same command to continue", file=sys.stderr)
         raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None

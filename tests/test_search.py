@@ -535,7 +535,7 @@ def test_a_ctrl_c_that_python_drops_in_a_del_still_stops_the_study():
 
     import optuna
 
-    from compress.search import CtrlC
+    from compress.signals import CtrlC
 
     class SignalsWhenCollected:
         def __init__(self) -> None:
@@ -585,7 +585,7 @@ def test_sigterm_to_a_searchs_parent_stops_its_workers(workdir, tiny_teacher, ti
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-3000:]
-    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("compress: search terminated (SIGTERM)")
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("compress: search terminated (SIGTERM)"), err
     trials = trials_of(paths["storage"], "term")
     states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials]
     # a loaded machine may let a worker finish a trial before the signal; none is left running, none ran after it
@@ -625,3 +625,35 @@ def test_an_mlflow_store_still_locked_after_a_ctrl_c_does_not_keep_the_study_goi
     assert code == 130 and len(calls) == 1, err[-2000:]
     assert "note: MLflow runs left open (MlflowException: (sqlite3.OperationalError) database is locked)" in err
     assert [t.state.name for t in trials_of(paths["storage"], "locked")] == ["FAIL"]
+
+
+def test_sigterm_outside_training_stops_the_search_cleanly(workdir, tiny_teacher, tiny_data):
+    """SIGTERM before any trial trains (here: just after the search starts). Only Lightning's fit handled SIGTERM, so
+    the process died where it stood (exit -15, no line, the study's MLflow run left RUNNING)."""
+    from mlflow import MlflowClient
+
+    paths = store(workdir)
+    args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "2", "--study", "early",
+            "--space", json.dumps({"layers": [1], **QUICK}), "--tracking", paths["tracking"],
+            "--storage", paths["storage"]]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("search early: "):  # the parent run exists; the teacher is checked next, then trial 0
+            proc.send_signal(signal.SIGTERM)
+            break
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    # the rest through the same file: communicate(timeout=) would read the pipe past what iterating buffered
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("compress: search terminated (SIGTERM)"), err
+    client = MlflowClient(paths["tracking"])
+    parents = [r for r in runs_of(paths["tracking"]) if r.data.tags.get("compress.command") == "search"]
+    assert [client.get_run(r.info.run_id).info.status for r in parents] == ["KILLED"]
+    assert all(t.state.name != "RUNNING" for t in trials_of(paths["storage"], "early"))

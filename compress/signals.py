@@ -1,0 +1,88 @@
+"""Stops by signal, made exceptions at a point where they can be handled: SIGTERM raises errors.Terminated (a
+KeyboardInterrupt, so every Ctrl-C handler closes its work the same way), and a Ctrl-C is remembered, so one that
+Python dropped still stops a search.
+
+Inside a Lightning fit, SIGTERM is Lightning's: it stops at the next batch boundary (recipe.fit_or_stop makes that
+Terminated too). Lightning calls a handler that was there before it, so ours does nothing while a fit runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from compress.errors import Terminated
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
+
+_fitting = threading.Event()
+
+
+@contextmanager
+def lightning_fit():
+    """Mark a trainer.fit as running: a SIGTERM then is Lightning's to stop at the next batch."""
+    _fitting.set()
+    try:
+        yield
+    finally:
+        _fitting.clear()
+
+
+def _on_sigterm(signum, frame) -> None:
+    if not _fitting.is_set():
+        raise Terminated
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated in this block (the main thread, where a default handler is replaced). Without it,
+    a SIGTERM outside a fit killed the process where it stood: a search's trial stayed RUNNING until its heartbeat
+    went stale, and no line said how to go on."""
+    installed = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if installed:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class CtrlC:
+    """Remembers a Ctrl-C, so one that Python dropped still stops a search after its trial.
+
+    Python prints and drops an exception raised inside `__del__`, and Optuna's gc.collect() after every trial runs
+    many (Lightning's profiler has one), so a Ctrl-C landing there used to let the study run all its trials and
+    exit 0. A second Ctrl-C while the first is being handled is absorbed: raised again, it cut that cleanup short
+    (a trial left unclosed) or was dropped in a __del__ with a traceback printed after compress's last line. Only the
+    main thread's default handler is replaced: a SIGINT ignored (a shell's background job) stays ignored.
+    """
+
+    def __init__(self) -> None:
+        self.pressed, self._installed = False, False
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_signal)
+            self._installed = True
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.pressed:
+            return
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def stop_if_pressed(self, study=None, trial=None) -> None:
+        """An Optuna callback (after each trial) and a last check once optimize returns."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
