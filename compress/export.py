@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 from compress.flags import check_all
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, mlflow_client, shown
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, for_mlflow, mlflow_client, shown
 
 FORMATS = ("hf", "onnx", "int8")
 ONNX_FILE = "model.onnx"
@@ -61,14 +61,14 @@ def store_exists(uri: str) -> bool:
 def get_run(run_id: str, tracking: str, flag: str = "--run"):
     """The MLflow run, or a CompressError naming the flag and the store."""
     if not store_exists(tracking):
-        raise CompressError(f"{flag} {run_id}: no MLflow store at --tracking {tracking}")
+        raise CompressError(f"{flag} {run_id}: no MLflow store at --tracking {shown(tracking)}")
     client = mlflow_client(tracking)  # checks the store before mlflow is imported
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise CompressError(f"{flag} {run_id}: no such MLflow run in {tracking}") from None
+        raise CompressError(f"{flag} {run_id}: no such MLflow run in {shown(tracking)}") from None
 
 
 def model_from_run(run_id: str, tracking: str, scratch: Path) -> str:
@@ -446,7 +446,7 @@ def _tracking_uri(uri: str):
     from mlflow.tracking._tracking_service import utils
 
     previous = getattr(utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(for_mlflow(uri))
     try:
         yield
     finally:

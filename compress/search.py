@@ -598,7 +598,7 @@ def make_storage(url: str, heartbeat: int, retries: int, tracking: str):
                 raise
             time.sleep(1 + attempt)
         except sqlalchemy.exc.ArgumentError as err:
-            raise CompressError(f"--storage {url}: not a database URL SQLAlchemy knows ({err})") from None
+            raise CompressError(f"--storage {shown(url)}: not a database URL SQLAlchemy knows ({err})") from None
 
 
 def make_sampler(name: str, objectives: list[str], trials: int, seed: int | None):
@@ -773,7 +773,7 @@ def open_study(ctx: Context, config: dict):
         before = existing.user_attrs.get("compress_config")
         if before is not None and json.dumps(before, sort_keys=True) != json.dumps(config, sort_keys=True):
             changed = [k for k in config if before.get(k) != config[k]]
-            raise CompressError(f"--study {ctx.study}: already exists in {ctx.storage} with another "
+            raise CompressError(f"--study {ctx.study}: already exists in {shown(ctx.storage)} with another "
                                 f"{', '.join(changed)}; pass a new --study, or the same settings to add trials to it")
         return existing
     directions = [OBJECTIVES[o][1] for o in ctx.objectives]

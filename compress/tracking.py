@@ -41,17 +41,17 @@ def scheme_of(url: str) -> str:
 
 
 def shown(url: str) -> str:
-    """`url` with its password hidden: for what is printed, logged to MLflow or saved beside a model."""
+    """`url` with its password hidden, as user:PASSWORD@ or as libpq's ?password=: for what is printed, logged to
+    MLflow or saved beside a model."""
+    import re
     from urllib.parse import urlsplit
 
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        password = urlsplit(url).password
     except ValueError:
         return url
-    if not password:
-        return url
-    return url.replace(f":{password}@", ":***@", 1)
+    return url.replace(f":{password}@", ":***@", 1) if password else url
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -136,14 +136,17 @@ def check_server_answers(uri: str) -> None:
     import urllib.request
     from urllib.parse import urlsplit
 
-    parts = urlsplit(uri)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
-    bare = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host)  # urllib takes no user:password@
     try:
+        parts = urlsplit(uri)
+        bare = parts._replace(netloc=parts.netloc.rpartition("@")[2])  # urllib takes no user:password@
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
         with urllib.request.urlopen(bare.geturl().rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
             return
-    except urllib.error.HTTPError:
-        return
+    except urllib.error.HTTPError as err:
+        if err.code != 404:
+            return
+        raise CompressError(f"--tracking {shown(uri)}: something answers there, but not an MLflow tracking server "
+                            "(GET /health: 404); check the host, port and path") from None
     except (OSError, ValueError) as err:  # URLError is an OSError; a timeout too
         reason = getattr(err, "reason", err)
         raise CompressError(f"--tracking {shown(uri)}: no MLflow tracking server answers there ({reason}); start one "
@@ -193,7 +196,7 @@ def check_store_kind(uri: str) -> None:
     server) that is MLflow's, empty, or not there yet. Every client opens through mlflow_client, which checks this
     far first, since export --run and bench --run read a store they never write to."""
     if scheme_of(uri) not in STORE_SCHEMES:
-        raise CompressError(f"--tracking {uri}: not an MLflow store; use sqlite:///PATH, a database URI "
+        raise CompressError(f"--tracking {shown(uri)}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
     if scheme_of(uri) in ("http", "https"):
         check_server_answers(uri)
@@ -209,11 +212,31 @@ def check_store_kind(uri: str) -> None:
                             f"({other_tables(tables)}), not an MLflow store; name a new database")
 
 
+def for_mlflow(uri: str) -> str:
+    """The URI to hand MLflow, and its settings for compress. A tracking server's user:password@ moves into MLflow's
+    own MLFLOW_TRACKING_USERNAME/PASSWORD, so that no URL MLflow prints or raises carries the password; MLflow's
+    "View run ... at URL" lines stay off stdout (where search prints its table), since compress prints where each
+    run went itself."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if scheme_of(uri) not in ("http", "https"):
+        return uri
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def mlflow_client(uri: str):
     """An MlflowClient on `uri`, after check_store_kind: MLflow's alembic adds its tables to whatever database it
     opens, an Optuna study's included, before finding it is not its own."""
     check_store_kind(uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = for_mlflow(uri)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -258,13 +281,12 @@ def run_tags(device: str, command: str) -> dict[str, str]:
 
 def make_logger(uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
     """Lightning's MLFlowLogger on our store. Always given a tracking_uri: its import-time default crashes."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = resolve_tracking(uri)
     artifacts = _prepare_store(uri)
     logger = MLFlowLogger(
-        experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags, run_id=run_id,
+        experiment_name=experiment, run_name=run_name, tracking_uri=for_mlflow(uri), tags=tags, run_id=run_id,
         artifact_location=artifacts, log_model=False,
     )
     _ = logger.experiment  # create the run now, so its id exists before training starts

@@ -116,7 +116,7 @@ def ui(
         storage: Optuna storage URL holding the search studies, for --dashboard.
     """
     if tracking.startswith(("http://", "https://")) and not dashboard:
-        raise CompressError(f"--tracking {tracking}: that is already a tracking server; open it in a browser")
+        raise CompressError(f"--tracking {shown(tracking)}: that is already a tracking server; open it in a browser")
     port = port if port is not None else (8080 if dashboard else 5000)
     if not 1 <= port <= 65535:
         raise CompressError(f"--port {port}: must be between 1 and 65535")

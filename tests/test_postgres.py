@@ -22,6 +22,8 @@ def test_a_password_is_hidden_wherever_a_url_is_shown() -> None:
     assert shown("postgresql+psycopg://me@db/runs") == "postgresql+psycopg://me@db/runs"
     assert shown("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
     assert shown(f"https://me:{SECRET}@mlflow.example") == "https://me:***@mlflow.example"
+    assert shown(f"postgresql://me@db/runs?sslmode=require&password={SECRET}&connect_timeout=3") == (
+        "postgresql://me@db/runs?sslmode=require&password=***&connect_timeout=3")  # libpq's other way to give it
     assert where_to_look("sqlite:///m.db") == "compress ui --tracking sqlite:///m.db"
     assert SECRET not in where_to_look(f"postgresql://me:{SECRET}@db/runs")
     assert where_to_look("http://mlflow.example:5000") == "http://mlflow.example:5000"

@@ -337,10 +337,15 @@ def test_a_tracking_server_takes_the_runs_and_their_artifacts(tracking_server, t
     here, there = tmp_path / "here", tmp_path / "there"
     here.mkdir(), there.mkdir()
     monkeypatch.chdir(here)
-    code, _, err = run_main(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--layers",
-                             "1", "--latency_reps", "1", "--tracking", tracking_server["url"], "--output", "s"])
+    # the server asks for no login and ignores one; a user:password@ in the URL must show nowhere all the same
+    with_login = tracking_server["url"].replace("http://", "http://me:s3cret-pw@")
+    code, out, err = run_main(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--layers",
+                               "1", "--latency_reps", "1", "--tracking", with_login, "--output", "s"])
     assert code == 0, err[-2000:]
-    run_id = json.loads((here / "s" / "compress.json").read_text())["mlflow_run_id"]
+    lineage = (here / "s" / "compress.json").read_text()
+    assert "s3cret-pw" not in out + err + lineage and "me:***@" in err
+    assert "View run" not in out  # MLflow's own lines: compress says where the run went, on stderr
+    run_id = json.loads(lineage)["mlflow_run_id"]
     assert (tracking_server["artifacts"] / "1" / run_id / "artifacts" / "model" / "model.safetensors").is_file()
     monkeypatch.chdir(there)
     code, _, err = run_main(["export", "--run", run_id, "--tracking", tracking_server["url"], "--format", "hf",
@@ -351,6 +356,17 @@ def test_a_tracking_server_takes_the_runs_and_their_artifacts(tracking_server, t
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [v.version for v in client.search_model_versions("name = 'tiny-student'")] == ["1"]
     assert not (here / "mlruns").exists() and not (there / "mlruns").exists()
+
+
+def test_a_url_where_no_tracking_server_answers_is_one_line(tracking_server, tiny_teacher, tiny_data,
+                                                             workdir) -> None:
+    for url, said in ((f"{tracking_server['url']}/nope", "something answers there, but not an MLflow tracking server "
+                                                          "(GET /health: 404)"),
+                      ("http://127.0.0.1:abc", "no MLflow tracking server answers there (Port could not be cast")):
+        code, _, err = run_main(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--tracking", url])
+        (line,) = error_lines(err)
+        assert code == 1 and line.startswith(f"compress: error: --tracking {url}: {said}"), err[-2000:]
+    assert sorted(p.name for p in workdir.iterdir()) == []
 
 
 def test_a_tracking_server_that_is_down_is_one_line_in_seconds(tiny_teacher, tiny_data, workdir) -> None:
