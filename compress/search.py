@@ -410,6 +410,18 @@ def retried_from(trial) -> int | None:
 
 
 def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, dict[str, Any]]):
+    """One trial (run_trial); a stop anywhere in it marks it interrupted, so the next run of the study re-runs its
+    values first. Marked only where the steps run, a stop while the trial sampled or opened its MLflow run left it
+    an ordinary failure, never re-run."""
+    try:
+        return run_trial(trial, ctx, dims, flags)
+    except KeyboardInterrupt:  # Optuna fails the trial and re-raises; requeue_interrupted finds the mark
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("interrupted", True)
+        raise
+
+
+def run_trial(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, dict[str, Any]]):
     """Sample, run the steps through the commands, log the trial's run; return the objectives' values."""
     import optuna
     from mlflow.entities import Metric, Param
@@ -482,7 +494,6 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         raise
     except KeyboardInterrupt:
         status, stopped = "KILLED", True
-        trial.set_user_attr("interrupted", True)  # Optuna fails it; the next run of the study runs it again first
         raise
     except Exception as err:
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])

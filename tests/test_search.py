@@ -659,3 +659,29 @@ def test_sigterm_outside_training_stops_the_search_cleanly(workdir, tiny_teacher
     parents = [r for r in runs_of(paths["tracking"]) if r.data.tags.get("compress.command") == "search"]
     assert [client.get_run(r.info.run_id).info.status for r in parents] == ["KILLED"]
     assert all(t.state.name != "RUNNING" for t in trials_of(paths["storage"], "early"))
+
+
+def test_a_stop_while_a_trial_starts_still_marks_it_interrupted(workdir, tiny_teacher, tiny_data, capsys,
+                                                                 monkeypatch):
+    """A Ctrl-C while trial 1 sampled its values (or opened its MLflow run) came before the part that marked the
+    trial interrupted: it was an ordinary failure, never re-run."""
+    from compress import search as search_module
+
+    real, calls = search_module.plan, []
+
+    def plan(values, flags):
+        calls.append(values)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(values, flags)
+
+    monkeypatch.setattr(search_module, "plan", plan)
+    paths = store(workdir)
+    args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--study", "early-cut", "--space",
+            json.dumps({"layers": [1, 2], **QUICK}), "--tracking", paths["tracking"], "--storage", paths["storage"]]
+    code, _, err = run_cli([*args, "--trials", "3"], capsys)
+    assert code == 130, err[-2000:]
+    done, cut = trials_of(paths["storage"], "early-cut")
+    assert done.state.name == "COMPLETE" and cut.state.name == "FAIL" and cut.user_attrs.get("interrupted") is True
+    code, _, err = run_cli([*args, "--trials", "1"], capsys)
+    assert code == 0 and "(interrupted trial(s) 1 run again first)" in err, err[-2000:]
