@@ -469,7 +469,8 @@ def register(folder: Path, name: str, *, tracking: str, experiment: str, source:
 
     artifacts = _prepare_store(tracking)
     client = mlflow_client(tracking)
-    same_store = source.get("tracking") == tracking  # the model's run can be the parent only in its own store
+    # the model's run can be the parent only in its own store (the record holds the URL with its password hidden)
+    same_store = source.get("tracking") == shown(tracking)
     run_id = None
     try:
         tags = run_tags("cpu", "export")

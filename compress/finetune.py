@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, shown
 
 
 def slug(name: str) -> str:
@@ -53,9 +53,9 @@ def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking
     from compress.training import RunState, lock_holder
 
     partial = RunState.partial(folder)
-    left_in = RunState.left_at(folder).get("inputs", {}).get("tracking", tracking)
+    left_in = RunState.left_at(folder).get("inputs", {}).get("tracking", shown(tracking))  # run.json hides passwords
     # a live fine-tuning (another process holds its lock) is never deleted: RunState below refuses it by name
-    if left_in != tracking and lock_holder(partial / "lock") is None:
+    if left_in != shown(tracking) and lock_holder(partial / "lock") is None:
         # its MLflow run is in another store: this recipe's key says the work is the same, so start it again here
         print(f"teacher {model_name}: an interrupted fine-tuning logged to another MLflow store; starting it over",
               file=sys.stderr)

@@ -59,7 +59,7 @@ def _input_identity(task, params: dict, tracking: str) -> dict[str, str]:
     keys them), and the MLflow store holding its run."""
     from compress.finetune import _weights_identity
 
-    inputs = {"data": task.fingerprint, "tracking": tracking}
+    inputs = {"data": task.fingerprint, "tracking": shown(tracking)}  # run.json is no place for a password
     for key in ("teacher_path", "model_path", "student"):
         folder = params.get(key)
         if folder and Path(str(folder)).is_dir():

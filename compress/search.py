@@ -572,9 +572,12 @@ def check_storage(url: str) -> Path | None:
     """The sqlite file of --storage (None for a server database), checked read-only before anything writes: Optuna's
     RDBStorage adds its tables to whatever database it opens, an MLflow store included, and only then fails on that
     store's alembic revision."""
-    from compress.tracking import (BOTH_TOOLS, MLFLOW_TABLES, OPTUNA_TABLES, other_tables, shown, sqlite_file,
-                                   store_tables)
+    from compress.tracking import (BOTH_TOOLS, MLFLOW_TABLES, OPTUNA_TABLES, other_tables, scheme_of, shown,
+                                   sqlite_file, store_tables)
 
+    if scheme_of(url) == "postgres":
+        raise CompressError(f"--storage {shown(url)}: write postgresql://, not postgres:// (SQLAlchemy dropped that "
+                            "spelling)")
     db = sqlite_file(url)
     if db is not None:
         check_folder(db.parent, "--storage")
@@ -745,13 +748,15 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
 
 
 def _stop_workers(procs: list, terminated: bool) -> None:
-    """A Ctrl-C at a terminal reached every worker too; SIGTERM (`kill PID`, a scheduler) reached only this process
-    and is passed on to all of them at once, since a scheduler's grace period is short. Each closes its trial as
-    interrupted; one still going after the deadline is stopped harder, and its trial retried later. A second Ctrl-C
-    meanwhile is ignored here: it used to end the wait and leave the workers to print their tracebacks last."""
+    """Pass the stop on to every worker at once: SIGTERM (`kill PID`, a scheduler, whose grace period is short) and
+    SIGINT (`kill -INT PID`) reach only this process. A terminal's Ctrl-C reached the workers already; each absorbs
+    the second one (signals.CtrlC). Each closes its trial as interrupted; one still going after the deadline is
+    stopped harder, and its trial retried later. A second Ctrl-C here is ignored: it used to end the wait and leave
+    the workers to print their tracebacks last."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        for sent, wait_s in ((signal.SIGTERM if terminated else None, 10), (signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        for sent, wait_s in ((signal.SIGTERM if terminated else signal.SIGINT, 10), (signal.SIGTERM, 20),
+                             (signal.SIGKILL, 5)):
             alive = [p for p in procs if p.exitcode is None]
             if sent is not None:
                 for p in alive:
@@ -1088,9 +1093,10 @@ def run_search(
         raise CompressError("--storage: an in-memory sqlite database cannot be shared by workers")
     teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
     # after every check, so a refused study leaves no mlruns/ behind
-    if (db := check_storage(storage)) is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    db = check_storage(storage)
     _prepare_store(resolve_tracking(tracking))  # a bad --tracking fails here once, not in every trial
+    if db is not None:  # only now: a study refused for its --tracking left an empty mlruns/ behind
+        db.parent.mkdir(parents=True, exist_ok=True)
     name = study or f"{slug(teacher)}-{slug(task or data)}"
     out = str(check_output(output if output is not None else f"outputs/search-{name}"))
     config = _study_config(teacher, task, data, objs, space)

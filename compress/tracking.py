@@ -195,6 +195,9 @@ def check_store_kind(uri: str) -> None:
     """The part of check_tracking that needs no folder to write in: a known scheme, and a database (sqlite file or
     server) that is MLflow's, empty, or not there yet. Every client opens through mlflow_client, which checks this
     far first, since export --run and bench --run read a store they never write to."""
+    if scheme_of(uri) == "postgres":
+        raise CompressError(f"--tracking {shown(uri)}: write postgresql://, not postgres:// (SQLAlchemy dropped that "
+                            "spelling)")
     if scheme_of(uri) not in STORE_SCHEMES:
         raise CompressError(f"--tracking {shown(uri)}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")

@@ -27,6 +27,22 @@ def test_a_password_is_hidden_wherever_a_url_is_shown() -> None:
     assert where_to_look("sqlite:///m.db") == "compress ui --tracking sqlite:///m.db"
     assert SECRET not in where_to_look(f"postgresql://me:{SECRET}@db/runs")
     assert where_to_look("http://mlflow.example:5000") == "http://mlflow.example:5000"
+    # an interrupted run's record (OUTPUT.partial/run.json) keeps the store it logs to, without the password
+    from types import SimpleNamespace
+
+    from compress.recipe import _input_identity
+
+    kept = _input_identity(SimpleNamespace(fingerprint="f"), {}, f"postgresql://me:{SECRET}@db/runs")
+    assert kept == {"data": "f", "tracking": "postgresql://me:***@db/runs"}
+
+
+def test_the_postgres_spelling_gets_a_hint_without_the_password(workdir, tiny_teacher, tiny_data) -> None:
+    url = f"postgres://me:{SECRET}@db.example/x"
+    for flag in ("--storage", "--tracking"):
+        code, _, err = run_main(["search", "--teacher", tiny_teacher, "--data", tiny_data, "--space", "{layers: [1]}",
+                                 flag, url])
+        assert code == 1 and error_lines(err) == [f"compress: error: {flag} postgres://me:***@db.example/x: write "
+                                                  "postgresql://, not postgres:// (SQLAlchemy dropped that spelling)"]
 
 
 def test_two_workers_share_a_postgresql_study_and_log_to_a_postgresql_mlflow_store(postgres, workdir, tiny_teacher,

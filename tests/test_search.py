@@ -562,9 +562,12 @@ def test_a_ctrl_c_that_python_drops_in_a_del_still_stops_the_study():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_sigterm_to_a_searchs_parent_stops_its_workers(workdir, tiny_teacher, tiny_data):
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_to_a_searchs_parent_stops_its_workers(sig, code: int, said: str, workdir, tiny_teacher, tiny_data):
     """`kill PID` reaches the parent alone: it used to die at once (exit -15) and leave its spawned workers to run
-    every trial. Now it passes SIGTERM on, each worker closes its trial as interrupted, and the search exits 143."""
+    every trial; `kill -INT PID` let them train on for 10 s. Now it passes the signal on, each worker closes its trial
+    as interrupted, and the search exits 143 (130)."""
     paths = store(workdir)
     space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 200}  # seconds of training to land in
     args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "6", "--workers", "2",
@@ -572,21 +575,22 @@ def test_sigterm_to_a_searchs_parent_stops_its_workers(workdir, tiny_teacher, ti
             "--storage", paths["storage"]]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "compress", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # a terminal's SIGINT, not a background job's
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     folder = workdir / "outputs" / "search-term"
     deadline = time.monotonic() + 180
     while len(list(folder.glob("trial-*/*.partial/run.json"))) < 2:  # both workers are training
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
         err = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err, err
-    assert err.rstrip().splitlines()[-1].startswith("compress: search terminated (SIGTERM)"), err
+    assert err.rstrip().splitlines()[-1].startswith(f"compress: search {said}"), err
     trials = trials_of(paths["storage"], "term")
     states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials]
     # a loaded machine may let a worker finish a trial before the signal; none is left running, none ran after it

@@ -98,6 +98,15 @@ def test_tracking_refuses_an_optuna_study_database_and_leaves_it_alone(command: 
     assert not (workdir / "outputs").exists()
 
 
+def test_a_search_refused_for_its_tracking_leaves_no_folder_behind(optuna_db: Path, tiny_teacher: Path,
+                                                                    tiny_data: Path, workdir: Path) -> None:
+    (workdir / "elsewhere").mkdir()
+    db, _ = copy(optuna_db, workdir / "elsewhere")
+    refused(["search", "--teacher", tiny_teacher, "--data", tiny_data, "--space", "{layers: [1]}", "--tracking",
+             f"sqlite:///{db}"], "an Optuna study database")
+    assert sorted(p.name for p in workdir.iterdir()) == ["elsewhere"]  # the default --storage's mlruns/ was made first
+
+
 def test_search_storage_refuses_an_mlflow_store_and_leaves_it_alone(mlflow_db: Path, tiny_teacher: Path,
                                                                     tiny_data: Path, workdir: Path) -> None:
     db, digest = copy(mlflow_db, workdir)
