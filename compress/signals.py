@@ -9,6 +9,7 @@ Terminated too). Lightning calls a handler that was there before it, so ours doe
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -63,14 +64,22 @@ class CtrlC:
     """
 
     def __init__(self) -> None:
-        self.pressed, self._installed = False, False
+        self.pressed, self._installed, self._unraisable = False, False, None
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, self._on_signal)
             self._installed = True
+            # Python reports the Ctrl-C it dropped in a __del__ as "Exception ignored ... KeyboardInterrupt", a
+            # traceback among compress's lines; this Ctrl-C is handled, so that report is dropped too
+            self._unraisable = sys.unraisablehook
+            sys.unraisablehook = self._on_unraisable
         return self
+
+    def _on_unraisable(self, unraisable) -> None:
+        if not (self.pressed and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            self._unraisable(unraisable)
 
     def _on_signal(self, signum, frame) -> None:
         if self.pressed:
@@ -86,3 +95,4 @@ class CtrlC:
     def __exit__(self, *exc) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = self._unraisable
