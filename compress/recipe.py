@@ -90,6 +90,22 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         raise
 
 
+@contextmanager
+def closes_run_on_error(logger):
+    """Close the MLflow run as KILLED (a stop) or FAILED if the block raises. Lightning marks the run FINISHED when
+    fit ends, so a Ctrl-C or an error while the student was scored, timed or saved left a FINISHED run with no
+    model. At best: a Ctrl-C inside an MLflow write leaves the store locked, and the stop must go on."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            logger.experiment.set_terminated(logger.run_id, status)
+        except Exception as closing:
+            print(f"note: MLflow run {logger.run_id} left open ({type(closing).__name__})", file=sys.stderr)
+        raise
+
+
 def _during_ctrl_c(error: BaseException) -> bool:
     """Whether `error` was raised while a KeyboardInterrupt was being handled (an error of its own is not)."""
     seen = set()
@@ -252,48 +268,49 @@ def run_training(
         if not trainer.is_global_zero:
             return None
 
-        student = module.student.float().cpu()
-        if finalize is not None:
-            finalize(student)
-        student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
-        metrics = {"student_score": student_score, "student_params": count_params(student)}
-        placed = module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
-        if teacher is not None:
-            if placed:
-                teacher_score = score_in_place(teacher, datamodule, task.metric, task.num_labels)
-            else:
-                teacher = teacher.float().cpu()
-                teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
-            metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
-                        "retention": student_score / teacher_score if teacher_score else 0.0,
-                        "compression": count_params(teacher) / metrics["student_params"]}
+        with closes_run_on_error(logger):  # Lightning marked the run FINISHED when fit ended
+            student = module.student.float().cpu()
+            if finalize is not None:
+                finalize(student)
+            student_score = score(student, datamodule, task.metric, task.num_labels, accelerator, precision)
+            metrics = {"student_score": student_score, "student_params": count_params(student)}
+            placed = module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
+            if teacher is not None:
+                if placed:
+                    teacher_score = score_in_place(teacher, datamodule, task.metric, task.num_labels)
+                else:
+                    teacher = teacher.float().cpu()
+                    teacher_score = score(teacher, datamodule, task.metric, task.num_labels, accelerator, precision)
+                metrics |= {"teacher_score": teacher_score, "teacher_params": count_params(teacher),
+                            "retention": student_score / teacher_score if teacher_score else 0.0,
+                            "compression": count_params(teacher) / metrics["student_params"]}
 
-        device = "cuda" if accelerator == "cuda" else "cpu"
-        timed_teacher = teacher is not None and not placed  # a teacher split over devices has no comparable latency
-        if teacher is not None and placed:
-            print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not measured",
+            device = "cuda" if accelerator == "cuda" else "cpu"
+            timed_teacher = teacher is not None and not placed  # a teacher split over devices has no comparable latency
+            if teacher is not None and placed:
+                print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not "
+                      "measured", file=sys.stderr)
+            models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
+            seq = min(128, student.config.max_position_embeddings)
+            print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)",
                   file=sys.stderr)
-        models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
-        seq = min(128, student.config.max_position_embeddings)
-        print(f"measuring latency at batch 32 x {seq} on {device} ({cfg.latency_reps} interleaved rounds)",
-              file=sys.stderr)
-        lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
-                         vocab_size=student.config.vocab_size)
-        metrics["latency_ms"] = lat["student"]
-        if timed_teacher:
-            metrics["teacher_latency_ms"] = lat["teacher"]
-            metrics["speedup"] = lat["teacher"] / lat["student"]
-        metrics |= extra_metrics or {}
+            lat = latency_ms(models, batch=32, seq=seq, device=device, reps=cfg.latency_reps,
+                             vocab_size=student.config.vocab_size)
+            metrics["latency_ms"] = lat["student"]
+            if timed_teacher:
+                metrics["teacher_latency_ms"] = lat["teacher"]
+                metrics["speedup"] = lat["teacher"] / lat["student"]
+            metrics |= extra_metrics or {}
 
-        student.config.architectures = [type(student).__name__]
-        with atomic_output(output, overwrite) as tmp:
-            save_model(student, tokenizer, tmp)
-            metrics["student_mb"] = weights_mb(tmp)
-            write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
-                                task.label_names, "mlflow_run_id": logger.run_id, "tracking": shown(tracking),
-                                "metrics": metrics, **(lineage or {})})
-            log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
-        logger.finalize("success")
+            student.config.architectures = [type(student).__name__]
+            with atomic_output(output, overwrite) as tmp:
+                save_model(student, tokenizer, tmp)
+                metrics["student_mb"] = weights_mb(tmp)
+                write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
+                                    task.label_names, "mlflow_run_id": logger.run_id, "tracking": shown(tracking),
+                                    "metrics": metrics, **(lineage or {})})
+                log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
+            logger.finalize("success")
         state.finish()
 
     def fmt(key: str) -> str:

@@ -46,3 +46,25 @@ def test_a_second_ctrl_c_while_the_first_is_handled_is_absorbed() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize(("stop", "code", "status"), [(KeyboardInterrupt, 130, "KILLED"),
+                                                       (RuntimeError("out of memory"), None, "FAILED")])
+def test_a_stop_or_error_after_fit_closes_the_run_as_killed_or_failed(stop, code, status, tiny_teacher, tiny_data,
+                                                                     workdir, monkeypatch) -> None:
+    """Lightning marks the MLflow run FINISHED when fit ends; a Ctrl-C or a crash while the student was then scored,
+    timed or saved left a FINISHED run with no model."""
+    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
+
+    def latency_ms(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr("compress.measure.latency_ms", latency_ms)  # run_training imports it when it runs
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
+    if code is None:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_main(args)
+    else:
+        assert run_main(args)[0] == code
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs] == [status]
