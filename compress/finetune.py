@@ -53,7 +53,7 @@ def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking
     from compress.training import RunState, lock_holder
 
     partial = RunState.partial(folder)
-    left_in = RunState.left_at(folder).get("inputs", {}).get("tracking", shown(tracking))  # run.json hides passwords
+    left_in = shown(RunState.left_at(folder).get("inputs", {}).get("tracking", tracking))  # as run.json keeps it
     # a live fine-tuning (another process holds its lock) is never deleted: RunState below refuses it by name
     if left_in != shown(tracking) and lock_holder(partial / "lock") is None:
         # its MLflow run is in another store: this recipe's key says the work is the same, so start it again here

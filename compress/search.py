@@ -655,6 +655,10 @@ def load_study(ctx: Context, worker: int = 0):
 
 def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> None:
     """One worker: run `n_trials` trials of the study (in this process, or a spawned one)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # spawned with Ctrl-C ignored (run_workers): take it up now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from compress.training import quiet_libraries
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -672,8 +676,6 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
                            gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
             ctrl_c.stop_if_pressed()
     except KeyboardInterrupt as stop:
-        import multiprocessing
-
         if multiprocessing.parent_process() is None:
             raise
         # a spawned worker: multiprocessing would print the whole traceback of the keypress; the exit code tells
@@ -716,7 +718,13 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
 
     def start(i: int, n: int, wait: float = 0.0):
         proc = spawn.Process(target=work, args=(ctx, n, i, wait), name=f"compress-search-{i}")
-        proc.start()
+        # the worker starts with Ctrl-C ignored (it imports torch and compress first, where a Ctrl-C was a 40-line
+        # traceback each) and takes it up in work(); this process passes the stop on to it either way
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         procs[i] = (proc, n)
 
     for i, n in enumerate(shares):

@@ -8,6 +8,7 @@ Terminated too). Lightning calls a handler that was there before it, so ours doe
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
 _fitting = threading.Event()
+_stopping = threading.Event()  # a first SIGTERM or Ctrl-C arrived; the work is closing down
 
 
 @contextmanager
@@ -33,6 +35,10 @@ def lightning_fit():
 
 
 def _on_sigterm(signum, frame) -> None:
+    if _stopping.is_set():  # the first stop is not finishing (MLflow retries a dead server for minutes): quit now
+        print("compress: terminated (SIGTERM) again; quitting without closing its runs", file=sys.stderr, flush=True)
+        os._exit(143)
+    _stopping.set()
     if not _fitting.is_set():
         raise Terminated
 
@@ -51,6 +57,7 @@ def sigterm_raises():
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _stopping.clear()  # the stop has left the block; past it, a SIGTERM is a first one again
 
 
 class CtrlC:
@@ -58,13 +65,14 @@ class CtrlC:
 
     Python prints and drops an exception raised inside `__del__`, and Optuna's gc.collect() after every trial runs
     many (Lightning's profiler has one), so a Ctrl-C landing there used to let the study run all its trials and
-    exit 0. A second Ctrl-C while the first is being handled is absorbed: raised again, it cut that cleanup short
-    (a trial left unclosed) or was dropped in a __del__ with a traceback printed after compress's last line. Only the
-    main thread's default handler is replaced: a SIGINT ignored (a shell's background job) stays ignored.
+    exit 0. A second Ctrl-C while the first is being handled only says that the stop goes on: raised again, it cut
+    that cleanup short (a trial left unclosed) or was dropped in a __del__ with a traceback printed after compress's
+    last line. A third quits at once, for a cleanup that cannot finish. Only the main thread's default handler is
+    replaced: a SIGINT ignored (a shell's background job) stays ignored.
     """
 
     def __init__(self) -> None:
-        self.pressed, self._installed, self._unraisable = False, False, None
+        self.pressed, self.presses, self._installed, self._unraisable = False, 0, False, None
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread() and \
@@ -82,10 +90,16 @@ class CtrlC:
             self._unraisable(unraisable)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.pressed:
+        self.presses += 1
+        if self.presses == 1:
+            self.pressed = True
+            _stopping.set()
+            raise KeyboardInterrupt
+        if self.presses == 2:
+            print("compress: still stopping (closing its runs); press Ctrl-C again to quit at once", file=sys.stderr,
+                  flush=True)
             return
-        self.pressed = True
-        raise KeyboardInterrupt
+        os._exit(130)  # the cleanup hangs (a tracking server gone, its client retrying for minutes)
 
     def stop_if_pressed(self, study=None, trial=None) -> None:
         """An Optuna callback (after each trial) and a last check once optimize returns."""
@@ -96,3 +110,4 @@ class CtrlC:
         if self._installed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             sys.unraisablehook = self._unraisable
+            _stopping.clear()

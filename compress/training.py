@@ -19,6 +19,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.outputs import check_output, check_overwrite, share_like_open
+from compress.tracking import shown
 
 
 def quiet_libraries() -> None:
@@ -157,6 +158,8 @@ class RunState:
         hint = "resume with the same flags and files, or drop --resume and pass --overwrite to start over"
         for key, now in inputs.items():  # strings: a fingerprint, a URI
             before = saved.get("inputs", {}).get(key)
+            if key == "tracking" and before is not None:
+                before = shown(before)  # a run.json written before passwords were hidden holds the URL as typed
             if before is None or before == now:
                 continue
             if key == "tracking":

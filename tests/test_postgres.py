@@ -8,6 +8,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from test_cli import error_lines, run_main
 
 from compress.search import run_search
@@ -114,3 +115,20 @@ def test_a_server_that_cannot_be_used_is_one_line(postgres, workdir, tiny_teache
         assert code == 1 and "Traceback" not in err, err[-2000:]
         assert line.startswith(f"compress: error: {flag} {shown(url)}: cannot use the database: ") and said in line
         assert SECRET not in err
+
+
+def test_a_run_interrupted_before_passwords_were_hidden_still_resumes(tmp_path) -> None:
+    """Its run.json holds the store as typed; compared as kept now (hidden), the same store was refused as another,
+    and the refusal printed the password."""
+    from compress.errors import CompressError
+    from compress.training import RunState
+
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    typed = f"postgresql://me:{SECRET}@db/runs"
+    (partial / "run.json").write_text(json.dumps({"run_id": "r", "params": {"lr": 1}, "inputs": {"tracking": typed}}))
+    state = RunState(tmp_path / "out", resume=True, overwrite=False)
+    state.check_resume({"lr": 1}, {"tracking": shown(typed)})
+    with pytest.raises(CompressError, match=r"logs to --tracking postgresql://me:\*\*\*@db/runs, not ") as refused:
+        state.check_resume({"lr": 1}, {"tracking": "postgresql://me:***@elsewhere/runs"})
+    assert SECRET not in str(refused.value)

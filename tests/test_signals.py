@@ -68,3 +68,38 @@ def test_a_stop_or_error_after_fit_closes_the_run_as_killed_or_failed(stop, code
         assert run_main(args)[0] == code
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == [status]
+
+
+def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tmp_path) -> None:
+    """After a first stop, a cleanup can hang: MLflow's client retries a tracking server that died for about four
+    minutes. A Ctrl-C absorbed every time, or a SIGTERM ignored while Lightning shut down, left kill -9 the only way
+    out."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from compress.signals import CtrlC, sigterm_raises\n"
+        "with sigterm_raises(), CtrlC():\n"
+        "    try:\n"
+        "        print('ready', flush=True); time.sleep(30)\n"
+        "    except BaseException as stop:\n"
+        "        print('stopping', type(stop).__name__, flush=True)\n"
+        "        time.sleep(30)  # a cleanup that does not finish\n"
+    )
+    for first, then, code, said in ((signal.SIGINT, [signal.SIGINT, signal.SIGINT], 130, "press Ctrl-C again"),
+                                    (signal.SIGTERM, [signal.SIGTERM], 143, "terminated (SIGTERM) again")):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            proc.send_signal(first)
+            assert proc.stdout.readline().split()[0] == "stopping"
+            for sig in then:
+                proc.send_signal(sig)
+                time.sleep(0.3)
+            proc.wait(timeout=10)
+        finally:
+            proc.kill()
+        err = proc.stderr.read()
+        assert proc.returncode == code and said in err and "Traceback" not in err, err
