@@ -241,6 +241,20 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
+class _CheckpointAtEnd(pl.Callback):
+    """A checkpoint when fit ends. The timed ones may be minutes old, or absent from a short fit; a stop while the
+    student is then scored, timed or saved used to throw the training away, and --resume started it over. From this
+    one a resume finds fit done and goes on to scoring."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted:  # a stop inside fit: the timed checkpoints are the ones to resume from
+            return
+        trainer.save_checkpoint(self.ckpt_dir / f"step{trainer.global_step:07d}-end.ckpt")
+
+
 def build_trainer(
     *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
     checkpoint_every: int = 0, checkpoint_minutes: float = 5.0, progress: bool = True, callbacks: list | None = None,
@@ -261,6 +275,7 @@ def build_trainer(
             dirpath=ckpt_dir, filename="step{step:07d}", monitor="step", mode="max", save_top_k=2,
             auto_insert_metric_name=False, save_on_train_epoch_end=True, **when,
         ))
+        callbacks.append(_CheckpointAtEnd(ckpt_dir))
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:

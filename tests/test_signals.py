@@ -103,3 +103,28 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
             proc.kill()
         err = proc.stderr.read()
         assert proc.returncode == code and said in err and "Traceback" not in err, err
+
+
+def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, workdir, monkeypatch) -> None:
+    """A stop while the student was scored, timed or saved threw the training away when no timed checkpoint had
+    been written yet (a short fit): --resume trained again from the start. Now it resumes from the checkpoint taken
+    when fit ended, trains no step, and writes the model an uninterrupted run writes."""
+    import compress.measure
+    from test_cli import FAST, run_main, track
+
+    real = compress.measure.latency_ms
+
+    def stopped_once(*args, **kwargs):
+        monkeypatch.setattr(compress.measure, "latency_ms", real)
+        raise KeyboardInterrupt
+
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", *FAST, *track(workdir)]
+    assert run_main([*args, "--output", "whole"])[0] == 0
+    monkeypatch.setattr(compress.measure, "latency_ms", stopped_once)
+    assert run_main([*args, "--output", "cut"])[0] == 130
+    assert [p.name.endswith("-end.ckpt") for p in (workdir / "cut.partial" / "checkpoints").iterdir()] == [True]
+    code, _, err = run_main([*args, "--output", "cut", "--resume"])
+    assert code == 0 and "resuming from cut.partial/checkpoints/step" in err and "-end.ckpt" in err, err[-2000:]
+    assert "Epoch 0" not in err and "Epoch 1" not in err  # no training: fit was done
+    whole, cut = (workdir / name / "model.safetensors" for name in ("whole", "cut"))
+    assert cut.read_bytes() == whole.read_bytes()
