@@ -749,22 +749,25 @@ def run_workers(ctx: Context, trials: int, workers: int) -> list[str]:
                     start(i, left, wait=2 * ctx.heartbeat + 1)
                 elif proc.exitcode != 0:
                     errors.append(f"worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
-    except KeyboardInterrupt as stop:
-        _stop_workers([proc for proc, _ in procs.values()], terminated=isinstance(stop, Terminated))
+    except KeyboardInterrupt:
+        _stop_workers([proc for proc, _ in procs.values()])
         raise
     return errors
 
 
-def _stop_workers(procs: list, terminated: bool) -> None:
-    """Pass the stop on to every worker at once: SIGTERM (`kill PID`, a scheduler, whose grace period is short) and
-    SIGINT (`kill -INT PID`) reach only this process. A terminal's Ctrl-C reached the workers already; each absorbs
-    the second one (signals.CtrlC). Each closes its trial as interrupted; one still going after the deadline is
-    stopped harder, and its trial retried later. A second Ctrl-C here is ignored: it used to end the wait and leave
-    the workers to print their tracebacks last."""
+def _stop_workers(procs: list) -> None:
+    """Pass the stop on to every worker at once, as SIGTERM: SIGTERM (`kill PID`, a scheduler, whose grace period is
+    short) and SIGINT (`kill -INT PID`) reach only this process, and a terminal's Ctrl-C reached the workers
+    already. Each closes its trial as interrupted; one still going after the deadline is killed, and its trial
+    retried later. A second Ctrl-C here is ignored: it used to end the wait
+    and leave the workers to print their tracebacks last."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        for sent, wait_s in ((signal.SIGTERM if terminated else signal.SIGINT, 10), (signal.SIGTERM, 20),
-                             (signal.SIGKILL, 5)):
+        # SIGTERM either way: inside a fit Lightning stops at the batch boundary, where a SIGINT could land inside an
+        # MLflow write and leave SQLite locked for the others; a worker already stopping (a terminal's Ctrl-C) takes
+        # it as nothing new. 30 s outlasts SQLite's 20 s busy timeout; a second signal would only quit the workers
+        # without closing their runs (signals.py), so the next is SIGKILL.
+        for sent, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
             alive = [p for p in procs if p.exitcode is None]
             if sent is not None:
                 for p in alive:

@@ -8,6 +8,7 @@ Terminated too). Lightning calls a handler that was there before it, so ours doe
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+
 
 _fitting = threading.Event()
 _stopping = threading.Event()  # a first SIGTERM or Ctrl-C arrived; the work is closing down
+_sigterm_seen = threading.Event()
 
 
 @contextmanager
@@ -34,13 +36,29 @@ def lightning_fit():
         _fitting.clear()
 
 
+class _QuietWhileStopping(logging.Filter):
+    """MLflow logs a full traceback for each write that finds SQLite locked, which a write cut by the stop leaves it
+    (20 s of busy timeout). While a stop closes the runs, compress says in one line which runs were left open."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _stopping.is_set()
+
+
+def _quiet_mlflow_while_stopping() -> None:
+    log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _QuietWhileStopping) for f in log.filters):
+        log.addFilter(_QuietWhileStopping())
+
+
 def _on_sigterm(signum, frame) -> None:
-    if _stopping.is_set():  # the first stop is not finishing (MLflow retries a dead server for minutes): quit now
+    if _sigterm_seen.is_set():  # the first stop is not finishing (MLflow retries a dead server for minutes): quit now
         print("compress: terminated (SIGTERM) again; quitting without closing its runs", file=sys.stderr, flush=True)
         os._exit(143)
+    _sigterm_seen.set()
+    if _stopping.is_set() or _fitting.is_set():  # a Ctrl-C's stop goes on; in a fit, Lightning stops at the batch
+        return
     _stopping.set()
-    if not _fitting.is_set():
-        raise Terminated
+    raise Terminated
 
 
 @contextmanager
@@ -50,6 +68,7 @@ def sigterm_raises():
     went stale, and no line said how to go on."""
     installed = (threading.current_thread() is threading.main_thread()
                  and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    _quiet_mlflow_while_stopping()
     if installed:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -58,6 +77,7 @@ def sigterm_raises():
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _stopping.clear()  # the stop has left the block; past it, a SIGTERM is a first one again
+            _sigterm_seen.clear()
 
 
 class CtrlC:
@@ -75,6 +95,7 @@ class CtrlC:
         self.pressed, self.presses, self._installed, self._unraisable = False, 0, False, None
 
     def __enter__(self) -> Self:
+        _quiet_mlflow_while_stopping()
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, self._on_signal)

@@ -281,7 +281,7 @@ class SaveSteps(pl.Callback):
 
 
 @pytest.mark.parametrize(("when", "saved_at"), [
-    ({}, []),  # the default, 5 minutes of training: a run of seconds writes none
+    ({}, []),  # the default, 5 minutes of training: a run of seconds writes none by time
     ({"checkpoint_minutes": 1e-9}, list(range(1, 13))),  # past the interval at every step
     ({"checkpoint_every": 5}, [5, 10]),
 ])
@@ -295,5 +295,6 @@ def test_checkpoints_go_by_training_time_unless_steps_are_asked_for(tiny_teacher
     trainer = build_trainer(epochs=2, accelerator="cpu", precision="32-true", devices=1, strategy="auto", logger=None,
                             ckpt_dir=tmp_path / "ckpt", progress=False, callbacks=[saves], **when)
     trainer.fit(module, datamodule=dm)
-    assert saves.steps == saved_at
-    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == min(2, len(saved_at))  # the two newest are kept
+    assert saves.steps == [*saved_at, 12]  # and one when fit ends (12 steps), which a stop after fit resumes from
+    assert len(list((tmp_path / "ckpt").glob("step???????.ckpt"))) == min(2, len(saved_at))  # the two newest timed
+    assert [p.name for p in (tmp_path / "ckpt").glob("*-end.ckpt")] == ["step0000012-end.ckpt"]
