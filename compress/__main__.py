@@ -13,7 +13,7 @@ import sys
 
 from compress.bench import bench
 from compress.distill import distill
-from compress.errors import CompressError, Terminated
+from compress.errors import CompressError, stop_said
 from compress.evaluate import evaluate
 from compress.export import export
 from compress.finetune import finetune
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"compress: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt as stop:
-        said, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        said, code = stop_said(stop)
         print(f"compress: {said}; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         raise SystemExit(code) from None
 

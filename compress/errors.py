@@ -13,3 +13,8 @@ class Terminated(KeyboardInterrupt):
     """A run stopped by SIGTERM (a scheduler, `kill`, a container stopping). It is a KeyboardInterrupt so that every
     handler of a Ctrl-C (a search closing its cut-short trial, Optuna failing it) handles it the same way; the CLI
     exits 143 instead of 130."""
+
+
+def stop_said(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """How a stop is named in compress's last line, and its exit code (a shell's 128 + the signal)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)

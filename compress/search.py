@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError, Terminated
+from compress.errors import CompressError, Terminated, stop_said
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
 from compress.signals import CtrlC, sigterm_raises
@@ -31,9 +31,8 @@ from compress.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_st
                                shown, where_to_look)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-# how a spawned worker's exit code says it was stopped, like a shell's 128 + the signal
-STOP_CODES = {KeyboardInterrupt: 130, Terminated: 143}
-STOPPED_BY = {code: stop for stop, code in STOP_CODES.items()}
+# how a spawned worker's exit code (errors.stop_said) says it was stopped
+STOPPED_BY = {stop_said(kind())[1]: kind for kind in (KeyboardInterrupt, Terminated)}
 # objective name -> (metric in compress.json, direction)
 OBJECTIVES = {"score": ("student_score", "maximize"), "params": ("student_params", "minimize"),
               "latency_ms": ("latency_ms", "minimize")}
@@ -572,12 +571,10 @@ def check_storage(url: str) -> Path | None:
     """The sqlite file of --storage (None for a server database), checked read-only before anything writes: Optuna's
     RDBStorage adds its tables to whatever database it opens, an MLflow store included, and only then fails on that
     store's alembic revision."""
-    from compress.tracking import (BOTH_TOOLS, MLFLOW_TABLES, OPTUNA_TABLES, other_tables, scheme_of, shown,
+    from compress.tracking import (BOTH_TOOLS, MLFLOW_TABLES, OPTUNA_TABLES, check_spelling, other_tables, shown,
                                    sqlite_file, store_tables)
 
-    if scheme_of(url) == "postgres":
-        raise CompressError(f"--storage {shown(url)}: write postgresql://, not postgres:// (SQLAlchemy dropped that "
-                            "spelling)")
+    check_spelling(url, "--storage")
     db = sqlite_file(url)
     if db is not None:
         check_folder(db.parent, "--storage")
@@ -680,7 +677,7 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
             raise
         # a spawned worker: multiprocessing would print the whole traceback of the keypress; the exit code tells
         # the parent which stop it was, and the parent says how to go on
-        raise SystemExit(STOP_CODES[type(stop)]) from None
+        raise SystemExit(stop_said(stop)[1]) from None
 
 
 def requeue_interrupted(study) -> list[int]:
@@ -759,8 +756,8 @@ def _stop_workers(procs: list) -> None:
     """Pass the stop on to every worker at once, as SIGTERM: SIGTERM (`kill PID`, a scheduler, whose grace period is
     short) and SIGINT (`kill -INT PID`) reach only this process, and a terminal's Ctrl-C reached the workers
     already. Each closes its trial as interrupted; one still going after the deadline is killed, and its trial
-    retried later. A second Ctrl-C here is ignored: it used to end the wait
-    and leave the workers to print their tracebacks last."""
+    retried later. A second Ctrl-C here is ignored: it used to end the wait and leave the workers to print their
+    tracebacks last."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # SIGTERM either way: inside a fit Lightning stops at the batch boundary, where a SIGINT could land inside an
@@ -769,10 +766,9 @@ def _stop_workers(procs: list) -> None:
         # without closing their runs (signals.py), so the next is SIGKILL.
         for sent, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
             alive = [p for p in procs if p.exitcode is None]
-            if sent is not None:
-                for p in alive:
-                    with contextlib.suppress(ProcessLookupError):  # it exited just now
-                        os.kill(p.pid, sent)
+            for p in alive:
+                with contextlib.suppress(ProcessLookupError):  # it exited just now
+                    os.kill(p.pid, sent)
             deadline = time.monotonic() + wait_s
             for p in alive:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -1141,7 +1137,7 @@ def run_search(
         if errors:
             raise CompressError(f"{'; '.join(errors)}: see its error above")
     except KeyboardInterrupt as stop:
-        said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        said = stop_said(stop)[0]
         close_after(True, lambda: mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED"))
         print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study (a trial "
               "it cut short runs again first)", file=sys.stderr)
@@ -1235,7 +1231,7 @@ def search(
                    sampler_seed=sampler_seed, heartbeat=heartbeat, retries=retries, output=output,
                    text_column=text_column, label_column=label_column, tracking=tracking, experiment=experiment)
     except KeyboardInterrupt as stop:  # the CLI's hint (--resume) is wrong for a search: the same command goes on
-        said = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        said, code = stop_said(stop)
         if not getattr(stop, "reported", False):  # stopped before its study had a parent run to close
             print(f"compress: search {said}; rerun the same command to continue", file=sys.stderr)
-        raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+        raise SystemExit(code) from None

@@ -35,6 +35,21 @@ SERVER_DRIVERS = {"postgresql": "psycopg[binary]", "mysql": "mysqlclient", "mssq
 CONNECT_TIMEOUT_S = 10  # a server that never answers is reported, not waited on
 
 
+def check_spelling(url: str, flag: str) -> None:
+    """postgres:// is how Heroku and libpq write it; SQLAlchemy, and so MLflow and Optuna, no longer read it."""
+    if scheme_of(url) == "postgres":
+        raise CompressError(f"{flag} {shown(url)}: write postgresql://, not postgres:// (SQLAlchemy dropped that "
+                            "spelling)")
+
+
+def without_login(url: str) -> str:
+    """`url` with its user:password@ taken out (urllib sends none; MLflow takes them from its own variables)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def scheme_of(url: str) -> str:
     """postgresql for postgresql+psycopg://..., sqlite for sqlite:///..., the whole text when it has no scheme."""
     return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else url
@@ -137,10 +152,8 @@ def check_server_answers(uri: str) -> None:
     from urllib.parse import urlsplit
 
     try:
-        parts = urlsplit(uri)
-        bare = parts._replace(netloc=parts.netloc.rpartition("@")[2])  # urllib takes no user:password@
-        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
-        with urllib.request.urlopen(bare.geturl().rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
+        urlsplit(uri).port  # noqa: B018 -- raises ValueError for a port that is not a number
+        with urllib.request.urlopen(without_login(uri).rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
             return
     except urllib.error.HTTPError as err:
         if err.code != 404:
@@ -195,9 +208,7 @@ def check_store_kind(uri: str) -> None:
     """The part of check_tracking that needs no folder to write in: a known scheme, and a database (sqlite file or
     server) that is MLflow's, empty, or not there yet. Every client opens through mlflow_client, which checks this
     far first, since export --run and bench --run read a store they never write to."""
-    if scheme_of(uri) == "postgres":
-        raise CompressError(f"--tracking {shown(uri)}: write postgresql://, not postgres:// (SQLAlchemy dropped that "
-                            "spelling)")
+    check_spelling(uri, "--tracking")
     if scheme_of(uri) not in STORE_SCHEMES:
         raise CompressError(f"--tracking {shown(uri)}: not an MLflow store; use sqlite:///PATH, a database URI "
                             "(postgresql://USER@HOST/DB) or a tracking server (http://HOST:PORT)")
@@ -232,7 +243,7 @@ def for_mlflow(uri: str) -> str:
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
     if parts.password is not None:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return without_login(uri)
 
 
 def mlflow_client(uri: str):
