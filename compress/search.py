@@ -571,22 +571,13 @@ def check_storage(url: str) -> Path | None:
     """The sqlite file of --storage (None for a server database), checked read-only before anything writes: Optuna's
     RDBStorage adds its tables to whatever database it opens, an MLflow store included, and only then fails on that
     store's alembic revision."""
-    from compress.tracking import (BOTH_TOOLS, MLFLOW_TABLES, OPTUNA_TABLES, check_spelling, other_tables, shown,
-                                   sqlite_file, store_tables)
+    from compress.tracking import check_kind, check_spelling, sqlite_file
 
     check_spelling(url, "--storage")
     db = sqlite_file(url)
     if db is not None:
         check_folder(db.parent, "--storage")
-    tables = store_tables(url, "--storage")
-    if tables and tables & MLFLOW_TABLES and tables & OPTUNA_TABLES:
-        raise CompressError(f"--storage {shown(url)}: {BOTH_TOOLS}")
-    if tables and not tables & OPTUNA_TABLES:
-        if tables & MLFLOW_TABLES or "alembic_version" in tables:
-            raise CompressError(f"--storage {shown(url)}: an MLflow store, not an Optuna study database (use it as "
-                                "--tracking)")
-        raise CompressError(f"--storage {shown(url)}: the database holds another application's tables "
-                            f"({other_tables(tables)}), not an Optuna study database; name a new database")
+    check_kind(url, "--storage", "optuna")
     return db
 
 

@@ -88,10 +88,35 @@ def sqlite_file(uri: str) -> Path | None:
 # Each tool's first tables. Both create an alembic_version table, so that one tells neither apart.
 MLFLOW_TABLES = {"experiments", "runs"}
 OPTUNA_TABLES = {"studies", "version_info"}
+# Per tool: its tables, what its database is called, the flag that takes it, and the tables that mark it as the
+# wrong store for the other tool's flag (an MLflow store whose creation was cut short may hold alembic_version alone).
+STORE_KINDS = {
+    "mlflow": (MLFLOW_TABLES, "an MLflow store", "--tracking", MLFLOW_TABLES | {"alembic_version"}),
+    "optuna": (OPTUNA_TABLES, "an Optuna study database", "search's --storage", OPTUNA_TABLES),
+}
 # What an older compress (or a mistyped flag) left: one tool's tables added to the other's database. Each keeps its
 # schema revision in the one alembic_version table, so neither can open it again.
 BOTH_TOOLS = ("the database holds both an Optuna study and MLflow's tables, which cannot share one database (each "
               "keeps its schema revision in alembic_version); name a new database for each")
+
+
+def check_kind(url: str, flag: str, mine: str) -> None:
+    """Refuse a database that is not `mine` ("mlflow" or "optuna"), read-only and before the tool opens it: MLflow's
+    alembic and Optuna's RDBStorage each add their tables to any database they are given, the other's included, and
+    only then fail on its schema revision. Empty, not there yet, or a tracking server: nothing to refuse."""
+    tables = store_tables(url, flag)
+    if not tables:
+        return
+    own, name, _, _ = STORE_KINDS[mine]
+    _, their_name, their_flag, their_signs = STORE_KINDS["optuna" if mine == "mlflow" else "mlflow"]
+    if tables & MLFLOW_TABLES and tables & OPTUNA_TABLES:
+        raise CompressError(f"{flag} {shown(url)}: {BOTH_TOOLS}")
+    if tables & own:
+        return
+    if tables & their_signs:
+        raise CompressError(f"{flag} {shown(url)}: {their_name}, not {name} (use it as {their_flag})")
+    raise CompressError(f"{flag} {shown(url)}: the database holds another application's tables "
+                        f"({other_tables(tables)}), not {name}; name a new database")
 
 
 def sqlite_tables(db: Path, flag: str) -> set[str]:
@@ -215,15 +240,7 @@ def check_store_kind(uri: str) -> None:
     if scheme_of(uri) in ("http", "https"):
         check_server_answers(uri)
         return
-    tables = store_tables(uri, "--tracking")
-    if tables and tables & MLFLOW_TABLES and tables & OPTUNA_TABLES:
-        raise CompressError(f"--tracking {shown(uri)}: {BOTH_TOOLS}")
-    if tables and not tables & MLFLOW_TABLES:
-        if tables & OPTUNA_TABLES:
-            raise CompressError(f"--tracking {shown(uri)}: an Optuna study database, not an MLflow store (use it as "
-                                "search's --storage)")
-        raise CompressError(f"--tracking {shown(uri)}: the database holds another application's tables "
-                            f"({other_tables(tables)}), not an MLflow store; name a new database")
+    check_kind(uri, "--tracking", "mlflow")
 
 
 def for_mlflow(uri: str) -> str:
