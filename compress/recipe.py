@@ -91,14 +91,18 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
 
 
 @contextmanager
-def closes_run_on_error(logger):
-    """Close the MLflow run as KILLED (a stop) or FAILED if the block raises. Lightning marks the run FINISHED when
-    fit ends, so a Ctrl-C or an error while the student was scored, timed or saved left a FINISHED run with no
-    model. At best: a Ctrl-C inside an MLflow write leaves the store locked, and the stop must go on."""
+def closes_run_on_error(logger, errors: bool = True):
+    """Close the MLflow run as KILLED (a stop) or FAILED (an error, unless errors=False) if the block raises.
+    Lightning marks the run FINISHED when fit ends, so a Ctrl-C or an error while the student was scored, timed or
+    saved left a FINISHED run with no model; and it marks a stop inside fit FAILED, like an error, where the UI
+    should tell a run to resume from a run that broke. At best: a Ctrl-C inside an MLflow write leaves the store
+    locked, and the stop must go on."""
     try:
         yield
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        if status == "FAILED" and not errors:
+            raise
         try:
             logger.experiment.set_terminated(logger.run_id, status)
         except Exception as closing:
@@ -259,7 +263,8 @@ def run_training(
         if resume:
             print(f"resuming from {ckpt}" if ckpt else "no checkpoint was written yet; starting over", file=sys.stderr)
         if cfg.epochs > 0:
-            fit_or_stop(trainer, module, datamodule, ckpt)
+            with closes_run_on_error(logger, errors=False):  # Lightning closed an error's run FAILED already
+                fit_or_stop(trainer, module, datamodule, ckpt)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # DDP fit is over and the other ranks return now: rank 0 scores alone, and a live process group would
             # make torchmetrics wait at compute() for ranks that have gone. A later fit (distill after finetune)

@@ -670,6 +670,8 @@ def test_ctrl_c_or_sigterm_exits_non_zero_with_the_resume_hint(sig, code: int, s
     assert "Traceback" not in text
     assert f"compress: {said}; rerun with --resume" in text.strip().splitlines()[-1]
     assert leftovers(workdir / "stopped") == ["stopped.partial"]  # resumable, and nothing that looks finished
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs_of(runs, "distill")] == ["KILLED"]  # Lightning wrote FAILED, as for an error
     again, _, err = run_main(args)  # the lock went with the process: this is an interrupted run now
     (line,) = error_lines(err)
     assert again == 1 and "an interrupted run left" in line and "--resume" in line, line
