@@ -159,13 +159,34 @@ def server_tables(url: str, flag: str) -> set[str]:
         raise CompressError(f"{flag} {shown(url)}: not a database URL ({err})") from None
     try:
         with engine.connect() as con:
-            return set(sqlalchemy.inspect(con).get_table_names())
+            tables = set(sqlalchemy.inspect(con).get_table_names())
+            if scheme == "postgresql" and not tables:
+                _check_can_create(con, url, flag)
+            return tables
     except sqlalchemy.exc.DBAPIError as err:
         said = " ".join(str(err.orig).split())  # the driver's reason, on one line
         hint = "; create it first (e.g. createdb)" if "database" in said and "does not exist" in said else ""
         raise CompressError(f"{flag} {shown(url)}: cannot use the database: {said}{hint}") from None
     finally:
         engine.dispose()
+
+
+def _check_can_create(con, url: str, flag: str) -> None:
+    """An empty PostgreSQL database the tool must create its tables in: a schema to create them in (a search_path
+    naming no schema that exists leaves none), and the right to. PostgreSQL 15 took CREATE on schema public from
+    every user but the database's owner, so a user made for the store gets "permission denied for schema public"
+    from the tool's first CREATE TABLE, as a traceback."""
+    import sqlalchemy
+
+    user, schema, can = con.execute(sqlalchemy.text(
+        "SELECT current_user, current_schema(), has_schema_privilege(current_schema(), 'CREATE')")).one()
+    if schema is None:
+        raise CompressError(f"{flag} {shown(url)}: no schema to create tables in (the search_path names none that "
+                            "exists); create the schema, or correct options=-csearch_path")
+    if not can:
+        raise CompressError(f"{flag} {shown(url)}: user {user} may not create tables in schema {schema} (since "
+                            f"PostgreSQL 15 only the database's owner may by default); GRANT CREATE ON SCHEMA {schema} "
+                            f"TO {user}, or create the database with OWNER {user}")
 
 
 def check_server_answers(uri: str) -> None:

@@ -203,6 +203,10 @@ class Postgres:
         self._run("createdb", "-h", "localhost", "-p", str(self.port), "-U", "postgres", db)
         return self.url(db)
 
+    def sql(self, db: str, statement: str) -> str:
+        return self._run("psql", "-h", "localhost", "-p", str(self.port), "-U", "postgres", "-d", db, "-Atc",
+                         statement)
+
     def tables(self, db: str) -> list[str]:
         out = self._run("psql", "-h", "localhost", "-p", str(self.port), "-U", "postgres", "-d", db, "-Atc",
                         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")

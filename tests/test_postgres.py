@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_cli import error_lines, run_main
 
-from compress.search import run_search
-from compress.tracking import shown, where_to_look
+from compress.search import check_storage, run_search
+from compress.tracking import check_tracking, shown, where_to_look
 
 SECRET = "s3cret-pw"  # the server trusts localhost, so any password connects; it must appear nowhere
 QUICK = {"epochs": 1, "latency_reps": 1, "max_train": 64, "batch_size": 32}
@@ -115,6 +115,32 @@ def test_a_server_that_cannot_be_used_is_one_line(postgres, workdir, tiny_teache
         assert code == 1 and "Traceback" not in err, err[-2000:]
         assert line.startswith(f"compress: error: {flag} {shown(url)}: cannot use the database: ") and said in line
         assert SECRET not in err
+
+
+def test_an_empty_database_the_tables_cannot_be_created_in_is_one_line(postgres, workdir, tiny_teacher,
+                                                                        tiny_data) -> None:
+    """PostgreSQL 15 lets only a database's owner create tables in schema public, and a search_path can name no
+    schema that exists: either way each tool's first CREATE TABLE was a traceback."""
+    owner = postgres.create("not_mine")
+    postgres.sql("not_mine", "CREATE ROLE tester LOGIN")
+    guest, nowhere = owner.replace("postgres@", "tester@"), owner + "?options=-csearch_path%3Dnosuch"
+    search = ["search", "--teacher", tiny_teacher, "--data", tiny_data, "--space", "{layers: [1]}"]
+    for flag, url, said in [
+        ("--storage", guest, ": user tester may not create tables in schema public (since PostgreSQL 15 only the "
+                             "database's owner may by default); GRANT CREATE ON SCHEMA public TO tester, or create "
+                             "the database with OWNER tester"),
+        ("--tracking", guest, ": user tester may not create tables in schema public"),
+        ("--storage", nowhere, ": no schema to create tables in (the search_path names none that exists)"),
+        ("--tracking", nowhere, ": no schema to create tables in (the search_path names none that exists)"),
+    ]:
+        code, _, err = run_main([*search, flag, url])
+        (line,) = error_lines(err)
+        assert code == 1 and "Traceback" not in err, err[-2000:]
+        assert line.startswith(f"compress: error: {flag} {url}{said}"), line
+    assert postgres.tables("not_mine") == []
+    postgres.sql("not_mine", "GRANT CREATE ON SCHEMA public TO tester")  # what the line says to do
+    check_tracking(guest)
+    check_storage(guest)
 
 
 def test_a_run_interrupted_before_passwords_were_hidden_still_resumes(tmp_path) -> None:
