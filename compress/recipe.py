@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
-from compress.signals import lightning_fit
+from compress.signals import lightning_fit, release_frames
 from compress.tracking import shown, where_to_look
 
 
@@ -103,6 +103,8 @@ def closes_run_on_error(logger, errors: bool = True):
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         if status == "FAILED" and not errors:
             raise
+        if status == "KILLED":
+            release_frames(err)  # else a Ctrl-C inside an MLflow query leaves SQLite locked for the close
         try:
             logger.experiment.set_terminated(logger.run_id, status)
         except Exception as closing:

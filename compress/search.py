@@ -26,7 +26,7 @@ from typing import Any
 from compress.errors import CompressError, Terminated, stop_said
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
-from compress.signals import CtrlC, sigterm_raises
+from compress.signals import CtrlC, release_frames, sigterm_raises
 from compress.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking,
                                shown, where_to_look)
 
@@ -506,6 +506,8 @@ def close_after(stopped: bool, close) -> None:
     """Close MLflow runs; after a Ctrl-C, at best. A Ctrl-C that cut an MLflow write leaves SQLite locked, and the
     error from closing would replace the KeyboardInterrupt: Optuna would take it for a failed trial and go on to
     the next, so the study ran on after the user stopped it. The runs stay RUNNING in MLflow instead."""
+    if stopped:
+        release_frames(sys.exc_info()[1])  # a Ctrl-C inside an MLflow query left SQLite locked until its frames go
     try:
         close()
     except Exception as err:

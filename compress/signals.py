@@ -36,6 +36,25 @@ def lightning_fit():
         _fitting.clear()
 
 
+def release_frames(stop: BaseException | None) -> None:
+    """Free what the frames a stop cut short still hold, through its whole chain, before the work is closed down.
+    A Ctrl-C between a SQLite query and the fetch of its rows leaves the statement unfinished in a cursor one of
+    those frames holds; SQLAlchemy closes the connection, but SQLite keeps a connection with an unfinished statement
+    open, lock and all, until the statement goes. Closing the MLflow run (as KILLED) then waited SQLite's 20 s busy
+    timeout and failed, and so did every later write of the process: a search ran its remaining trials' closes at
+    20 s each. Frames still running are left alone (traceback.clear_frames skips them)."""
+    import traceback
+
+    seen, chain = set(), [stop]
+    while chain:
+        error = chain.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        chain += [error.__cause__, error.__context__]
+
+
 class _QuietWhileStopping(logging.Filter):
     """MLflow logs a full traceback for each write that finds SQLite locked, which a write cut by the stop leaves it
     (20 s of busy timeout). While a stop closes the runs, compress says in one line which runs were left open."""

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
+from compress.signals import release_frames
 from compress.outputs import check_output, check_overwrite, share_like_open
 from compress.tracking import shown
 
@@ -255,13 +256,22 @@ class _CheckpointAtEnd(pl.Callback):
         trainer.save_checkpoint(self.ckpt_dir / f"step{trainer.global_step:07d}-end.ckpt")
 
 
+class _ReleaseOnStop(pl.Callback):
+    """Lightning closes the MLflow run (logger.finalize) right after the callbacks' on_exception: a Ctrl-C inside an
+    MLflow query would otherwise have that close, and every later write, wait on the lock it left (release_frames)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            release_frames(exception)
+
+
 def build_trainer(
     *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
     checkpoint_every: int = 0, checkpoint_minutes: float = 5.0, progress: bool = True, callbacks: list | None = None,
 ) -> pl.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    callbacks = list(callbacks or [])
+    callbacks = [*(callbacks or []), _ReleaseOnStop()]
     if progress:
         # tqdm, not rich: rich draws nothing until the end when stderr is a log file or a CI console
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 20))

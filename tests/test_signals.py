@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -68,6 +69,55 @@ def test_a_stop_or_error_after_fit_closes_the_run_as_killed_or_failed(stop, code
         assert run_main(args)[0] == code
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == [status]
+
+
+@contextmanager
+def ctrl_c_inside_the_next_query():
+    """A Ctrl-C between an MLflow query and the fetch of its rows, as a user's press can land: the statement is left
+    unfinished, and SQLite keeps the connection's lock while it lives."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def cut(conn, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            event.remove(Engine, "after_cursor_execute", cut)
+            raise KeyboardInterrupt
+
+    event.listen(Engine, "after_cursor_execute", cut)
+    try:
+        yield
+    finally:
+        if event.contains(Engine, "after_cursor_execute", cut):
+            event.remove(Engine, "after_cursor_execute", cut)
+
+
+@pytest.mark.parametrize("where", ["in fit", "after fit"])
+def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(where, tiny_teacher, tiny_data, workdir,
+                                                                            monkeypatch) -> None:
+    """The close as KILLED waited SQLite's 20 s busy timeout on the lock the cut query left, failed, and left the run
+    RUNNING (in fit, Lightning's own close as FAILED waited first)."""
+    import lightning.pytorch as pl
+    from mlflow import MlflowClient
+    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
+
+    from compress.recipe import run_hooks
+
+    def query_cut_short(*args, **kwargs):
+        with ctrl_c_inside_the_next_query():
+            MlflowClient(sqlite_uri(workdir)).search_experiments()
+
+    class CutInFit(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            query_cut_short()
+
+    if where == "after fit":
+        monkeypatch.setattr("compress.measure.latency_ms", query_cut_short)
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
+    with run_hooks(callbacks=[CutInFit()] if where == "in fit" else []):
+        code, _, err = run_main(args)
+    assert code == 130 and "left open" not in err, err[-2000:]
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs] == ["KILLED"]
 
 
 def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tmp_path) -> None:
