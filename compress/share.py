@@ -213,6 +213,29 @@ def convert(teacher, *, share: str, groups: int, embedding: int | None, init: st
     return to_compress_shared(teacher, share, groups, embedding, init, grams)
 
 
+def padding_cost(parent_config, shared_config, groups: int) -> float | None:
+    """FLOPs per token of the shared model over its parent's, for compress's class (None for an ALBERT, whose layers
+    are its parent's, one size). Sharing a pruned model whose layers differ in size runs every layer of a group at
+    the group's largest size: the zero heads and neurons change no output but are computed, so a share of a
+    `--scope global` prune ran 19% slower than its parent. That is said here, before the recovery is paid for."""
+    from compress.pruning import flops_per_token
+    from compress.sharing import layer_groups
+
+    if shared_config.model_type != "compress_bert":
+        return None
+    ratio = flops_per_token(shared_config) / flops_per_token(parent_config)
+    if ratio > 1.005:
+        c = parent_config
+        heads = [c.attention_heads[a] for a in c.attention_map] if c.model_type == "compress_bert" else None
+        ffn = [c.intermediate_sizes[f] for f in c.ffn_map] if c.model_type == "compress_bert" else None
+        print(f"note: layers that now share a module differ in size (heads per layer {heads}, FFN width per layer "
+              f"{ffn}, groups {layer_groups(c.num_hidden_layers, groups)}); each runs at its group's largest, so "
+              f"this model computes {ratio - 1:.0%} more FLOPs per token than its parent and will be slower. To "
+              "keep the parent's speed, share a prune made with --scope layer, or use more --groups",
+              file=sys.stderr)
+    return ratio
+
+
 def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int, share: str, embedding: int | None,
            init: str, calibration: int, desc: str, temperature: float, alpha_kd: float, alpha_ce: float,
            alpha_hidden: float, alpha_attn: float, tracking: str, experiment: str, resume: bool, overwrite: bool,
@@ -250,6 +273,8 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
           + (f"{config.hidden_size} -> {embedding}, svd_error {svd_error:.4f}" if embedding else "kept whole")
           + f"; params {n_teacher:,} -> {n_student:,} ({n_student / n_teacher:.1%})", file=sys.stderr)
 
+    flops = padding_cost(teacher.config, student.config, groups)
+
     accelerator = resolve_accelerator(cfg.accelerator)
     precision = resolve_precision(cfg.precision, accelerator)
     before = score(student, datamodule, task_data.metric, task_data.num_labels, accelerator, precision)
@@ -272,5 +297,5 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
         lineage={"original": model_name, "original_path": path, "share": share, "groups": groups,
                  "layer_groups": layer_groups(config.num_hidden_layers, groups), "embedding_size": e, "init": init},
         extra_metrics={"groups": groups, "embedding_size": e, "svd_error": svd_error,
-                       "score_before_recovery": before},
+                       "score_before_recovery": before} | ({"flops_ratio": flops} if flops is not None else {}),
     )

@@ -307,14 +307,17 @@ def roberta_batch() -> dict:
     return b
 
 
-def share_and_reload(folder: Path, args: list[str], inputs: dict, tiny_data: Path, workdir: Path, capsys) -> dict:
+def share_and_reload(folder: Path, args: list[str], inputs: dict, tiny_data: Path, workdir: Path, capsys,
+                     said: list[str] | None = None) -> dict:
     """`compress share` on `folder` with `args` into workdir/out (2 groups, 1 recovery epoch on 64 rows); the model
     written loads without compress (through its saved code unless it is an ALBERT) with the same logits on `inputs`.
-    Returns its config."""
+    Returns its config; `said`, if given, receives what the command printed to stderr."""
     code, err = run_cli(["share", "--model", str(folder), "--data", str(tiny_data), "--groups", "2", *args,
                          "--recover-epochs", "1", "--max_train", "64", "--output", "out", "--latency_reps", "1"],
                         capsys)
     assert code == 0, err
+    if said is not None:
+        said.append(err)
     config = json.loads((workdir / "out" / "config.json").read_text())
     albert = config["model_type"] == "albert"
     model = AutoModelForSequenceClassification.from_pretrained(workdir / "out").eval()
@@ -539,11 +542,18 @@ def test_cli_shares_a_pruned_model(pruned, tiny_teacher, tiny_data, workdir, cap
 
     pruned.save_pretrained(workdir / "pruned")
     AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(workdir / "pruned")
-    config = share_and_reload(workdir / "pruned", [], batch(), tiny_data, workdir, capsys)  # --share all
+    said = []
+    config = share_and_reload(workdir / "pruned", [], batch(), tiny_data, workdir, capsys, said)  # --share all
     assert config["model_type"] == "compress_bert" and config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
     assert (config["attention_heads"], config["intermediate_sizes"]) == ([3, 2], [40, 64])
     metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
     assert metrics["student_params"] < metrics["teacher_params"] == count_params(pruned)
+    # The padded heads and neurons are computed: per layer 768 FLOPs a head-dimension (q, k, v, out: 2*32*4; scores
+    # and sum over 128 keys: 2*128*2) and 128 an FFN neuron (in and out: 2*32*2), plus 17 for pooler and classifier.
+    # Widths [24, 8, 16, 0] and [40, 10, 64, 5] run as [24, 24, 16, 16] and [40, 40, 64, 64].
+    parent, shared = 768 * 48 + 128 * 119 + 17, 768 * 80 + 128 * 208 + 17
+    assert metrics["flops_ratio"] == pytest.approx(shared / parent)  # 1.69
+    assert "so this model computes 69% more FLOPs per token than its parent and will be slower" in said[0]
     code, err = run_cli(["share", "--model", str(workdir / "out"), "--data", str(tiny_data), "--groups", "1",
                          "--output", "again"], capsys)
     assert code == 1 and "already shares modules" in err and not (workdir / "again").exists()
