@@ -74,6 +74,11 @@ def _one_line_parser():
     from jsonargparse import ArgumentParser
 
     class OneLineParser(ArgumentParser):
+        def __init__(self, *args, **kwargs) -> None:
+            # argparse took a unique prefix for the whole flag: a typo such as --layer 2 trained as --layers 2, and
+            # --temp as --temperature, with no word. Every flag is spelt out, or it is refused as unknown.
+            super().__init__(*args, **(kwargs | {"allow_abbrev": False}))
+
         def error(self, message: str, ex: Exception | None = None):
             if not self.exit_on_error:  # jsonargparse probing a type: it catches this and tries the next
                 return super().error(message, ex)

@@ -179,6 +179,9 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
      "--temperature abc: expected a float (see compress distill --help)"),
     (["prune", "--model", "m", "--heads", "half"], "--heads half: expected a float (see compress prune --help)"),
     (["distill", "--teacher", "t", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see compress distill --help)"),
+    # a unique prefix was taken for the flag: this typo trained a 2-layer student as --layers 2
+    (["distill", "--teacher", "t", "--layer", "2"], "unrecognized arguments: --layer 2 (see compress distill --help)"),
+    (["prune", "--model", "m", "--head", "0.5"], "unrecognized arguments: --head 0.5 (see compress prune --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
     (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
