@@ -103,6 +103,10 @@ def load_space(space: dict | str) -> dict:
     if not isinstance(space, str):
         return space
     path = Path(space)
+    if not path.is_file() and (path.suffix in (".yaml", ".yml", ".json") or path.is_dir()):
+        # a file's name, mistyped: "neither a mapping nor a YAML file" sent users looking for a YAML mistake
+        raise CompressError(f"--space {space}: {'is a folder' if path.is_dir() else 'no such file'}; name a YAML "
+                            "file holding the space, or give it inline, e.g. --space '{layers: [3, 4]}'")
     if not path.is_file():  # jsonargparse hands over as text whatever did not parse as a mapping
         raise CompressError(f"--space {space}: neither a mapping nor a YAML file; give it inline, e.g. --space "
                             "'{layers: [3, 4], temperature: {low: 1, high: 8}}', or the path of a YAML file holding it")

@@ -350,7 +350,7 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
 
 @pytest.mark.parametrize(("text", "message"), [
     ("layers: [2, 10]\n", "space: layers: 10 is more than the teacher's 4 layers"),  # the file was read
-    (None, "--space nofile.yaml: neither a mapping nor a YAML file; give it inline"),
+    (None, "--space nofile.yaml: no such file; name a YAML file holding the space, or give it inline"),
     ("- 1\n- 2\n", "--space space.yaml: the file holds a list, not a mapping of flags"),
     ("", "--space space.yaml: the file holds nothing, not a mapping"),
     ("layers: [1\n", "--space space.yaml: not a readable YAML file"),
