@@ -73,8 +73,8 @@ def prune(
 
     Args:
         model: the parent: a saved model folder (or hub name) with a classifier for the task, e.g. from
-            `compress finetune`. Model type bert, ernie, electra, roberta, xlm-roberta or camembert, or
-            compress_bert from an earlier prune or share.
+            `compress finetune`. Model type bert, ernie, electra, distilbert, roberta, xlm-roberta or
+            camembert, or compress_bert from an earlier prune or share.
         task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
         data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
         heads: fraction of the attention heads to remove, in [0, 1).
