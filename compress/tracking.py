@@ -305,14 +305,21 @@ def _prepare_store(uri: str) -> str | None:
     return (db.parent / "artifacts").resolve().as_uri()
 
 
-def git_commit() -> str:
-    """The commit of the compress checkout that ran, or 'unknown' for an installed wheel."""
+def git_commit(package: Path = Path(__file__).parent) -> str:
+    """The commit of the compress checkout that ran, with "-dirty" when its package code differs from that commit
+    (the run is then not reproducible from it), or "unknown" where compress is not a git checkout: an installed
+    wheel, including one in a virtualenv inside the user's own repository, whose commit would otherwise be taken."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=5, check=False)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
-            check=False,
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:  # not tracked here: not our checkout
+            return "unknown"
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if changed else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 

@@ -319,7 +319,7 @@ def test_mlflow_run_has_params_tags_metrics_history_and_model(distilled, tiny_te
     assert params["command"] == "distill"
     assert params["epochs"] == "2" and params["layers"] == "2"
     tags = run.data.tags
-    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"]), tags["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tags["git_commit"]), tags["git_commit"]
     assert tags["torch"] == torch.__version__
     assert tags["transformers"] == transformers.__version__
     assert tags["device"] == "cpu"
@@ -987,3 +987,27 @@ def test_overwrite_never_deletes_what_the_run_reads(tiny_teacher: Path, tiny_dat
         (line,) = error_lines(err)
         assert code == 1 and "which this run reads" in line, line
         assert (teacher / "model.safetensors").is_file()
+
+
+def test_git_commit_says_dirty_and_never_takes_another_repositorys_commit(tmp_path: Path) -> None:
+    """A run from edited code is not reproducible from its commit; a compress installed into a virtualenv inside the
+    user's own repository reported that repository's commit."""
+    from compress.tracking import git_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert git_commit(tmp_path) == "unknown"  # no repository
+    package, installed = tmp_path / "compress", tmp_path / ".venv" / "site-packages" / "compress"
+    for folder in (package, installed):
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+    git("init", "-q")
+    git("add", "compress")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(package) == head
+    assert git_commit(installed) == "unknown"  # inside the repository, but not its code
+    (package / "__init__.py").write_text("x = 1\n")
+    assert git_commit(package) == f"{head}-dirty"
