@@ -190,7 +190,7 @@ def distill(
             del on_cpu
         desc = f"L{len(kept)}"
     n_student = student_model.config.num_hidden_layers
-    print(f"student: {n_student} layers x {student_model.config.hidden_size}"
+    print(f"student: {n_student} layer{'s' if n_student != 1 else ''} x {student_model.config.hidden_size}"
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
     out = checked if checked is not None else Path(f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")

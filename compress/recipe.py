@@ -170,12 +170,19 @@ def run_hooks(*, callbacks: list | None = None, tags: dict[str, str] | None = No
         _RUN_HOOKS.reset(token)
 
 
-def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | None, tracking: str) -> None:
+# What the two columns of the summary are, by command: finetune trains a teacher and has nothing beside it; prune
+# and share compare the model they made with the one it came from.
+COLUMNS = {"finetune": ("model", None), "prune": ("pruned", "parent"), "share": ("shared", "parent")}
+
+
+def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | None, tracking: str,
+                   columns: tuple[str, str | None] = ("student", "teacher")) -> None:
     width = max(len(r[0]) for r in rows)
-    print(f"\n{title}", file=sys.stderr)
-    print(f"  {'':{width}}  {'student':>12}  {'teacher':>12}", file=sys.stderr)
+    print(f"\n{title.rstrip()}", file=sys.stderr)
+    mine, theirs = columns
+    print(f"  {'':{width}}  {mine:>12}" + (f"  {theirs:>12}" if theirs else ""), file=sys.stderr)
     for name, student, teacher in rows:
-        print(f"  {name:{width}}  {student:>12}  {teacher:>12}", file=sys.stderr)
+        print(f"  {name:{width}}  {student:>12}" + (f"  {teacher:>12}" if theirs else ""), file=sys.stderr)
     if run_id:
         print(f"  MLflow run {run_id} in {shown(tracking)}  (open it: {where_to_look(tracking)})", file=sys.stderr)
 
@@ -310,9 +317,13 @@ def run_training(
             metrics |= extra_metrics or {}
 
             student.config.architectures = [type(student).__name__]
+            teacher_dir = next((Path(str(params[key])) for key in ("teacher_path", "model_path")
+                                if params and params.get(key) and Path(str(params[key])).is_dir()), None)
             with atomic_output(output, overwrite) as tmp:
                 save_model(student, tokenizer, tmp)
                 metrics["student_mb"] = weights_mb(tmp)
+                if teacher is not None and teacher_dir is not None:  # the weights file the teacher was read from
+                    metrics["teacher_mb"] = weights_mb(teacher_dir)
                 write_lineage(tmp, {"command": command, "task": task.name, "metric": task.metric, "label_names":
                                     task.label_names, "mlflow_run_id": logger.run_id, "tracking": shown(tracking),
                                     "metrics": metrics, **(lineage or {})})
@@ -327,11 +338,12 @@ def run_training(
 
     rows = [(task.metric, fmt("student_score"), fmt("teacher_score")),
             ("params", fmt("student_params"), fmt("teacher_params")),
-            ("MB", fmt("student_mb"), "-"),
+            ("MB", fmt("student_mb"), fmt("teacher_mb")),
             (f"latency ms (32x{seq}, {device})", fmt("latency_ms"), fmt("teacher_latency_ms"))]
     extra = []
     if teacher is not None:
         extra = [f"retention {metrics['retention']:.3f}", f"compression {metrics['compression']:.2f}x"]
         extra += [f"speedup {metrics['speedup']:.2f}x"] if "speedup" in metrics else []
-    _print_summary(f"{command} done -> {output}  {'  '.join(extra)}", rows, logger.run_id, tracking)
+    _print_summary(f"{command} done -> {output}  {'  '.join(extra)}", rows, logger.run_id, tracking,
+                   COLUMNS.get(command, ("student", "teacher")))
     return RunResult(str(output), metrics, logger.run_id)

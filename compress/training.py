@@ -253,7 +253,8 @@ class _CheckpointAtEnd(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:  # a stop inside fit: the timed checkpoints are the ones to resume from
             return
-        trainer.save_checkpoint(self.ckpt_dir / f"step{trainer.global_step:07d}-end.ckpt")
+        # with the optimizer's state, which a resume needs; unset, Lightning prints a line saying it chose this
+        trainer.save_checkpoint(self.ckpt_dir / f"step{trainer.global_step:07d}-end.ckpt", weights_only=False)
 
 
 class _ReleaseOnStop(pl.Callback):

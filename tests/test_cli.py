@@ -338,6 +338,8 @@ def test_mlflow_run_has_params_tags_metrics_history_and_model(distilled, tiny_te
     assert m["student_params"] == student_params
     assert m["teacher_params"] == count_params(load_classifier(str(tiny_teacher), ["0", "1"]))
     assert m["student_mb"] == weights_mb(distilled.out) > 0
+    assert m["teacher_mb"] == weights_mb(tiny_teacher) > m["student_mb"]  # beside the student's in the summary
+    assert re.search(r"\n  MB +[\d.]+ +[\d.]+\n", distilled.err), distilled.err[-1500:]
 
     run_id = run.info.run_id
     for name in ("val_score", "loss_kd", "loss_ce", "loss_hidden", "loss_epoch"):
@@ -388,9 +390,11 @@ def test_finetune_with_the_same_seed_gives_the_same_weights(tiny_encoder: Path, 
     weights = {}
     for name, process_seed, seed in (("a", 1, 42), ("b", 2, 42), ("c", 1, 43)):
         torch.manual_seed(process_seed)
-        ok(["finetune", "--model", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--seed", seed,
-            "--output", name, *FAST, *track(workdir)])
+        _, err = ok(["finetune", "--model", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--seed", seed,
+                     "--output", name, *FAST, *track(workdir)])
         weights[name] = load_weights(workdir / name)
+        # one column, the model trained: it is no student, and nothing stands beside it
+        assert re.search(r"\n {20,}model\n  accuracy +[\d.]+\n", err), err[-1500:]
     assert weights["a"].keys() == weights["b"].keys()
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert not torch.equal(weights["a"]["classifier.weight"], weights["c"]["classifier.weight"])
