@@ -529,7 +529,8 @@ def export(
 
     The ONNX export is checked against PyTorch on batch and sequence sizes other than the traced ones and
     fails (writing nothing) if any logit differs by more than 1e-4. The output folder appears only when
-    everything succeeded.
+    everything succeeded. The table goes to stderr; stdout gets the same result as one JSON line, for scripts
+    (`compress export ... > export.json`).
 
     Args:
         model: a saved model folder (what distill, finetune, prune or share wrote). Exclusive with --run.
