@@ -20,8 +20,9 @@ def evaluate(
     latency_reps: int = 5,
     json_out: str | None = None,
 ) -> None:
-    """Report a model's task metric on the dev split, its parameters, size on disk and latency: a table on stderr,
-    and the same as one JSON line on stdout, for scripts.
+    """Report a model's task metric on the dev split, its parameters, size on disk and latency.
+
+    The table goes to stderr; stdout gets the same result as one JSON line, for scripts.
 
     Args:
         model: a saved model folder (or hub name) with a classifier for the task's labels.
