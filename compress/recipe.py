@@ -176,7 +176,7 @@ COLUMNS = {"finetune": ("model", None), "prune": ("pruned", "parent"), "share": 
 
 
 def _print_summary(title: str, rows: list[tuple[str, str, str]], run_id: str | None, tracking: str,
-                   columns: tuple[str, str | None] = ("student", "teacher")) -> None:
+                   columns: tuple[str, str | None]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n{title.rstrip()}", file=sys.stderr)
     mine, theirs = columns

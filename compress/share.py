@@ -218,6 +218,7 @@ def padding_cost(parent_config, shared_config, groups: int) -> float | None:
     are its parent's, one size). Sharing a pruned model whose layers differ in size runs every layer of a group at
     the group's largest size: the zero heads and neurons change no output but are computed, so a share of a
     `--scope global` prune ran 19% slower than its parent. That is said here, before the recovery is paid for."""
+    from compress.modeling import to_compress_config
     from compress.pruning import flops_per_token
     from compress.sharing import layer_groups
 
@@ -225,9 +226,9 @@ def padding_cost(parent_config, shared_config, groups: int) -> float | None:
         return None
     ratio = flops_per_token(shared_config) / flops_per_token(parent_config)
     if ratio > 1.005:
-        c = parent_config
-        heads = [c.attention_heads[a] for a in c.attention_map] if c.model_type == "compress_bert" else None
-        ffn = [c.intermediate_sizes[f] for f in c.ffn_map] if c.model_type == "compress_bert" else None
+        c = to_compress_config(parent_config)  # per-layer sizes, whatever class the parent is
+        heads = [c.attention_heads[a] for a in c.attention_map]
+        ffn = [c.intermediate_sizes[f] for f in c.ffn_map]
         print(f"note: layers that now share a module differ in size (heads per layer {heads}, FFN width per layer "
               f"{ffn}, groups {layer_groups(c.num_hidden_layers, groups)}); each runs at its group's largest, so "
               f"this model computes {ratio - 1:.0%} more FLOPs per token than its parent and will be slower. To "

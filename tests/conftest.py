@@ -208,9 +208,7 @@ class Postgres:
                          statement)
 
     def tables(self, db: str) -> list[str]:
-        out = self._run("psql", "-h", "localhost", "-p", str(self.port), "-U", "postgres", "-d", db, "-Atc",
-                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
-        return out.split()
+        return self.sql(db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").split()
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
