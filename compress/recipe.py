@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
-from compress.signals import lightning_fit, release_frames
+from compress.signals import lightning_fit, release_frames, sigterm_received
 from compress.tracking import shown, where_to_look
 
 
@@ -80,14 +80,18 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         _close_progress_bars(trainer)
         raise Terminated from None
     except (SystemExit, Exception) as stop:
-        # Ctrl-C: the CLI says how to resume and exits 130; search marks the trial failed. Lightning's sys.exit(1)
-        # is raised while handling the KeyboardInterrupt, and so is its own shutdown failing: a Ctrl-C that lands
-        # inside an MLflow write leaves SQLite locked, and closing the run as FAILED then raises "database is
-        # locked". The checkpoints are whole either way, and --resume continues the same run.
-        if _during_ctrl_c(stop):
+        # Ctrl-C (or a SIGTERM before or after Lightning's loop, raised by ours): the CLI says how to resume and
+        # exits 130 (143); search marks the trial failed. Lightning's sys.exit(1) is raised while handling the
+        # KeyboardInterrupt, and so is its own shutdown failing: a Ctrl-C that lands inside an MLflow write leaves
+        # SQLite locked, and closing the run as FAILED then raises "database is locked". The checkpoints are whole
+        # either way, and --resume continues the same run.
+        cut = _during_ctrl_c(stop)
+        if cut:
             _close_progress_bars(trainer)
-            raise KeyboardInterrupt from None
+            raise (Terminated if isinstance(cut, Terminated) else KeyboardInterrupt) from None
         raise
+    if sigterm_received():  # in the last batch or as the loop ended: Lightning noted it and let fit finish
+        raise Terminated
 
 
 @contextmanager
@@ -112,15 +116,16 @@ def closes_run_on_error(logger, errors: bool = True):
         raise
 
 
-def _during_ctrl_c(error: BaseException) -> bool:
-    """Whether `error` was raised while a KeyboardInterrupt was being handled (an error of its own is not)."""
+def _during_ctrl_c(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) `error` was raised while handling, if any (an error of its own was
+    not)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
-            return True
+            return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def _close_progress_bars(trainer) -> None:

@@ -769,6 +769,10 @@ def _stop_workers(procs: list) -> None:
             deadline = time.monotonic() + wait_s
             for p in alive:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if sent == signal.SIGTERM and (late := [p for p in alive if p.exitcode is None]):
+                print(f"compress: {len(late)} worker(s) did not close their trial within {wait_s} s of the stop; "
+                      "killing them (each trial left running is retried when the study resumes)", file=sys.stderr,
+                      flush=True)
     finally:
         signal.signal(signal.SIGINT, previous)
 

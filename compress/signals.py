@@ -2,8 +2,8 @@
 KeyboardInterrupt, so every Ctrl-C handler closes its work the same way), and a Ctrl-C is remembered, so one that
 Python dropped still stops a search.
 
-Inside a Lightning fit, SIGTERM is Lightning's: it stops at the next batch boundary (recipe.fit_or_stop makes that
-Terminated too). Lightning calls a handler that was there before it, so ours does nothing while a fit runs.
+Inside a Lightning fit's loop, SIGTERM is Lightning's: it stops at the next batch boundary (recipe.fit_or_stop makes
+that Terminated too). Lightning calls a handler that was there before it, so ours does nothing while its loop runs.
 """
 
 from __future__ import annotations
@@ -74,10 +74,21 @@ def _on_sigterm(signum, frame) -> None:
         print("compress: terminated (SIGTERM) again; quitting without closing its runs", file=sys.stderr, flush=True)
         os._exit(143)
     _sigterm_seen.set()
-    if _stopping.is_set() or _fitting.is_set():  # a Ctrl-C's stop goes on; in a fit, Lightning stops at the batch
+    if _stopping.is_set():  # a Ctrl-C's stop goes on
+        return
+    # In a fit, Lightning's handler (which calls this one) stops at the next batch. It listens only from the start
+    # of its loop to its teardown: before (the data and model set up) and after, this handler is the one installed,
+    # and the stop is ours to raise. Lightning takes it for a Ctrl-C and shuts the fit down; fit_or_stop tells them
+    # apart. A fit that ends without a batch left to stop at: fit_or_stop asks sigterm_received().
+    if _fitting.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         return
     _stopping.set()
     raise Terminated
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM came since the stop handling began (sigterm_raises), handled by Lightning or not."""
+    return _sigterm_seen.is_set()
 
 
 @contextmanager

@@ -597,7 +597,8 @@ def test_sigterm_to_a_searchs_parent_stops_its_workers(sig, code: int, said: str
     trials = trials_of(paths["storage"], "term")
     states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials]
     # a loaded machine may let a worker finish a trial before the signal; none is left running, none ran after it
-    assert set(states) <= {("FAIL", True), ("COMPLETE", None)} and ("FAIL", True) in states and len(trials) < 6
+    assert set(states) <= {("FAIL", True), ("COMPLETE", None)} and ("FAIL", True) in states and len(trials) < 6, \
+        ([(t.number, t.state.name, t.user_attrs, t.datetime_start, t.datetime_complete) for t in trials], err[-3000:])
     for pid in {t.user_attrs["worker"] for t in trials}:  # no worker outlived the search
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -25,8 +25,16 @@ def test_sigterm_raises_terminated_outside_a_fit_and_leaves_a_fit_to_lightning()
         with pytest.raises(Terminated), sigterm_raises():
             _deliver(signal.SIGTERM)
         with sigterm_raises():
+            ours, lightnings = signal.getsignal(signal.SIGTERM), []
             with lightning_fit():
-                _deliver(signal.SIGTERM)  # Lightning's own handler (composed with ours) would stop the fit
+                # Lightning's handler, in its loop, calls ours after its own and stops the fit at the next batch
+                signal.signal(signal.SIGTERM, lambda signum, frame: [lightnings.append(signum), ours(signum, frame)])
+                _deliver(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, ours)  # Lightning's teardown puts ours back
+            assert lightnings == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is ours
+        with pytest.raises(Terminated), sigterm_raises(), lightning_fit():  # before or after Lightning's loop
+            _deliver(signal.SIGTERM)
+        with sigterm_raises():
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
         assert issubclass(Terminated, KeyboardInterrupt)  # so every Ctrl-C handler closes its work alike
@@ -178,3 +186,44 @@ def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, w
     assert "Epoch 0" not in err and "Epoch 1" not in err  # no training: fit was done
     whole, cut = (workdir / name / "model.safetensors" for name in ("whole", "cut"))
     assert cut.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("hook", ["setup", "on_train_end", "on_fit_end"])
+def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_data, workdir) -> None:
+    """Lightning listens for SIGTERM only from the start of its loop to its teardown, and stops only at a batch with
+    another after it. A SIGTERM while the data and model were set up, in the last batch, or while Lightning tore
+    down was dropped: the fit ran all its epochs, and the command exited 0 as if never stopped (a search worker
+    went on to its next trial, and its parent killed it with the trial left running)."""
+    import lightning.pytorch as pl
+    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
+
+    from compress.recipe import run_hooks
+
+    batches = []
+
+    class TermAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            batches.append(trainer.global_step)
+
+    def send(self, trainer, *args, **kwargs) -> None:
+        if trainer.state.fn == "fit":  # not the evaluation after fit
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    setattr(TermAt, hook, send)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "3", *FAST, *track(workdir)]
+    try:
+        with run_hooks(callbacks=[TermAt()]):
+            code, _, err = run_main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == ("compress: terminated (SIGTERM); rerun with --resume to continue from "
+                                             "the last checkpoint"), err[-2000:]
+    assert not list(workdir.glob("outputs/*/model.safetensors"))  # nothing written that looks finished
+    if hook == "setup":  # before the first batch: nothing trained
+        assert batches == []
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs] == ["KILLED"]
+    code, _, err = run_main([*args, "--resume"])  # and it goes on as it says
+    assert code == 0 and len(list(workdir.glob("outputs/*/model.safetensors"))) == 1, err[-2000:]
