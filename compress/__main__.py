@@ -37,6 +37,9 @@ COMMANDS = {
 }
 
 
+_AS_TYPED: dict[str, str] = {}  # the argument as normalised -> as the user typed it; and "command"
+
+
 def _normalise_flags(argv: list[str]) -> list[str]:
     """Accept --max-length as well as --max_length, a bare --resume for --resume=true, and a repeated list flag.
 
@@ -52,9 +55,12 @@ def _normalise_flags(argv: list[str]) -> list[str]:
         bools = {p.name for p in params if p.annotation in (bool, "bool")}
         lists = {p.name for p in params if str(p.annotation).startswith(("list[", "typing.List["))}
     out = []
+    _AS_TYPED.clear()
+    _AS_TYPED["command"] = command or ""
     for i, arg in enumerate(argv):
         if arg.startswith("--") and arg != "--print_config":
             name, eq, value = arg[2:].partition("=")
+            _AS_TYPED["--" + name.replace("-", "_") + eq + value] = arg  # an unknown flag is named as typed
             name = name.replace("-", "_")
             following = argv[i + 1].lower() if i + 1 < len(argv) else ""
             if name in bools and not eq and following not in ("true", "false"):
@@ -97,6 +103,10 @@ def _one_line_parser():
                 kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>",
                                                                             union.group(2))]
                 text = f"--{union.group(1).rpartition('.')[2]} {union.group(3)}: expected {' or '.join(kinds)}"
+            unrecognized = re.fullmatch(r"unrecognized arguments: (.*)", text)
+            if unrecognized:  # as the user typed them (--max-len, not --max_len), and the flag meant if it is clear
+                given = [_AS_TYPED.get(a, a) for a in unrecognized.group(1).split(" ")]
+                text = f"unrecognized arguments: {' '.join(given)}" + _did_you_mean(given)
             unknown = re.fullmatch(r"Subcommand '(\w+)' does not accept option '(\w+)'", text)
             if unknown:  # often a config written for another command
                 text = f"compress {unknown.group(1)} has no flag --{unknown.group(2)}"
@@ -111,6 +121,21 @@ def _one_line_parser():
             raise SystemExit(2)
 
     return OneLineParser
+
+
+def _did_you_mean(given: list[str]) -> str:
+    """'; did you mean --max_length?' for the one unknown flag that is close to one of the command's."""
+    import difflib
+    import inspect
+
+    command = COMMANDS.get(_AS_TYPED.get("command", ""))
+    flags = [a[2:].partition("=")[0].replace("-", "_") for a in given if a.startswith("--")]
+    if command is None or len(flags) != 1:
+        return ""
+    names = list(inspect.signature(command).parameters)
+    # a flag cut short (--temp; abbreviations are refused) or misspelt (--max_len, --epoch)
+    close = [n for n in names if n.startswith(flags[0])] or difflib.get_close_matches(flags[0], names, n=1, cutoff=0.75)
+    return f"; did you mean --{close[0]}?" if len(close) == 1 else ""
 
 
 # Flags naming a local file or folder (or, for the model flags, a hub name, which never starts with '~').

@@ -180,8 +180,15 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
     (["prune", "--model", "m", "--heads", "half"], "--heads half: expected a float (see compress prune --help)"),
     (["distill", "--teacher", "t", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see compress distill --help)"),
     # a unique prefix was taken for the flag: this typo trained a 2-layer student as --layers 2
-    (["distill", "--teacher", "t", "--layer", "2"], "unrecognized arguments: --layer 2 (see compress distill --help)"),
-    (["prune", "--model", "m", "--head", "0.5"], "unrecognized arguments: --head 0.5 (see compress prune --help)"),
+    (["distill", "--teacher", "t", "--layer", "2"],
+     "unrecognized arguments: --layer 2; did you mean --layers? (see compress distill --help)"),
+    (["prune", "--model", "m", "--head", "0.5"],
+     "unrecognized arguments: --head 0.5; did you mean --heads? (see compress prune --help)"),
+    # named as typed: it said --max_len, a spelling the user never wrote
+    (["distill", "--teacher", "t", "--max-len", "64"],
+     "unrecognized arguments: --max-len 64; did you mean --max_length? (see compress distill --help)"),
+    (["distill", "--teacher", "t", "--temp=2", "--epoch", "1"],
+     "unrecognized arguments: --temp=2 --epoch 1 (see compress distill --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
     (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
