@@ -26,7 +26,7 @@ from typing import Any
 from compress.errors import CompressError, Terminated, stop_said
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
-from compress.signals import CtrlC, release_frames, sigterm_raises
+from compress.signals import CtrlC, release_frames, sigterm_raises, stops_held_between_trials, stops_raise
 from compress.tracking import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING, _prepare_store, mlflow_client, resolve_tracking,
                                shown, where_to_look)
 
@@ -417,7 +417,8 @@ def objective(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
     values first. Marked only where the steps run, a stop while the trial sampled or opened its MLflow run left it
     an ordinary failure, never re-run."""
     try:
-        return run_trial(trial, ctx, dims, flags)
+        with stops_raise():  # and one held back since the last trial, as this one starts
+            return run_trial(trial, ctx, dims, flags)
     except KeyboardInterrupt:  # Optuna fails the trial and re-raises; requeue_interrupted finds the mark
         with contextlib.suppress(Exception):
             trial.set_user_attr("interrupted", True)
@@ -665,7 +666,7 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
         time.sleep(wait)
     # Exceptions fail the trial and the study goes on (Optuna logs each with its traceback); Ctrl-C stops it.
     try:
-        with sigterm_raises(), CtrlC() as ctrl_c:
+        with sigterm_raises(), CtrlC() as ctrl_c, stops_held_between_trials():
             study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
                            gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
             ctrl_c.stop_if_pressed()

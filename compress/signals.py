@@ -4,6 +4,7 @@ Python dropped still stops a search.
 
 Inside a Lightning fit's loop, SIGTERM is Lightning's: it stops at the next batch boundary (recipe.fit_or_stop makes
 that Terminated too). Lightning calls a handler that was there before it, so ours does nothing while its loop runs.
+Between a search's trials, inside Optuna's bookkeeping, a stop waits for the next trial to start or the last to close.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+
 _fitting = threading.Event()
 _stopping = threading.Event()  # a first SIGTERM or Ctrl-C arrived; the work is closing down
 _sigterm_seen = threading.Event()
+_holding = threading.Event()  # a search is between its trials, in Optuna's bookkeeping: a stop waits for a trial
+_held: list[type[KeyboardInterrupt]] = []  # the stop that waits: Terminated or KeyboardInterrupt
 
 
 @contextmanager
@@ -83,12 +86,51 @@ def _on_sigterm(signum, frame) -> None:
     if _fitting.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         return
     _stopping.set()
+    if _holding.is_set():
+        _held.append(Terminated)
+        return
     raise Terminated
 
 
 def sigterm_received() -> bool:
     """Whether a SIGTERM came since the stop handling began (sigterm_raises), handled by Lightning or not."""
     return _sigterm_seen.is_set()
+
+
+@contextmanager
+def stops_held_between_trials():
+    """Around a study's optimize: a stop (SIGTERM, Ctrl-C) that comes while Optuna creates, samples or closes a
+    trial waits for the next trial to start (`stops_raise`) or the last to be closed (`raise_held_stop`). Raised
+    where it landed, it cut Optuna between creating a trial and running it, or between running and closing it, and
+    left that trial RUNNING with no mark until its heartbeat went stale (a search worker's parent, which sends the
+    stop, then killed the worker for not finishing)."""
+    _holding.set()
+    try:
+        yield
+    finally:
+        _holding.clear()
+        _held.clear()
+
+
+@contextmanager
+def stops_raise():
+    """Around one trial's own work, inside stops_held_between_trials: a stop held back is raised as the trial
+    starts (the trial, marked interrupted, runs again first when the study resumes), and one during it is raised
+    where it lands."""
+    holding = _holding.is_set()
+    _holding.clear()
+    try:
+        raise_held_stop()
+        yield
+    finally:
+        if holding:
+            _holding.set()
+
+
+def raise_held_stop(*args) -> None:
+    """Raise the stop held back between trials, if one was; an Optuna callback (after each trial is closed)."""
+    if _held:
+        raise _held[0]
 
 
 @contextmanager
@@ -145,6 +187,9 @@ class CtrlC:
         if self.presses == 1:
             self.pressed = True
             _stopping.set()
+            if _holding.is_set():  # between a search's trials: stop_if_pressed or the next trial raises it
+                _held.append(KeyboardInterrupt)
+                return
             raise KeyboardInterrupt
         if self.presses == 2:
             print("compress: still stopping (closing its runs); press Ctrl-C again to quit at once", file=sys.stderr,
@@ -153,7 +198,9 @@ class CtrlC:
         os._exit(130)  # the cleanup hangs (a tracking server gone, its client retrying for minutes)
 
     def stop_if_pressed(self, study=None, trial=None) -> None:
-        """An Optuna callback (after each trial) and a last check once optimize returns."""
+        """An Optuna callback (after each trial) and a last check once optimize returns; a SIGTERM held back
+        between trials is raised here too."""
+        raise_held_stop()
         if self.pressed:
             raise KeyboardInterrupt
 

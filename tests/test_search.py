@@ -604,6 +604,44 @@ def test_sigterm_to_a_searchs_parent_stops_its_workers(sig, code: int, said: str
             os.kill(pid, 0)
 
 
+@pytest.mark.parametrize(("sig", "code", "where"), [(signal.SIGTERM, 143, "ask"), (signal.SIGINT, 130, "ask"),
+                                                   (signal.SIGTERM, 143, "tell")])
+def test_a_stop_while_optuna_opens_or_closes_a_trial_leaves_none_running(sig, code: int, where: str, workdir,
+                                                                        tiny_teacher, tiny_data, capsys, monkeypatch):
+    """A stop raised inside Optuna's own bookkeeping, after it made the trial and before it ran it (ask), or after
+    the trial ran and before it was closed (tell), left that trial RUNNING with no mark: the next run of the study
+    neither re-ran it first nor knew it had stopped, until its heartbeat went stale. Now the stop waits for the trial
+    to start (and is marked interrupted) or to be closed."""
+    import optuna.study._optimize
+
+    owner = optuna.Study if where == "ask" else optuna.study._optimize  # _run_trial calls _tell_with_warning
+    where = "ask" if where == "ask" else "_tell_with_warning"
+    sent, real = [], getattr(owner, where)
+
+    def then_stop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # the handler runs here
+        return result
+
+    monkeypatch.setattr(owner, where, then_stop)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
+    try:
+        paths = store(workdir)
+        code_, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "3",
+                                 "--space", json.dumps({"layers": [1], **QUICK}), "--tracking", paths["tracking"],
+                                 "--storage", paths["storage"], "--study", "between"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    said = "terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted"
+    assert code_ == code and err.rstrip().splitlines()[-1].startswith(f"compress: search {said}"), err[-2000:]
+    states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials_of(paths["storage"], "between")]
+    # held at ask: the trial is failed as interrupted, and runs again first; at tell: the trial ran and is closed
+    assert states == ([("FAIL", True)] if where == "ask" else [("COMPLETE", None)]), states
+
+
 def test_an_mlflow_store_still_locked_after_a_ctrl_c_does_not_keep_the_study_going(workdir, tiny_teacher, tiny_data,
                                                                                    capsys, monkeypatch):
     """A Ctrl-C that cuts an MLflow write leaves SQLite locked; closing the trial's runs then failed, that error
