@@ -74,7 +74,7 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        with lightning_fit():
+        with lightning_fit(alone=trainer.world_size == 1 and trainer.strategy.launcher is None):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
         _close_progress_bars(trainer)

@@ -29,14 +29,31 @@ _holding = threading.Event()  # a search is between its trials, in Optuna's book
 _held: list[type[KeyboardInterrupt]] = []  # the stop that waits: Terminated or KeyboardInterrupt
 
 
+_fit_alone = threading.Event()  # the fit runs in this process alone: no launcher, no other ranks
+
+
 @contextmanager
-def lightning_fit():
-    """Mark a trainer.fit as running: a SIGTERM then is Lightning's to stop at the next batch."""
+def lightning_fit(alone: bool = True):
+    """Mark a trainer.fit as running: a SIGTERM then is Lightning's to stop at the next batch, or ours to raise
+    before and after Lightning's loop. A fit with other processes (DDP's ranks, ddp_spawn's workers) is left to
+    Lightning throughout: raised here, one rank stopped while the others waited for it in a collective, and
+    ddp_spawn's main process said "terminated" while its workers trained on.
+
+    Lightning sets Ctrl-C to be ignored when it shuts a fit down for one and puts it back only if its loop had
+    started; the handler from before the fit is put back here, so that a search's second and third Ctrl-C still
+    work and a later command in the same process still takes a Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
     _fitting.set()
+    if alone:
+        _fit_alone.set()
     try:
         yield
     finally:
         _fitting.clear()
+        _fit_alone.clear()
+        if main and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
 
 
 def release_frames(stop: BaseException | None) -> None:
@@ -83,7 +100,7 @@ def _on_sigterm(signum, frame) -> None:
     # of its loop to its teardown: before (the data and model set up) and after, this handler is the one installed,
     # and the stop is ours to raise. Lightning takes it for a Ctrl-C and shuts the fit down; fit_or_stop tells them
     # apart. A fit that ends without a batch left to stop at: fit_or_stop asks sigterm_received().
-    if _fitting.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+    if _fitting.is_set() and (not _fit_alone.is_set() or signal.getsignal(signal.SIGTERM) is not _on_sigterm):
         return
     _stopping.set()
     if _holding.is_set():
@@ -109,7 +126,10 @@ def stops_held_between_trials():
         yield
     finally:
         _holding.clear()
-        _held.clear()
+        held, _held[:] = list(_held), []
+        # one that came after the last check, or while optimize failed on an error: the stop is still the news
+        if held and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise held[0]
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from compress.errors import Terminated
-from compress.signals import CtrlC, lightning_fit, sigterm_raises
+from compress.signals import CtrlC, lightning_fit, sigterm_raises, stops_held_between_trials, stops_raise
 
 
 def _deliver(sig: int) -> None:
@@ -34,10 +34,30 @@ def test_sigterm_raises_terminated_outside_a_fit_and_leaves_a_fit_to_lightning()
             assert lightnings == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is ours
         with pytest.raises(Terminated), sigterm_raises(), lightning_fit():  # before or after Lightning's loop
             _deliver(signal.SIGTERM)
+        with sigterm_raises(), lightning_fit(alone=False):  # DDP's ranks: Lightning's to stop them together
+            _deliver(signal.SIGTERM)
         with sigterm_raises():
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
         assert issubclass(Terminated, KeyboardInterrupt)  # so every Ctrl-C handler closes its work alike
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_between_trials_waits_for_the_next_trial_or_the_end() -> None:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated), sigterm_raises(), stops_held_between_trials():
+            _deliver(signal.SIGTERM)  # held: Optuna's bookkeeping goes on
+            with stops_raise():  # the next trial starts with it
+                pytest.fail("the trial ran")
+        # one after the last check is not dropped, nor is one that came while optimize failed on an error
+        with pytest.raises(Terminated), sigterm_raises(), stops_held_between_trials():
+            _deliver(signal.SIGTERM)
+        with pytest.raises(Terminated) as stop, sigterm_raises(), stops_held_between_trials():
+            _deliver(signal.SIGTERM)
+            raise RuntimeError("database is locked")
+        assert isinstance(stop.value.__context__, RuntimeError)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -211,12 +231,16 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
 
     setattr(TermAt, hook, send)
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "3", *FAST, *track(workdir)]
     try:
         with run_hooks(callbacks=[TermAt()]):
             code, _, err = run_main(args)
+        # Lightning ignores Ctrl-C while it shuts a fit down, and put it back only from inside its loop
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, sigint)
     assert code == 143, err[-2000:]
     assert err.rstrip().splitlines()[-1] == ("compress: terminated (SIGTERM); rerun with --resume to continue from "
                                              "the last checkpoint"), err[-2000:]
