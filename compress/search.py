@@ -688,7 +688,8 @@ def requeue_interrupted(study) -> list[int]:
     cut = [t for t in trials
            if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in rerun]
     for t in cut:
-        study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
+        # a queued trial stopped as it started has sampled nothing: its values are still the ones queued
+        study.enqueue_trial({**t.system_attrs.get("fixed_params", {}), **t.params}, user_attrs={"rerun_of": t.number})
     return [t.number for t in cut]
 
 

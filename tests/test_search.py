@@ -521,6 +521,26 @@ def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, cod
     assert search_module.requeue_interrupted(optuna_study(paths["storage"], "cut")) == []  # re-run once, not again
 
 
+def test_a_rerun_stopped_before_it_sampled_is_queued_again_with_its_values(workdir):
+    """A stop held between trials is raised as the next trial starts, before it samples: when that trial was the
+    re-run of an interrupted one, it had no params, and the next resume queued {} (a random trial) in its place."""
+    import optuna
+
+    from compress import search as search_module
+
+    study = optuna.create_study(storage=f"sqlite:///{workdir}/optuna.db", study_name="again")
+    first = study.ask({"layers": optuna.distributions.IntDistribution(1, 4)})
+    first.set_user_attr("interrupted", True)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    assert search_module.requeue_interrupted(study) == [0]
+    rerun = study.ask()  # the queued values, not yet sampled
+    rerun.set_user_attr("interrupted", True)
+    study.tell(rerun, state=optuna.trial.TrialState.FAIL)
+    assert search_module.requeue_interrupted(study) == [1]
+    queued = study.get_trials(deepcopy=False)[-1]
+    assert queued.system_attrs["fixed_params"] == first.params and queued.user_attrs["rerun_of"] == 1
+
+
 def optuna_study(storage: str, name: str):
     import optuna
 
