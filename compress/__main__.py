@@ -59,8 +59,8 @@ def _normalise_flags(argv: list[str]) -> list[str]:
     _AS_TYPED["command"] = command or ""
     for i, arg in enumerate(argv):
         if arg.startswith("--") and arg != "--print_config":
+            typed = arg
             name, eq, value = arg[2:].partition("=")
-            _AS_TYPED["--" + name.replace("-", "_") + eq + value] = arg  # an unknown flag is named as typed
             name = name.replace("-", "_")
             following = argv[i + 1].lower() if i + 1 < len(argv) else ""
             if name in bools and not eq and following not in ("true", "false"):
@@ -68,6 +68,7 @@ def _normalise_flags(argv: list[str]) -> list[str]:
             if name in lists and not (value if eq else following).startswith("["):
                 name += "+"  # append one item; a JSON-style [a, b] still sets the whole list
             arg = "--" + name + eq + value
+            _AS_TYPED[arg] = typed  # an unknown flag is named as typed
         out.append(arg)
     return out
 
@@ -133,6 +134,8 @@ def _did_you_mean(given: list[str]) -> str:
     if command is None or len(flags) != 1:
         return ""
     names = list(inspect.signature(command).parameters)
+    if flags[0] in names:  # a flag of the command, given before its name
+        return f"; give it after the command name (compress {_AS_TYPED['command']} {given[0]} ...)"
     # a flag cut short (--temp; abbreviations are refused) or misspelt (--max_len, --epoch)
     close = [n for n in names if n.startswith(flags[0])] or difflib.get_close_matches(flags[0], names, n=1, cutoff=0.75)
     return f"; did you mean --{close[0]}?" if len(close) == 1 else ""

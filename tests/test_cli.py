@@ -189,6 +189,9 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
      "unrecognized arguments: --max-len 64; did you mean --max_length? (see compress distill --help)"),
     (["distill", "--teacher", "t", "--temp=2", "--epoch", "1"],
      "unrecognized arguments: --temp=2 --epoch 1 (see compress distill --help)"),
+    (["--resume", "distill", "--teacher", "t"],  # it said --resume=true, and "did you mean --resume?"
+     "unrecognized arguments: --resume; give it after the command name (compress distill --resume ...) "
+     "(see compress --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
     (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
