@@ -90,6 +90,11 @@ def _quiet_mlflow_while_stopping() -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    if _fitting.is_set() and not _fit_alone.is_set():
+        # DDP's ranks get a stop twice (a scheduler signals the whole group, and rank 0's Lightning passes it on):
+        # the second is not "quit now", which cut a rank mid-step and left the others in a collective
+        _sigterm_seen.set()
+        return
     if _sigterm_seen.is_set():  # the first stop is not finishing (MLflow retries a dead server for minutes): quit now
         print("compress: terminated (SIGTERM) again; quitting without closing its runs", file=sys.stderr, flush=True)
         os._exit(143)

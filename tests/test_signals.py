@@ -183,6 +183,24 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
         assert proc.returncode == code and said in err and "Traceback" not in err, err
 
 
+def test_a_second_sigterm_in_a_fit_with_other_ranks_is_not_quit_now() -> None:
+    """A scheduler signals the whole process group and rank 0's Lightning passes the stop on, so each DDP rank gets
+    SIGTERM twice; the second quit the rank at once (os._exit, mid-step) and left the others in a collective."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, time\n"
+        "from compress.signals import lightning_fit, sigterm_raises, sigterm_received\n"
+        "with sigterm_raises(), lightning_fit(alone=False):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "    print('stopping with Lightning', sigterm_received())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopping with Lightning True"), done.stderr[-2000:]
+
+
 def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, workdir, monkeypatch) -> None:
     """A stop while the student was scored, timed or saved threw the training away when no timed checkpoint had
     been written yet (a short fit): --resume trained again from the start. Now it resumes from the checkpoint taken
