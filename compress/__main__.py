@@ -9,6 +9,7 @@ answers at once.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from compress.bench import bench
@@ -108,6 +109,15 @@ def _one_line_parser():
             if unrecognized:  # as the user typed them (--max-len, not --max_len), and the flag meant if it is clear
                 given = [_AS_TYPED.get(a, a) for a in unrecognized.group(1).split(" ")]
                 text = f"unrecognized arguments: {' '.join(given)}" + _did_you_mean(given)
+            if re.fullmatch(r'expected "subcommand" to be one of .*but it was not provided\.', text):
+                text = f"give a command: {', '.join(COMMANDS)}"
+            choice = re.fullmatch(r"argument subcommand: invalid choice: '(.*?)' \(choose from .*\)", text)
+            if choice:  # a typo of a command ('distil')
+                import difflib
+
+                close = difflib.get_close_matches(choice.group(1), list(COMMANDS), n=1, cutoff=0.6)
+                text = f"no command {choice.group(1)!r}; the commands are {', '.join(COMMANDS)}"
+                text += f"; did you mean {close[0]}?" if close else ""
             unknown = re.fullmatch(r"Subcommand '(\w+)' does not accept option '(\w+)'", text)
             if unknown:  # often a config written for another command
                 text = f"compress {unknown.group(1)} has no flag --{unknown.group(2)}"
@@ -196,6 +206,34 @@ def _check_config_files(argv: list[str]) -> None:
                                 "'teacher: minilm-l6'")
 
 
+def _version() -> str:
+    """compress's version and the libraries a result depends on, read from their metadata (no import: --version
+    answers at once), for a bug report or a run to compare."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from compress import __version__
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ("torch", "transformers", "lightning", "optuna", "mlflow", "onnxruntime")
+    return f"compress {__version__} ({', '.join(f'{name} {of(name)}' for name in libraries)})"
+
+
+class _PrintVersion(argparse.Action):
+    """argparse's version action wraps its line at the terminal's width; a version is one line to paste."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_version())
+        parser.exit()
+
+
 def _run(argv: list[str]) -> None:
     """Parse, check what every command shares, then call the command: jsonargparse's CLI would call it straight
     from the parse, leaving no place to expand ~ in path flags."""
@@ -205,6 +243,8 @@ def _run(argv: list[str]) -> None:
     parser = auto_parser(COMMANDS, prog="compress", as_positional=False, parser_class=_one_line_parser(),
                          description="Distil, share, prune, search and export BERT-family models; every run tracked "
                                      "in MLflow.")
+    parser.add_argument("--version", action=_PrintVersion, default=argparse.SUPPRESS,
+                        help="print compress's version and those of the libraries it runs on, and exit")
     init = parser.instantiate(parser.parse_args(argv))
     command = init.subcommand
     values = dict(init[command].items())

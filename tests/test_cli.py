@@ -193,6 +193,9 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
      "unrecognized arguments: --resume; give it after the command name (compress distill --resume ...) "
      "(see compress --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
+    ([], "give a command: distill, finetune, evaluate, export, bench, prune, share, search, ui (see compress --help)"),
+    (["distil", "--teacher", "t"], "no command 'distil'; the commands are distill, finetune, evaluate, export, bench, "
+                                   "prune, share, search, ui; did you mean distill? (see compress --help)"),
     (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
 def test_a_flag_that_does_not_parse_is_one_line(args: list[str], line: str) -> None:
@@ -211,6 +214,17 @@ def test_a_config_that_is_no_set_of_the_commands_flags_is_one_line(text: str, li
     code, out, err = run_main(["distill", "--config", "c.yaml"])
     assert code in (1, 2) and out == "" and err == f"compress: error: {line}" + err.split(line, 1)[1], err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_version_is_one_line_with_the_libraries_a_result_depends_on() -> None:
+    from importlib.metadata import version
+
+    import compress
+
+    code, out, err = run_main(["--version"])
+    assert (code, err) == (0, "")
+    assert out.startswith(f"compress {compress.__version__} (torch {version('torch')}, transformers ")
+    assert out.count("\n") == 1 and "mlflow" in out
 
 
 def test_the_three_core_commands_exist() -> None:
