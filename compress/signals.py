@@ -23,13 +23,11 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
 _fitting = threading.Event()
+_fit_alone = threading.Event()  # the fit runs in this process alone: no launcher, no other ranks
 _stopping = threading.Event()  # a first SIGTERM or Ctrl-C arrived; the work is closing down
 _sigterm_seen = threading.Event()
 _holding = threading.Event()  # a search is between its trials, in Optuna's bookkeeping: a stop waits for a trial
 _held: list[type[KeyboardInterrupt]] = []  # the stop that waits: Terminated or KeyboardInterrupt
-
-
-_fit_alone = threading.Event()  # the fit runs in this process alone: no launcher, no other ranks
 
 
 @contextmanager
