@@ -237,6 +237,10 @@ def run_training(
         cfg.progress = hooks["progress"]
     quiet_libraries()
     with RunState(output, resume, overwrite) as state:  # holds OUTPUT.partial's lock until it ends
+        if state.nothing_left:
+            print(f"--resume: the run stopped before it wrote anything to {state.dir}; starting it now",
+                  file=sys.stderr)
+            resume = False
         accelerator = resolve_accelerator(cfg.accelerator)
         precision = resolve_precision(cfg.precision, accelerator)
         workers = cfg.num_workers if cfg.num_workers is not None else (4 if accelerator == "cuda" else 0)

@@ -678,15 +678,20 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
         raise SystemExit(stop_said(stop)[1]) from None
 
 
-def requeue_interrupted(study) -> list[int]:
-    """Queue again the parameters of each trial a Ctrl-C cut short and no later trial has re-run, so the next run of
-    the study starts with them; returns their numbers."""
+def interrupted_trials(study) -> list:
+    """The trials a stop cut short that no later trial has re-run."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     rerun = {t.user_attrs.get("rerun_of") for t in trials}
-    cut = [t for t in trials
-           if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in rerun]
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in rerun]
+
+
+def requeue_interrupted(study) -> list[int]:
+    """Queue again the parameters of each trial a Ctrl-C cut short and no later trial has re-run, so the next run of
+    the study starts with them; returns their numbers."""
+    cut = interrupted_trials(study)
     for t in cut:
         # a queued trial stopped as it started has sampled nothing: its values are still the ones queued
         study.enqueue_trial({**t.system_attrs.get("fixed_params", {}), **t.params}, user_attrs={"rerun_of": t.number})
@@ -1142,8 +1147,11 @@ def run_search(
     except KeyboardInterrupt as stop:
         said = stop_said(stop)[0]
         close_after(True, lambda: mlflow_client(tracking).set_terminated(ctx.parent_run_id, "KILLED"))
-        print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study (a trial "
-              "it cut short runs again first)", file=sys.stderr)
+        cut = True  # said unless the study shows none (a stop between trials cuts none short)
+        with contextlib.suppress(Exception):  # at best: a stop can leave the store locked
+            cut = bool(interrupted_trials(load_study(ctx)))
+        print(f"compress: search {said}; rerun the same command (--study {name}) to continue the study"
+              + (" (a trial it cut short runs again first)" if cut else ""), file=sys.stderr)
         stop.reported = True
         raise
     except BaseException:

@@ -103,6 +103,7 @@ class RunState:
         # only helps with fit, so it neither checks nor writes the folder, and reads rank 0's run id from it.
         self._child = rank_zero_only.rank != 0
         self._lock = None  # OUTPUT.partial/lock, taken at the first write (rank 0 only)
+        self.nothing_left = False
         if self._child:
             return
         check_output(output)
@@ -117,8 +118,9 @@ class RunState:
                     "or --overwrite to start over"
                 )
             shutil.rmtree(self.dir)
-        if resume and not self.dir.exists():
-            raise CompressError(f"--resume: no interrupted run to resume at {self.dir}")
+        # A stop before the run's first write leaves nothing to resume, and the stop's last line still says
+        # --resume (it cannot know): the run starts as new (run_training says so) rather than refuse.
+        self.nothing_left = resume and not self.dir.exists()
 
     @staticmethod
     def partial(output: Path) -> Path:

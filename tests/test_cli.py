@@ -558,6 +558,16 @@ def _loads(path: Path) -> bool:
         return False
 
 
+def test_resume_when_the_stop_came_before_anything_was_written_starts_the_run(tiny_teacher, tiny_data, workdir):
+    """A stop while the models loaded or prune scored its heads leaves no OUTPUT.partial, and its last line says
+    "rerun with --resume" all the same; that rerun failed with "no interrupted run to resume"."""
+    code, _, err = run_main(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST,
+                             *track(workdir), "--output", "never", "--resume"])
+    assert code == 0, err[-2000:]
+    assert f"--resume: the run stopped before it wrote anything to {Path('never.partial')}; starting it now" in err
+    assert "no checkpoint was written yet" not in err and (workdir / "never" / "model.safetensors").exists()
+
+
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # expected on resume
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     # 96 rows / batch 8 = 12 steps per epoch, 24 in all, a checkpoint every 3
