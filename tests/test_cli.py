@@ -836,7 +836,6 @@ BAD_INPUTS = {
                              ["--checkpoint_minutes 0", "must be > 0"]),
     "student-and-layers": (lambda w, t, d: ["--teacher", t, "--data", d, "--student", t, "--layers", "2"],
                            ["--student", "--layers"]),
-    "resume-nothing": (lambda w, t, d: ["--teacher", t, "--data", d, "--resume"], ["--resume"]),
     "fsdp-on-a-cpu": (lambda w, t, d: ["--teacher", t, "--data", d, "--accelerator", "cpu", "--strategy", "fsdp"],
                       ["--strategy fsdp", "GPU"]),
     "device-map-with-ddp": (lambda w, t, d: ["--teacher", t, "--data", d, "--teacher_device_map", "auto",
