@@ -89,8 +89,9 @@ def _quiet_mlflow_while_stopping() -> None:
 
 def _on_sigterm(signum, frame) -> None:
     if _fitting.is_set() and not _fit_alone.is_set():
-        # DDP's ranks get a stop twice (a scheduler signals the whole group, and rank 0's Lightning passes it on):
-        # the second is not "quit now", which cut a rank mid-step and left the others in a collective
+        # a fit with other ranks is Lightning's throughout (lightning_fit). Its ranks get a stop twice (a scheduler
+        # signals the whole group, and rank 0's Lightning passes it on): the second is not "quit now", which cut a
+        # rank mid-step and left the others in a collective
         _sigterm_seen.set()
         return
     if _sigterm_seen.is_set():  # the first stop is not finishing (MLflow retries a dead server for minutes): quit now
@@ -103,7 +104,7 @@ def _on_sigterm(signum, frame) -> None:
     # of its loop to its teardown: before (the data and model set up) and after, this handler is the one installed,
     # and the stop is ours to raise. Lightning takes it for a Ctrl-C and shuts the fit down; fit_or_stop tells them
     # apart. A fit that ends without a batch left to stop at: fit_or_stop asks sigterm_received().
-    if _fitting.is_set() and (not _fit_alone.is_set() or signal.getsignal(signal.SIGTERM) is not _on_sigterm):
+    if _fitting.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         return
     _stopping.set()
     if _holding.is_set():
