@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
-from compress.signals import lightning_fit, release_frames, sigterm_received
+from compress.signals import ctrl_c_seen, lightning_fit, release_frames, sigterm_received
 from compress.tracking import shown, where_to_look
 
 
@@ -104,7 +104,8 @@ def closes_run_on_error(logger, errors: bool = True):
     try:
         yield
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        # a Ctrl-C that came out as another error is still a stop (signals.ctrl_c_remembered)
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) or ctrl_c_seen() else "FAILED"
         if status == "FAILED" and not errors:
             raise
         if status == "KILLED":

@@ -26,6 +26,7 @@ _fitting = threading.Event()
 _fit_alone = threading.Event()  # the fit runs in this process alone: no launcher, no other ranks
 _stopping = threading.Event()  # a first SIGTERM or Ctrl-C arrived; the work is closing down
 _sigterm_seen = threading.Event()
+_ctrl_c_seen = threading.Event()  # a Ctrl-C came since the command began, raised where it landed or not
 _holding = threading.Event()  # a search is between its trials, in Optuna's bookkeeping: a stop waits for a trial
 _held: list[type[KeyboardInterrupt]] = []  # the stop that waits: Terminated or KeyboardInterrupt
 
@@ -176,6 +177,36 @@ def sigterm_raises():
             _sigterm_seen.clear()
 
 
+def _on_sigint(signum, frame) -> None:
+    _ctrl_c_seen.set()
+    signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def ctrl_c_remembered():
+    """Ctrl-C raises KeyboardInterrupt in this block as always, and is remembered (`ctrl_c_seen`), for when it was
+    not raised where it landed. A Ctrl-C during a pybind11 extension's import (Lightning imports SciPy, matplotlib
+    and torchmetrics as a command starts) comes out as ImportError("initialization failed"), which a library may
+    take for "not installed" and go on; the next import of that module then failed with a traceback ("type ObjSense
+    is already registered"), not the stop's one line. Only the main thread's default handler is wrapped: a SIGINT
+    ignored (a shell's background job) stays ignored."""
+    installed = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    _ctrl_c_seen.clear()
+    if installed:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        if installed and signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def ctrl_c_seen() -> bool:
+    """Whether a Ctrl-C came in ctrl_c_remembered's block (the command), or to a CtrlC."""
+    return _ctrl_c_seen.is_set()
+
+
 class CtrlC:
     """Remembers a Ctrl-C, so one that Python dropped still stops a search after its trial.
 
@@ -188,12 +219,13 @@ class CtrlC:
     """
 
     def __init__(self) -> None:
-        self.pressed, self.presses, self._installed, self._unraisable = False, 0, False, None
+        self.pressed, self.presses, self._installed, self._unraisable, self._previous = False, 0, False, None, None
 
     def __enter__(self) -> Self:
         _quiet_mlflow_while_stopping()
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self._previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() \
+            else None
+        if self._previous in (signal.default_int_handler, _on_sigint):
             signal.signal(signal.SIGINT, self._on_signal)
             self._installed = True
             # Python reports the Ctrl-C it dropped in a __del__ as "Exception ignored ... KeyboardInterrupt", a
@@ -208,6 +240,7 @@ class CtrlC:
 
     def _on_signal(self, signum, frame) -> None:
         self.presses += 1
+        _ctrl_c_seen.set()
         if self.presses == 1:
             self.pressed = True
             _stopping.set()
@@ -230,6 +263,6 @@ class CtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, self._previous)
             sys.unraisablehook = self._unraisable
             _stopping.clear()

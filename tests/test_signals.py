@@ -183,6 +183,39 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
         assert proc.returncode == code and said in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(("then", "teardown"), [("ImportError", False), ("RuntimeError", True)])
+def test_a_ctrl_c_that_a_library_turned_into_another_error_still_stops_in_one_line(then, teardown) -> None:
+    """A Ctrl-C during a pybind11 extension's import comes out as ImportError("initialization failed"); Lightning's
+    import of torchmetrics took that for "not installed" and went on, and the next import of SciPy's HiGHS module
+    failed with a traceback ('type "ObjSense" is already registered') and exit 1. After an import cut short, the
+    interpreter's teardown is skipped: CPython aborted on matplotlib's half-made ft2font there."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, signal, sys\n"
+        "from compress import __main__ as cli\n"
+        "def boom(then: str = 'ImportError') -> None:\n"
+        "    try:\n"
+        "        try:\n"
+        "            signal.raise_signal(signal.SIGINT)  # lands in an extension's module init\n"
+        "        except KeyboardInterrupt as cut:\n"
+        "            raise ImportError('initialization failed') from cut  # what pybind11 makes of it\n"
+        "    except ImportError:\n"
+        "        pass  # a library's 'not installed'\n"
+        "    raise {'ImportError': ImportError, 'RuntimeError': RuntimeError}[then]('the next import failed')\n"
+        "cli.COMMANDS['boom'] = boom\n"
+        "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+        "cli.main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "boom", "--then", then], capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0] == "compress: interrupted; rerun with --resume to continue from the last checkpoint"
+    assert lines[1:] == (["teardown ran"] if teardown else []), done.stderr
+
+
 def test_a_second_sigterm_in_a_fit_with_other_ranks_is_not_quit_now() -> None:
     """A scheduler signals the whole process group and rank 0's Lightning passes the stop on, so each DDP rank gets
     SIGTERM twice; the second quit the rank at once (os._exit, mid-step) and left the others in a collective."""
