@@ -21,7 +21,7 @@ from compress.export import export
 from compress.finetune import finetune
 from compress.prune import prune
 from compress.share import share
-from compress.signals import ctrl_c_remembered, ctrl_c_seen, sigterm_raises
+from compress.signals import ctrl_c_remembered, sigterm_raises
 from compress.search import search
 from compress.ui import ui
 
@@ -259,28 +259,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with sigterm_raises(), ctrl_c_remembered():
             _run(argv)
-    except KeyboardInterrupt as stop:
-        _stopped(stop)
-    except Exception as err:
-        if ctrl_c_seen():  # the Ctrl-C came out as another error (ctrl_c_remembered): the stop is still the news
-            _stopped(KeyboardInterrupt(), cut_import=_in_chain(err, ImportError))
-        if not isinstance(err, CompressError):
-            raise
+    except CompressError as err:
         print(f"compress: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _stopped(stop: KeyboardInterrupt, cut_import: bool = False) -> None:
-    said, code = stop_said(stop)
-    print(f"compress: {said}; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
-    if cut_import:
-        # the Ctrl-C cut a C extension's import short: CPython kept the half-made module, and shutting the
-        # interpreter down then aborted on it ("Fatal Python error: PyThreadState_Get", SIGABRT, after this line).
-        # The commands have closed their runs and partial outputs by now; only the interpreter's teardown is skipped
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code) from None
+    except KeyboardInterrupt as stop:
+        said, code = stop_said(stop)
+        print(f"compress: {said}; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        if _in_chain(stop, ImportError):
+            # the Ctrl-C cut a C extension's import short (signals.ctrl_c_remembered): CPython keeps the half-made
+            # module, and shutting the interpreter down aborted on it ("Fatal Python error: PyThreadState_Get",
+            # SIGABRT, after this line). The command has closed its runs and partial outputs by now; only the
+            # interpreter's teardown is skipped
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise SystemExit(code) from None
 
 
 def _in_chain(error: BaseException | None, kind: type[BaseException]) -> bool:

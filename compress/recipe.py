@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compress.errors import CompressError, Terminated
 from compress.flags import check_all, check_devices
-from compress.signals import ctrl_c_seen, lightning_fit, release_frames, sigterm_received
+from compress.signals import ctrl_c_seen, lightning_fit, raise_dropped_ctrl_c, release_frames, sigterm_received
 from compress.tracking import shown, where_to_look
 
 
@@ -73,8 +73,11 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
     with no output written, so `compress finetune && compress distill` went on as if it had worked."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    alone = trainer.world_size == 1 and trainer.strategy.launcher is None
+    if alone:  # a fit with other ranks is Lightning's to stop, all ranks together (lightning_fit)
+        raise_dropped_ctrl_c()
     try:
-        with lightning_fit(alone=trainer.world_size == 1 and trainer.strategy.launcher is None):
+        with lightning_fit(alone=alone):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
         _close_progress_bars(trainer)
@@ -92,6 +95,8 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         raise
     if sigterm_received():  # in the last batch or as the loop ended: Lightning noted it and let fit finish
         raise Terminated
+    if alone:  # a Ctrl-C dropped in a __del__ during the fit: Lightning trained on
+        raise_dropped_ctrl_c()
 
 
 @contextmanager

@@ -182,28 +182,54 @@ def _on_sigint(signum, frame) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def _unless_a_dropped_ctrl_c(report):
+    def hook(unraisable) -> None:
+        if not (_ctrl_c_seen.is_set() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            report(unraisable)
+    return hook
+
+
 @contextmanager
 def ctrl_c_remembered():
-    """Ctrl-C raises KeyboardInterrupt in this block as always, and is remembered (`ctrl_c_seen`), for when it was
-    not raised where it landed. A Ctrl-C during a pybind11 extension's import (Lightning imports SciPy, matplotlib
-    and torchmetrics as a command starts) comes out as ImportError("initialization failed"), which a library may
-    take for "not installed" and go on; the next import of that module then failed with a traceback ("type ObjSense
-    is already registered"), not the stop's one line. Only the main thread's default handler is wrapped: a SIGINT
-    ignored (a shell's background job) stays ignored."""
+    """Around a whole command: a Ctrl-C raises KeyboardInterrupt where it lands, as always, and is remembered for
+    when it did not stop the work there. Python drops an exception raised in a __del__ or a weakref callback (one
+    in importlib's module locks let `compress share` run to the end and exit 0, after printing "Exception ignored
+    ... KeyboardInterrupt"); `raise_dropped_ctrl_c` raises it at the next step, and the report is not printed. A
+    Ctrl-C in a pybind11 extension's import comes out as ImportError("initialization failed"), which a library may
+    take for "not installed" (Lightning imports torchmetrics, SciPy and matplotlib so): any error after a Ctrl-C
+    leaves this block as the KeyboardInterrupt, not as the traceback of the next import to fail. Only the main
+    thread's default handler is wrapped: a SIGINT ignored (a shell's background job) stays ignored."""
     installed = (threading.current_thread() is threading.main_thread()
                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     _ctrl_c_seen.clear()
+    report = sys.unraisablehook
     if installed:
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unless_a_dropped_ctrl_c(report)
     try:
         yield
+    except Exception as err:
+        if _ctrl_c_seen.is_set():
+            raise KeyboardInterrupt from err
+        raise
     finally:
-        if installed and signal.getsignal(signal.SIGINT) is _on_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if installed:
+            if signal.getsignal(signal.SIGINT) is _on_sigint:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = report
+        _ctrl_c_seen.clear()
+
+
+def raise_dropped_ctrl_c() -> None:
+    """Raise a Ctrl-C that came in ctrl_c_remembered's block and did not stop the work where it landed; called as
+    a command's libraries are loaded and as a fit starts and ends. A Ctrl-C that was raised is handled by then (it
+    stopped the command), so one remembered here was dropped."""
+    if _ctrl_c_seen.is_set():
+        raise KeyboardInterrupt
 
 
 def ctrl_c_seen() -> bool:
-    """Whether a Ctrl-C came in ctrl_c_remembered's block (the command), or to a CtrlC."""
+    """Whether a Ctrl-C came in ctrl_c_remembered's block (the command)."""
     return _ctrl_c_seen.is_set()
 
 
@@ -240,7 +266,6 @@ class CtrlC:
 
     def _on_signal(self, signum, frame) -> None:
         self.presses += 1
-        _ctrl_c_seen.set()
         if self.presses == 1:
             self.pressed = True
             _stopping.set()

@@ -18,13 +18,14 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
-from compress.signals import release_frames
+from compress.signals import raise_dropped_ctrl_c, release_frames
 from compress.outputs import check_output, check_overwrite, share_like_open
 from compress.tracking import shown
 
 
 def quiet_libraries() -> None:
-    """Silence what users cannot act on: Lightning's upsell tips, HF's per-file progress bars, known warnings."""
+    """Silence what users cannot act on: Lightning's upsell tips, HF's per-file progress bars, known warnings; and
+    stop for a Ctrl-C that the libraries' imports dropped (signals.ctrl_c_remembered)."""
     import logging
     import warnings
 
@@ -44,6 +45,8 @@ def quiet_libraries() -> None:
         r".*Checkpoint directory .* exists and is not empty.*",  # expected on --resume
     ):
         warnings.filterwarnings("ignore", message=pattern)
+    # every command calls this once its libraries are loaded: a Ctrl-C that their imports dropped stops it here
+    raise_dropped_ctrl_c()
 
 
 def resolve_accelerator(accelerator: str) -> str:

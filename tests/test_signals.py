@@ -183,19 +183,29 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
         assert proc.returncode == code and said in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize(("then", "teardown"), [("ImportError", False), ("RuntimeError", True)])
-def test_a_ctrl_c_that_a_library_turned_into_another_error_still_stops_in_one_line(then, teardown) -> None:
+@pytest.mark.parametrize(("then", "teardown"), [("ImportError", False), ("RuntimeError", True), ("del", True)])
+def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then, teardown) -> None:
     """A Ctrl-C during a pybind11 extension's import comes out as ImportError("initialization failed"); Lightning's
     import of torchmetrics took that for "not installed" and went on, and the next import of SciPy's HiGHS module
     failed with a traceback ('type "ObjSense" is already registered') and exit 1. After an import cut short, the
-    interpreter's teardown is skipped: CPython aborted on matplotlib's half-made ft2font there."""
+    interpreter's teardown is skipped: CPython aborted on matplotlib's half-made ft2font there. One that landed in a
+    weakref callback of importlib's was dropped, and `compress share` ran to the end and exited 0."""
     import subprocess
     import sys
 
     script = (
         "import atexit, signal, sys\n"
         "from compress import __main__ as cli\n"
+        "class ModuleLock:\n"
+        "    def __del__(self):\n"
+        "        signal.raise_signal(signal.SIGINT)  # raised in a __del__: Python reports it and drops it\n"
         "def boom(then: str = 'ImportError') -> None:\n"
+        "    if then == 'del':\n"
+        "        ModuleLock()\n"
+        "        from compress.training import quiet_libraries\n"
+        "        quiet_libraries()  # each command's first step once its libraries are loaded\n"
+        "        print('went on', file=sys.stderr)\n"
+        "        return\n"
         "    try:\n"
         "        try:\n"
         "            signal.raise_signal(signal.SIGINT)  # lands in an extension's module init\n"
@@ -208,8 +218,9 @@ def test_a_ctrl_c_that_a_library_turned_into_another_error_still_stops_in_one_li
         "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
         "cli.main(sys.argv[1:])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, "boom", "--then", then], capture_output=True, text=True,
-                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    done = subprocess.run(  # preexec_fn: a background shell runs the tests with Ctrl-C ignored
+        [sys.executable, "-c", script, "boom", "--then", then], capture_output=True, text=True, timeout=120,
+        check=False, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert lines[0] == "compress: interrupted; rerun with --resume to continue from the last checkpoint"
@@ -301,4 +312,39 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == ["KILLED"]
     code, _, err = run_main([*args, "--resume"])  # and it goes on as it says
+    assert code == 0 and len(list(workdir.glob("outputs/*/model.safetensors"))) == 1, err[-2000:]
+
+
+def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_teacher, tiny_data, workdir) -> None:
+    """Python drops a KeyboardInterrupt raised in a __del__ (Lightning's loop frees objects with them each batch):
+    the fit trained on, and the command finished and exited 0, the Ctrl-C forgotten."""
+    import lightning.pytorch as pl
+    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
+
+    from compress.recipe import run_hooks
+
+    class Freed:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    class CtrlCInADel(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 1:
+                Freed()
+
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
+    args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", *FAST, *track(workdir)]
+    try:
+        with run_hooks(callbacks=[CtrlCInADel()]):
+            code, _, err = run_main(args)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert code == 130 and "Exception ignored" not in err, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == ("compress: interrupted; rerun with --resume to continue from the last "
+                                             "checkpoint"), err[-2000:]
+    assert not list(workdir.glob("outputs/*/model.safetensors"))  # nothing written that looks finished
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs] == ["KILLED"]
+    code, _, err = run_main([*args, "--resume"])
     assert code == 0 and len(list(workdir.glob("outputs/*/model.safetensors"))) == 1, err[-2000:]
