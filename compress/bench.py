@@ -117,12 +117,11 @@ def load_candidate(name: str, taken: set[str], device: str, threads: int) -> Can
                          session=session)
 
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     import compress.modeling  # noqa: F401  (registers compress_bert: pruned and shared models)
     from compress.measure import count_params
-    from compress.models import load_config, resolve_model
+    from compress.models import load_config, load_weights, resolve_model
 
     if path.is_file():
         raise CompressError(f"--model {name}: a file that is not .onnx; pass a saved model folder or an .onnx file")
@@ -134,10 +133,7 @@ def load_candidate(name: str, taken: set[str], device: str, threads: int) -> Can
     config = load_config(folder, "--model")
     head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     auto = AutoModelForSequenceClassification if head else AutoModel
-    try:
-        model = auto.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32).eval().to(device)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise CompressError(f"--model {name}: cannot load the weights ({str(err).splitlines()[0]})") from None
+    model = load_weights(auto, folder, "--model", trust_remote_code=False, dtype=torch.float32).eval().to(device)
     import inspect
 
     accepted = set(inspect.signature(model.forward).parameters)

@@ -97,22 +97,17 @@ def model_from_run(run_id: str, tracking: str, scratch: Path) -> str:
 def load_for_export(path: str, flag: str = "--model", max_length: int | None = None):
     """The classifier in fp32 eval mode and its tokenizer; any model type the Auto classes know, no remote code."""
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     import compress.modeling  # noqa: F401  (registers compress_bert, the class of pruned and shared models)
-    from compress.models import load_config, load_tokenizer
+    from compress.models import load_config, load_tokenizer, load_weights
 
     config = load_config(path, flag)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise CompressError(
             f"{flag} {path}: has no sequence-classification head to export; fine-tune or distil it first"
         )
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False,
-                                                                   dtype=torch.float32)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
+    model = load_weights(AutoModelForSequenceClassification, path, flag, trust_remote_code=False, dtype=torch.float32)
     return model.eval(), load_tokenizer(path, flag, model.config, max_length)
 
 

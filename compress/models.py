@@ -92,10 +92,55 @@ def load_config(path: str, flag: str = "--model"):
 
     import compress.modeling  # noqa: F401  (registers compress_bert, which the CLI skips at start-up)
 
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise CompressError(f"{flag} {path}: unreadable config.json ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:  # StrictDataclassError: a field
+        # of the wrong type ("hidden_size": "32")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        said = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Validation error for field 'x':" ...
+        raise CompressError(f"{flag} {path}: unreadable config.json ({said})") from None
+
+
+def load_weights(auto, path: str, flag: str, fresh_head: bool = False, **kwargs) -> PreTrainedModel:
+    """`auto.from_pretrained(path)`, refused in one line when the weights file does not match config.json.
+
+    transformers loads a file that lacks some of the body's tensors (a layer dropped, another model's file), holds
+    more of them (a config with fewer layers) or holds them in other sizes, leaves those weights random, and says so
+    in a log line (which load_classifier silences for the head's sake): evaluate, export and bench then worked on
+    random weights and exited 0. Only a classifier head being added (`fresh_head`, with the pooler it reads when
+    the checkpoint has none) may be new or resized; tensors beside the body, such as a pretraining head, are left.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # SafetensorError: a truncated or
+        # corrupt weights file
+        raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
+    prefix = f"{model.base_model_prefix}."
+    body = {name for name, _ in model.base_model.named_children()}
+
+    def part(key: str) -> str:
+        key = key.removeprefix(prefix)
+        return key.split(".")[0] if key.split(".")[0] in body else "head"
+
+    new_ok = {"head", "pooler"} if fresh_head else set()
+    lacking = [k for k in info["missing_keys"] if part(k) not in new_ok]
+    resized = [k for k, *_ in info["mismatched_keys"] if part(k) not in new_ok]
+    extra = [k for k in info["unexpected_keys"] if part(k) != "head"]
+    def some(keys: list[str]) -> str:
+        keys = sorted(keys)
+        return f"{keys[0]}, ..." if len(keys) > 1 else keys[0]
+
+    found = ([f"it lacks {len(lacking)} of the model's tensors ({some(lacking)})"] if lacking else []) + \
+        ([f"{len(resized)} of its tensors have other sizes than config.json gives ({some(resized)})"] if resized
+         else []) + \
+        ([f"it holds {len(extra)} tensors that config.json has no place for ({some(extra)})"] if extra else [])
+    if found:
+        raise CompressError(f"{flag} {path}: the weights file does not match its config.json: {'; '.join(found)}")
+    return model
 
 
 def check_encoder(config, flag: str, types: set[str] = ENCODER_TYPES) -> None:
@@ -134,7 +179,6 @@ def load_classifier(
     while it loads.
     """
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -149,7 +193,6 @@ def load_classifier(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True,
         )
     # The "newly initialized weights" report is expected here (a head is being added); we say so ourselves.
     verbosity = hf_logging.get_verbosity()
@@ -159,9 +202,8 @@ def load_classifier(
         # the CPU, so only its generator is forked (forking every GPU's warns under multi-GPU runs).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=None, **kwargs)
-    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated or corrupt weights file
-        raise CompressError(f"{flag} {path}: cannot load the weights ({str(err).splitlines()[0]})") from None
+            model = load_weights(AutoModelForSequenceClassification, path, flag, fresh_head="num_labels" in kwargs,
+                                 use_safetensors=None, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if "num_labels" not in kwargs:  # names may have been LABEL_i; give them the task's names

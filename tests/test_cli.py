@@ -918,6 +918,31 @@ def test_evaluate_checks_its_flags_before_scoring(flags: list[str], wanted: str,
     assert wanted in line, line
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "bench", "prune", "distill", "finetune"])
+def test_a_weights_file_lacking_a_layer_is_refused_by_each_command(command: str, tiny_teacher: Path, tiny_data: Path,
+                                                                  workdir: Path) -> None:
+    """transformers left the missing layer random and said so in a log line compress silences (for a new head's
+    sake): evaluate scored, export wrote and bench timed a model of random weights, and each exited 0."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _model_copy(workdir, tiny_teacher, "lacking")
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layer.3." not in k}, str(folder / "model.safetensors"))
+    flag = "--teacher" if command == "distill" else "--model"
+    args = {"evaluate": ["--data", tiny_data], "export": ["--format", "hf", "--output", "out"],
+            "bench": ["--reps", "1", "--batch", "1", "--seq", "8"], "prune": ["--data", tiny_data, "--heads", "0.5",
+                                                                        "--output", "out"],
+            "distill": ["--data", tiny_data, "--output", "out"],
+            "finetune": ["--data", tiny_data, "--output", "out"]}[command]
+    tracked = [] if command in ("bench", "evaluate") else track(workdir)
+    code, _, err = run_main([command, flag, folder, *args, *tracked])
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert line == (f"compress: error: {flag} {folder}: the weights file does not match its config.json: it lacks 16 "
+                    "of the model's tensors (bert.encoder.layer.3.attention.output.LayerNorm.bias, ...)"), line
+    assert leftovers(workdir / "out") == []
+
+
 def test_json_out_never_takes_a_models_own_file(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     config = (tiny_teacher / "config.json").read_text()
     code, _, err = run_main(["evaluate", "--model", tiny_teacher, "--data", tiny_data,

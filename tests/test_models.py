@@ -1,6 +1,7 @@
 """compress.models: layer maps, the DistilBERT-style student, head detection, model resolution and the vocab check."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -173,6 +174,67 @@ def test_a_fresh_head_comes_from_the_seed_alone(tiny_encoder: Path) -> None:
         assert torch.equal(after, torch.rand(3))
     assert torch.equal(heads[0], heads[1])  # same seed, whatever the caller's random state
     assert not torch.equal(heads[0], heads[2])
+
+
+def _copy_with(src: Path, dst: Path, *, config: dict | None = None, drop: str | None = None) -> Path:
+    """`src` copied, its config.json updated with `config` and the tensors whose names hold `drop` left out."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config:
+        (dst / "config.json").write_text(json.dumps(json.loads((dst / "config.json").read_text()) | config))
+    if drop:
+        weights = load_file(str(dst / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if drop not in k}, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize(("change", "wanted"), [
+    ({"drop": ".layer.3."}, "it lacks 16 of the model's tensors (bert.encoder.layer.3."),
+    ({"config": {"num_hidden_layers": 2}},
+     "it holds 32 tensors that config.json has no place for (bert.encoder.layer.2."),
+    ({"config": {"num_hidden_layers": 6}}, "it lacks 32 of the model's tensors (bert.encoder.layer.4."),
+    ({"config": {"intermediate_size": 128}}, "12 of its tensors have other sizes than config.json gives"),
+    ({"drop": "bert."}, "of the model's tensors (bert.embeddings.LayerNorm.bias, ...)"),  # 71, or 69 past the pooler
+    ({"drop": "classifier."}, "it lacks 2 of the model's tensors (classifier.bias, ...)"),
+])
+def test_a_weights_file_that_does_not_match_its_config_is_refused(change: dict, wanted: str, tiny_teacher: Path,
+                                                                  tmp_path: Path) -> None:
+    """transformers loads what matches and leaves the rest random (its report of it is silenced for a new head's
+    sake): evaluate, export and bench worked on random weights and exited 0."""
+    from transformers import AutoModelForSequenceClassification
+
+    from compress.models import load_weights
+
+    folder = _copy_with(tiny_teacher, tmp_path / "changed", **change)
+    with pytest.raises(CompressError, match=r"^--model .*changed: the weights file does not match its config\.json") \
+            as refused:
+        load_weights(AutoModelForSequenceClassification, str(folder), "--model")
+    assert wanted in str(refused.value)
+    if "classifier" in change.get("drop", ""):  # a head of the task's labels is the one part that may come new
+        assert load_classifier(str(folder), ["a", "b", "c"]).classifier.out_features == 3
+    else:
+        with pytest.raises(CompressError, match=re.escape(wanted)):
+            load_classifier(str(folder), ["a", "b", "c"])
+
+
+def test_a_pretraining_checkpoint_and_an_encoder_without_a_pooler_load_under_a_new_head(tiny_teacher: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Tensors beside the body (BERT's MLM and NSP heads) are no error, nor is a missing pooler, which a new head
+    is trained with (sentence encoders are often saved without one)."""
+    from transformers import AutoConfig, BertForPreTraining, BertModel
+
+    config = AutoConfig.from_pretrained(tiny_teacher)
+    BertForPreTraining(config).save_pretrained(tmp_path / "pretraining")
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "no_pooler")
+    for name in ("pretraining", "no_pooler"):
+        for file in tiny_teacher.glob("tokenizer*"):
+            (tmp_path / name / file.name).write_bytes(file.read_bytes())
+        assert load_classifier(str(tmp_path / name), ["a", "b"]).classifier.out_features == 2
+    with pytest.raises(CompressError, match=r"it lacks 2 of the model's tensors \(bert\.pooler\.dense\.bias"):
+        load_classifier(str(_copy_with(tiny_teacher, tmp_path / "headed_no_pooler", drop="pooler")), ["0", "1"])
 
 
 # --- resolve_model ----------------------------------------------------------------------------------------------------
