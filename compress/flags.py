@@ -6,6 +6,7 @@ it before a study opens: a bound stated once cannot drift between a command and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -57,6 +58,9 @@ BOUNDS: dict[str, Bound] = {
     "importance_batches": _at_least(1),
     # measurement
     **dict.fromkeys(("latency_reps", "latency_batch", "latency_seq"), _at_least(1)),
+    # NumPy's generator, which Lightning seeds, takes 0 to 2**32 - 1; a search offsets its sampler's seed per worker
+    "seed": Bound(lambda v: 0 <= v < 2**32, "between 0 and 4294967295"),
+    "sampler_seed": Bound(lambda v: 0 <= v < 2**31, "between 0 and 2147483647", "each worker adds its own offset"),
 }
 
 
@@ -64,6 +68,8 @@ def check(name: str, value: float | None) -> None:
     """Refuse `--NAME VALUE` outside its range, in one line that says the range (None means unset: nothing to
     check)."""
     bound = BOUNDS[name]
+    if value is not None and not math.isfinite(value):  # 1e309 parses as inf, which passes "> 0"; nan passes none
+        raise CompressError(f"--{name} {value}: must be a finite number")
     if value is not None and not bound.ok(value):
         shown = int(value) if isinstance(value, float) and value.is_integer() else value  # 0, as typed, not 0.0
         raise CompressError(f"--{name} {shown}: must be {bound.text}" + (f" ({bound.hint})" if bound.hint else ""))

@@ -49,7 +49,7 @@ class TrainConfig:
         check_all(batch_size=self.batch_size, lr=self.lr, warmup=self.warmup, weight_decay=self.weight_decay,
                   max_length=self.max_length, checkpoint_every=self.checkpoint_every,
                   checkpoint_minutes=self.checkpoint_minutes, latency_reps=self.latency_reps,
-                  num_workers=self.num_workers)
+                  num_workers=self.num_workers, seed=self.seed)
         check_devices(self.devices)
 
 
@@ -88,9 +88,9 @@ def fit_or_stop(trainer, module, datamodule, ckpt: str | None) -> None:
         # KeyboardInterrupt, and so is its own shutdown failing: a Ctrl-C that lands inside an MLflow write leaves
         # SQLite locked, and closing the run as FAILED then raises "database is locked". The checkpoints are whole
         # either way, and --resume continues the same run.
+        _close_progress_bars(trainer)  # an error's line too would land mid-bar, with the bar drawn again below it
         cut = _during_ctrl_c(stop)
         if cut:
-            _close_progress_bars(trainer)
             raise (Terminated if isinstance(cut, Terminated) else KeyboardInterrupt) from None
         raise
     if sigterm_received():  # in the last batch or as the loop ended: Lightning noted it and let fit finish

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CompressError, Terminated, stop_said
+from compress.flags import check_all
 from compress.outputs import check_folder, check_output
 from compress.finetune import slug
 from compress.signals import CtrlC, release_frames, sigterm_raises, stops_held_between_trials, stops_raise
@@ -249,7 +250,7 @@ def _check_values(dims: dict[str, Dimension]) -> None:
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
         bound = BOUNDS.get(flag)
-        bad = [v for v in _values(dim) if bound and not bound.ok(v)]
+        bad = [v for v in _values(dim) if bound and not (math.isfinite(v) and bound.ok(v))]  # YAML's .inf, .nan
         if bad:
             raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {flag} must be {bound.text}")
 
@@ -1090,6 +1091,7 @@ def run_search(
     for ok, message in checks:
         if not ok:
             raise CompressError(message)
+    check_all(sampler_seed=sampler_seed)
     try:
         import optuna  # noqa: F401
         import optuna_integration  # noqa: F401

@@ -271,13 +271,26 @@ class _ReleaseOnStop(pl.Callback):
             release_frames(exception)
 
 
+class _FailOnDivergence(pl.Callback):
+    """Fail a fit whose trained weights became NaN or inf, at the end of the epoch it happened in, before that
+    epoch's checkpoint is written. A learning rate too high diverged without a word: the NaN model was scored (an
+    argmax over NaN logits is class 0, which looked like a score), saved as a finished output and its run marked
+    FINISHED. One host sync an epoch."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trained = [p for p in pl_module.parameters() if p.requires_grad]
+        if trained and not torch.stack([torch.isfinite(p).all() for p in trained]).all():
+            raise CompressError(f"training diverged in epoch {trainer.current_epoch + 1}: the trained weights hold "
+                                "NaN or inf; try a lower --lr, with --overwrite to start over")
+
+
 def build_trainer(
     *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
     checkpoint_every: int = 0, checkpoint_minutes: float = 5.0, progress: bool = True, callbacks: list | None = None,
 ) -> pl.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    callbacks = [*(callbacks or []), _ReleaseOnStop()]
+    callbacks = [*(callbacks or []), _ReleaseOnStop(), _FailOnDivergence()]
     if progress:
         # tqdm, not rich: rich draws nothing until the end when stderr is a log file or a CI console
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 20))

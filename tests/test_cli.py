@@ -943,6 +943,22 @@ def test_a_weights_file_lacking_a_layer_is_refused_by_each_command(command: str,
     assert leftovers(workdir / "out") == []
 
 
+def test_a_run_that_diverges_fails_in_one_line_and_leaves_no_model(tiny_teacher: Path, tiny_data: Path,
+                                                                   workdir: Path) -> None:
+    """--lr 1e30 made every weight NaN: the model was scored (0.5, an argmax over NaN logits), saved as a finished
+    output, and its run marked FINISHED."""
+    code, _, err = run_main(["finetune", "--model", tiny_teacher, "--data", tiny_data, "--lr", "1e30", "--epochs", "2",
+                             "--output", "out", *FAST, *track(workdir)])
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = error_lines(err)  # at the start of its own line, not after the progress bar's
+    assert line == ("compress: error: training diverged in epoch 1: the trained weights hold NaN or inf; try a lower "
+                    "--lr, with --overwrite to start over"), err[-2000:]
+    assert "Epoch 1" not in err  # the second epoch never ran
+    assert not (workdir / "out").exists()
+    _, runs = mlflow_runs(sqlite_uri(workdir))
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_json_out_never_takes_a_models_own_file(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     config = (tiny_teacher / "config.json").read_text()
     code, _, err = run_main(["evaluate", "--model", tiny_teacher, "--data", tiny_data,
