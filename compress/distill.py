@@ -152,7 +152,7 @@ def distill(
     quiet_libraries()
     teacher_runs_bf16(accelerator, precision)  # refuses an unknown --accelerator or --precision now
     # before a teacher is fine-tuned for minutes (--output's default name needs the student)
-    checked = check_run_paths(output, reads=(teacher_path, student_path), tracking=tracking, cache=teacher_cache)
+    checked = check_run_paths(output, reads=(teacher_path, student_path, data), tracking=tracking, cache=teacher_cache)
     if checked is not None:
         RunState(checked, resume, overwrite)  # an existing folder without --overwrite, or nothing to resume
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)

@@ -574,7 +574,7 @@ def export(
             name = get_run(run, tracking).data.params.get("output") or f"run-{run[:8]}"
         else:
             path, name = resolve_model(model, "--model"), model
-        out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path,),
+        out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path, data),
                               tracking=tracking)  # read for --run and the card's lineage, written by --register
         check_overwrite(out, overwrite)
         net, tokenizer = load_for_export(path, "--run" if run else "--model", max_length)

@@ -148,6 +148,6 @@ def finetune(
     path = resolve_model(model, "--model")
     check_encoder(load_config(path, "--model"), "--model")
     default = f"outputs/finetune-{slug(model)}-{slug(task_data.name)}"
-    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking)
+    out = check_run_paths(output if output is not None else default, reads=(path, data), tracking=tracking)
     finetune_model(path, model, task_data, out, cfg, tracking=tracking, experiment=experiment, resume=resume,
                    overwrite=overwrite, params={"max_train": max_train})

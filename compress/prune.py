@@ -160,7 +160,7 @@ def prune(
     accelerator_name = resolve_accelerator(accelerator)
     desc = f"h{heads:g}-f{ffn:g}" + (f"-d{len(dropped)}" if dropped else "") + (f"-s{sparsity:g}" if sparsity else "")
     default = f"outputs/prune-{slug(model)}-{slug(task_data.name)}-{desc}"
-    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking,
+    out = check_run_paths(output if output is not None else default, reads=(path, data), tracking=tracking,
                           cache=teacher_cache if cache_teacher else None)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after minutes of scoring
 

@@ -174,7 +174,7 @@ def share(
     require_task_head(config, task_data, model)
     desc = f"{share}-g{groups}" + (f"-e{embedding}" if embedding else "")
     default = f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}"
-    out = check_run_paths(output if output is not None else default, reads=(path,), tracking=tracking,
+    out = check_run_paths(output if output is not None else default, reads=(path, data), tracking=tracking,
                           cache=teacher_cache if cache_teacher else None)
     RunState(out, resume, overwrite)  # refuses an existing --output now, not after the conversion
 

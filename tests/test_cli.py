@@ -902,6 +902,25 @@ def test_an_output_that_cannot_be_a_folder_is_refused_first(where: str, tiny_tea
         assert not (workdir / "mlruns").exists() or mlflow_runs(sqlite_uri(workdir / "mlruns")) == []
 
 
+@pytest.mark.parametrize("command", ["finetune", "distill", "prune", "share", "export"])
+def test_overwrite_never_deletes_the_data_the_run_reads(command: str, tiny_teacher: Path, tiny_data: Path,
+                                                        workdir: Path) -> None:
+    """--data inside an earlier output: --overwrite replaced the output, and the data folder went with it."""
+    import shutil
+
+    shutil.copytree(tiny_teacher, workdir / "earlier")
+    shutil.copytree(tiny_data, workdir / "earlier" / "mydata")
+    flag = "--teacher" if command == "distill" else "--model"
+    extra = {"prune": ["--heads", "0.5", *FAST], "export": ["--format", "hf"]}.get(command, FAST)
+    code, _, err = run_main([command, flag, tiny_teacher, "--data", workdir / "earlier" / "mydata", *extra,
+                             "--output", "earlier", "--overwrite", *track(workdir)])
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert line == (f"compress: error: --output earlier: holds {workdir / 'earlier' / 'mydata'}, which this run "
+                    "reads; choose another folder"), line
+    assert sorted(p.name for p in (workdir / "earlier" / "mydata").iterdir()) == ["dev.tsv", "train.tsv"]
+
+
 @pytest.mark.parametrize(("flags", "wanted"), [
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
     (["--latency_reps", "0"], "--latency_reps 0: must be at least 1"),
