@@ -268,25 +268,26 @@ def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _S
     train_rows = _rows(train_path, train_records, text_columns, label_column)
     dev_rows = _rows(dev_path, dev_records, text_columns, label_column)
 
+    if label_column in text_columns:
+        raise CompressError(f"--text_column {','.join(text_columns)}: holds --label_column {label_column} too; the "
+                            "model would read its own label")
     distinct = {label for _, _, label in train_rows}
-    if len(distinct) < 2:
+    # Integer labels keep their numeric order (so 0..K-1 map to themselves) and are one label however written ("1",
+    # "01", "1.0", as a spreadsheet's export writes them); anything else sorts as strings.
+    as_ints = {label: _integer(label) for label in distinct}
+    numeric = None not in as_ints.values()
+    label_names = [str(i) for i in sorted(set(as_ints.values()))] if numeric else sorted(distinct)
+    if len(label_names) < 2:
         raise CompressError(
-            f"--data: {train_path} has {len(distinct)} distinct label(s) in column {label_column!r}; classification "
-            "needs at least 2 (check --label_column)"
+            f"--data: {train_path} has {len(label_names)} distinct label(s) in column {label_column!r}; "
+            "classification needs at least 2 (check --label_column)"
         )
     # Most values unique: the column holds text or ids. (A real label set repeats; 150 intents over 1,500 rows pass.)
-    if len(distinct) > 20 and 2 * len(distinct) > len(train_rows):
+    if len(label_names) > 20 and 2 * len(label_names) > len(train_rows):
         raise CompressError(
-            f"--label_column {label_column}: {len(distinct):,} distinct values in {len(train_rows):,} rows of "
+            f"--label_column {label_column}: {len(label_names):,} distinct values in {len(train_rows):,} rows of "
             f"{train_path}, so it holds text or ids, not class labels; name the label column"
         )
-    # Integer labels keep their numeric order (so 0..K-1 map to themselves); anything else sorts as strings.
-    try:
-        label_names = [str(i) for i in sorted({int(label) for label in distinct})]
-        numeric = True
-    except ValueError:
-        label_names = sorted(distinct)
-        numeric = False
     index = {name: i for i, name in enumerate(label_names)}
     train_labels = _label_ids(train_path, train_rows, index, numeric)
     dev_labels = _label_ids(dev_path, dev_rows, index, numeric)
@@ -336,6 +337,9 @@ def _read_delimited(path: Path, text: str, *, tsv: bool) -> tuple[list[str], lis
                 continue
             if header is None:
                 header = [name.strip() for name in row]
+                twice = sorted({name for name in header if header.count(name) > 1})
+                if twice:  # zip() into a dict kept the last of them, unsaid
+                    raise CompressError(f"--data: {path} line {line}: the header names column {twice[0]!r} twice")
                 continue
             if len(row) != len(header):
                 raise CompressError(
@@ -421,15 +425,25 @@ def _rows(
     return rows
 
 
+def _integer(label: str) -> int | None:
+    """The integer a label writes ("1", "01", "1.0"), or None."""
+    try:
+        return int(label)
+    except ValueError:
+        pass
+    try:
+        number = float(label)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None  # is_integer: False for inf and nan
+
+
 def _label_ids(path: Path, rows: list[_Row], index: dict[str, int], numeric: bool) -> list[int]:
     ids = []
     for line, _, label in rows:
         key = label
-        if numeric:
-            try:
-                key = str(int(label))  # so "01" and "1" are the same label
-            except ValueError:
-                pass  # not an integer: cannot be one of the train labels, reported below
+        if numeric and _integer(label) is not None:  # else not an integer: no train label, reported below
+            key = str(_integer(label))
         if key not in index:
             raise CompressError(
                 f"--data: {path} line {line}: label {label!r} does not occur in the train file "

@@ -265,12 +265,17 @@ def run_training(
         inputs = _input_identity(task, params or {}, tracking)
         if resume:
             state.check_resume(all_params, inputs)
-        # The Trainer first: a strategy or device count Lightning refuses is reported before any MLflow run exists.
+        # The Trainer and the module first: what they refuse is reported before any MLflow run exists (one opened
+        # before was left RUNNING).
         trainer = build_trainer(epochs=cfg.epochs, accelerator=accelerator, precision=precision, devices=cfg.devices,
                                 strategy=cfg.strategy, logger=None, ckpt_dir=state.ckpt_dir,
                                 checkpoint_every=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
                                 progress=cfg.progress,
                                 callbacks=hooks.get("callbacks"))
+        module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric,
+                               temperature=temperature, weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               warmup=cfg.warmup, cache_teacher=cache_teacher, cache_file=cache_file,
+                               compile=cfg.compile)
         logger = make_logger(tracking, experiment, run_name, run_tags(accelerator, command) | hooks.get("tags", {}),
                               run_id=saved.get("run_id"))
         state.write(run_id=logger.run_id, params=all_params, inputs=inputs)
@@ -278,10 +283,6 @@ def run_training(
             logger.log_hyperparams(all_params)
             state.write(params_logged=True)
 
-        module = DistillModule(student, teacher, num_labels=task.num_labels, metric=task.metric,
-                               temperature=temperature, weights=weights, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               warmup=cfg.warmup, cache_teacher=cache_teacher, cache_file=cache_file,
-                               compile=cfg.compile)
         trainer.logger = logger
         ckpt = state.last_checkpoint() if resume else None
         if resume:

@@ -113,8 +113,21 @@ def load_space(space: dict | str) -> dict:
                             "'{layers: [3, 4], temperature: {low: 1, high: 8}}', or the path of a YAML file holding it")
     import yaml
 
+    class _OnceEach(yaml.SafeLoader):
+        """YAML keeps the last of a key given twice, unsaid: `layers: 2` then `layers: 3` searched 3 alone."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise CompressError(f"--space {space}: line {key_node.start_mark.line + 1}: {key!r} is given "
+                                        "twice")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.load(path.read_text(), Loader=_OnceEach)  # a SafeLoader: no Python objects
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
         raise CompressError(f"--space {space}: not a readable YAML file ({' '.join(str(err).split())[:200]})") from None
     if isinstance(loaded, dict) and "space" in loaded and "teacher" in loaded:

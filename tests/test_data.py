@@ -99,6 +99,14 @@ def test_numeric_labels_sort_numerically(tmp_path: Path) -> None:
     assert task.train_labels == [2, 1, 0]
 
 
+def test_an_integer_label_is_one_label_however_it_is_written(tmp_path: Path) -> None:
+    """A spreadsheet's export writes 1.0 where a hand-made file writes 1: four classes from two, unsaid."""
+    train = "text,label\na,0\nb,1\nc,0.0\nd,1.0\ne,01\n"
+    task = load_task(data=str(make_folder(tmp_path, {"train.csv": train, "dev.csv": "text,label\nf,1.0\ng,0\n"})))
+    assert task.label_names == ["0", "1"]
+    assert task.train_labels == [0, 1, 0, 1, 1] and task.dev_labels == [1, 0]
+
+
 def test_question_sentence_pair_wins_over_single_sentence(tmp_path: Path) -> None:
     train = "question\tsentence\tlabel\nwho?\tme.\tyes\nwhy?\tno.\tno\n"
     task = load_task(data=str(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": train})))
@@ -245,6 +253,25 @@ def test_single_train_label(tmp_path: Path) -> None:
     train = "sentence\tlabel\na\t1\nb\t1\n"
     message = load_error(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": DEV_TSV}))
     assert "train.tsv" in message and "at least 2" in message and "--label_column" in message
+
+
+def test_labels_that_are_one_integer_are_one_class(tmp_path: Path) -> None:
+    """1 and 01 passed the two-label check as strings, then became one class: a torchmetrics traceback, after the
+    MLflow run had opened."""
+    train = "sentence\tlabel\na\t1\nb\t01\n"
+    message = load_error(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": DEV_TSV}))
+    assert "has 1 distinct label(s)" in message and "at least 2" in message
+
+
+def test_a_header_naming_a_column_twice(tmp_path: Path) -> None:
+    train = "sentence\tlabel\tlabel\na\t1\t0\nb\t0\t1\n"
+    message = load_error(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": DEV_TSV}))
+    assert message.endswith("train.tsv line 1: the header names column 'label' twice"), message
+
+
+def test_the_label_column_as_text(tmp_path: Path) -> None:
+    message = load_error(make_folder(tmp_path, {"train.tsv": TRAIN_TSV, "dev.tsv": DEV_TSV}), text_column="label")
+    assert message == "--text_column label: holds --label_column label too; the model would read its own label"
 
 
 # --- argument errors -------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_space_kinds(flags):
     ({"layers": [1], "max_length": 4}, "max_length: 4 is out of range"),
     ({"layers": [1], "teacher_lr": 0}, "teacher_lr: 0 is out of range; teacher_lr must be > 0"),
     ({"layers": [1], "teacher_epochs": 0}, "teacher_epochs: 0 is out of range; teacher_epochs must be at least 1"),
+    ({"layers": [1], "lr": {"low": 1e-5, "high": float("inf")}}, "lr: inf is out of range"),  # YAML's .inf
 ])
 def test_space_errors(flags, space, message):
     with pytest.raises(CompressError, match=None) as info:
@@ -355,6 +356,8 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
     ("", "--space space.yaml: the file holds nothing, not a mapping"),
     ("layers: [1\n", "--space space.yaml: not a readable YAML file"),
     ("teacher: t\nspace: {layers: [1]}\n", "--space space.yaml: this is a whole search config; run it with --config"),
+    ("layers: 2\nlayers: 3\n", "--space space.yaml: line 2: 'layers' is given twice"),  # YAML kept the last, unsaid
+    ("layers: 2\nlr: {low: 1.0e-5, high: 1.0e-3, low: 1.0e-4}\n", "--space space.yaml: line 2: 'low' is given twice"),
 ])
 def test_space_from_a_file(text, message, tiny_teacher, tiny_data, workdir, capsys):
     name = "nofile.yaml" if text is None else "space.yaml"
