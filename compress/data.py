@@ -366,6 +366,8 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[
             record = json.loads(raw)
         except json.JSONDecodeError as e:
             raise CompressError(f"--data: {path} line {line}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise CompressError(f"--data: {path} line {line}: JSON nested too deeply to be an example") from None
         if not isinstance(record, dict):
             raise CompressError(f"--data: {path} line {line}: expected a JSON object, found {_json_type(record)}")
         records.append((line, record))

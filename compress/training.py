@@ -309,7 +309,8 @@ def build_trainer(
 
     try:
         return _trainer(epochs, accelerator, precision, devices, strategy, logger, callbacks, ckpt_dir, progress)
-    except (ValueError, MisconfigurationException) as error:  # Lightning's own word on a bad combination
+    except (ValueError, TypeError, MisconfigurationException) as error:  # Lightning's own word on a bad combination
+        # (TypeError: device indices such as 0,1 with the CPU accelerator)
         raise CompressError(f"--accelerator {accelerator} --devices {devices} --strategy {strategy} "
                             f"--precision {precision}: {str(error).splitlines()[0]}") from None
 

@@ -192,6 +192,7 @@ def test_two_train_files(tmp_path: Path) -> None:
         ("train.csv", 'text,label\n"x\ny",1\nz\n', "train.csv line 4: expected 2 comma-separated fields"),
         ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n', "train.jsonl line 2: invalid JSON"),
         ("train.jsonl", '{"text": "a", "label": 1}\n\n["b", 0]\n', "line 3: expected a JSON object, found array"),
+        ("train.jsonl", "[" * 100_000 + "\n", "train.jsonl line 1: JSON nested too deeply"),  # a RecursionError
         ("train.tsv", "text\tlabel\na\t1\nb\t \n", "train.tsv line 3: missing or empty label"),
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": "b"}), "train.jsonl line 2: missing or empty label"),
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": "b", "label": 0.5}), "train.jsonl line 2: label is"),

@@ -66,6 +66,9 @@ def test_devices_lightning_refuses(devices) -> None:
     ("distill", ["--teacher_lr", "-1"], "--teacher_lr -1: must be > 0"),
     ("distill", ["--devices", "0"], "--devices 0: give a count of at least 1"),
     ("finetune", ["--devices", "-3"], "--devices -3: give a count of at least 1"),
+    # device indices with the CPU accelerator: a TypeError from Lightning's Trainer
+    ("finetune", ["--accelerator", "cpu", "--devices", "0,1"], "--accelerator cpu --devices 0,1 --strategy auto "
+                                                               "--precision 32-true: `devices` selected with"),
     ("prune", ["--heads", "0.5", "--recover_epochs", "-1"], "--recover_epochs -1: must be at least 0 (0 skips"),
     ("prune", ["--heads", "0.5", "--devices", "0"], "--devices 0: give a count"),
     ("share", ["--calibration", "0"], "--calibration 0: must be at least 1"),
