@@ -325,6 +325,9 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]
 def _read_delimited(path: Path, text: str, *, tsv: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     # GLUE TSVs are unquoted: a '"' in a sentence is literal text, not the start of a quoted field.
     dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+    # csv refuses a field past 131,072 characters ("field larger than field limit"); a long document is an example
+    # like any other, which the tokenizer cuts to --max_length
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader(io.StringIO(text, newline=""), **dialect)
     kind = "tab-separated" if tsv else "comma-separated"
     header: list[str] | None = None
@@ -409,7 +412,8 @@ def _rows(
         for name in text_columns:
             value = record.get(name)
             if not isinstance(value, str):
-                problem = f"no {name!r} field" if value is None else f"{name!r} is a {_json_type(value)}, not a string"
+                problem = (f"no {name!r} field" if name not in record else
+                           f"{name!r} is {'null' if value is None else 'a ' + _json_type(value)}, not a string")
                 raise CompressError(f"--data: {path} line {line}: {problem} (--text_column)")
             texts.append(value)
         value = record.get(label)

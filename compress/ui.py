@@ -30,8 +30,10 @@ def _sqlite_file(uri: str, flag: str) -> Path | None:
     if path is None:
         return None
     if not path.exists():
-        raise CompressError(f"{flag} {uri}: no such database ({path.resolve()}); run compress from the folder "
-                            f"holding mlruns/, or pass {flag}")
+        # the default store is relative to where compress runs; a path given in full is a typo or another machine's
+        hint = (f"check the path {flag} names" if path.is_absolute() else
+                f"run compress from the folder holding mlruns/, or pass {flag}")
+        raise CompressError(f"{flag} {uri}: no such database ({path.resolve()}); {hint}")
     return path
 
 

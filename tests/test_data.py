@@ -107,6 +107,16 @@ def test_an_integer_label_is_one_label_however_it_is_written(tmp_path: Path) -> 
     assert task.train_labels == [0, 1, 0, 1, 1] and task.dev_labels == [1, 0]
 
 
+def test_a_text_longer_than_the_csv_modules_field_limit(tmp_path: Path) -> None:
+    """csv refuses a field past 131,072 characters by default; a long document is an example like any other."""
+    long = "word " * 40_000
+    for name, sep in (("tsv", "\t"), ("csv", ",")):
+        files = {f"train.{name}": f"text{sep}label\n{long}{sep}1\nshort{sep}0\n",
+                 f"dev.{name}": f"text{sep}label\na{sep}1\n"}
+        folder = make_folder(tmp_path, name=name, files=files)
+        assert load_task(data=str(folder)).train_texts[0] == (long,)
+
+
 def test_question_sentence_pair_wins_over_single_sentence(tmp_path: Path) -> None:
     train = "question\tsentence\tlabel\nwho?\tme.\tyes\nwhy?\tno.\tno\n"
     task = load_task(data=str(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": train})))
@@ -197,6 +207,8 @@ def test_two_train_files(tmp_path: Path) -> None:
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": "b"}), "train.jsonl line 2: missing or empty label"),
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": "b", "label": 0.5}), "train.jsonl line 2: label is"),
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"label": 0}), "train.jsonl line 2: no 'text' field"),
+        ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": None, "label": 0}),
+         "train.jsonl line 2: 'text' is null, not a string"),
         ("train.jsonl", jsonl({"text": "a", "label": 1}, {"text": 3, "label": 0}), "line 2: 'text' is a number"),
         ("train.tsv", "", "train.tsv is empty"),
         ("train.jsonl", "\n\n", "train.jsonl is empty"),

@@ -133,6 +133,10 @@ def test_ui_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert info.value.code == 1 and err.startswith("compress: error: --tracking sqlite:///mlruns/mlflow.db: no such "
                                                    "database") and "\n" not in err
+    assert err.endswith("run compress from the folder holding mlruns/, or pass --tracking"), err
+    with pytest.raises(SystemExit):  # a path in full: where compress runs is not the matter
+        main(["ui", "--tracking", f"sqlite:///{tmp_path}/other/mlflow.db"])
+    assert capsys.readouterr().err.strip().endswith("mlflow.db); check the path --tracking names")
     (tmp_path / "mlruns").mkdir()
     (tmp_path / "mlruns" / "mlflow.db").touch()
     with socket.socket() as busy:
