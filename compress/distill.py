@@ -157,6 +157,10 @@ def distill(
         RunState(checked, resume, overwrite)  # an existing folder without --overwrite, or nothing to resume
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
+        if teacher_device_map is not None:  # fine-tuning it here would need it whole on one device
+            raise CompressError(f"--teacher_device_map {teacher_device_map}: the teacher {teacher} has no classifier "
+                                f"for {task_data.name}'s labels; fine-tune it first (compress finetune --model "
+                                f"{teacher} ..., on a machine it fits) and pass that as --teacher")
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
                                            experiment=experiment, cache_root=Path(teacher_cache))
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
@@ -168,8 +172,12 @@ def distill(
     teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
                                     placement=placement)
     if placement is not None:
-        print(f"teacher placed by --teacher_device_map {teacher_device_map}: "
-              f"{sorted({str(d) for d in teacher_model.hf_device_map.values()})}", file=sys.stderr)
+        # transformers sets hf_device_map only for a model it spread over devices (or disk): one that fits on one
+        # device is simply there, and trains beside the student like any teacher
+        spread = getattr(teacher_model, "hf_device_map", None)
+        where = (sorted({str(d) for d in spread.values()}) if spread else
+                 f"all on {next(teacher_model.parameters()).device}, so it runs beside the student as usual")
+        print(f"teacher placed by --teacher_device_map {teacher_device_map}: {where}", file=sys.stderr)
     tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_model.config, cfg.max_length)
     n_teacher = teacher_model.config.num_hidden_layers
     if student_path is not None:

@@ -499,6 +499,23 @@ def test_distill_from_a_teacher_with_layers_offloaded_to_disk(tiny_teacher: Path
     assert (workdir / "out" / "model.safetensors").is_file()
 
 
+def test_teacher_device_map_auto_with_a_teacher_that_fits_one_device(tiny_teacher: Path, tiny_encoder: Path,
+                                                                     tiny_data: Path, workdir: Path) -> None:
+    """transformers sets hf_device_map only on a model it spread over devices: auto on a CPU machine, or on one GPU
+    the teacher fits, raised AttributeError. A teacher without its task head is refused before anything is done: it
+    would have been fine-tuned whole on one device first."""
+    _, err = ok(["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", "--output", "out",
+                 "--teacher_device_map", "auto", *FAST, *track(workdir)])
+    assert "teacher placed by --teacher_device_map auto: all on cpu, so it runs beside the student as usual" in err
+    assert (workdir / "out" / "model.safetensors").is_file()
+    code, _, err = run_main(["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--output", "out2",
+                             "--teacher_device_map", "auto", *FAST, *track(workdir)])
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert line.startswith(f"compress: error: --teacher_device_map auto: the teacher {tiny_encoder} has no classifier")
+    assert not (workdir / "out2").exists() and not (workdir / "outputs").exists()
+
+
 def test_distill_into_a_narrower_student(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
     from transformers import AutoConfig, BertForSequenceClassification
 
