@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from compress.errors import CompressError
@@ -88,7 +89,11 @@ def _check_folder(folder: Path, flag: str, given) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CompressError(f"{flag} {given}: cannot create {folder} ({err.strerror})") from None
-    writable = os.access(folder, os.W_OK | os.X_OK)
+    try:  # a folder made in it, not os.access: root may "write" in /proc and /sys, which refuse every new entry
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-probe-", dir=folder))
+        writable = True
+    except OSError:
+        writable = False
     for p in made:
         try:
             p.rmdir()

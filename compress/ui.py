@@ -39,6 +39,9 @@ def _sqlite_file(uri: str, flag: str) -> Path | None:
 
 def _check_port(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the servers bind: the TIME-WAIT connections a stopped UI (and our health probe) leave for a minute do
+        # not make the port busy; a listener does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

@@ -148,6 +148,26 @@ def test_ui_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert f"--port {port}: already in use" in capsys.readouterr().err
 
 
+def test_a_port_a_stopped_ui_left_in_time_wait_is_free():
+    """A UI stopped with Ctrl-C (and compress's own health probe) leaves connections in TIME-WAIT for a minute: the
+    port looked busy, and `compress ui` could not be restarted. A listener still makes it busy."""
+    from compress.errors import CompressError
+    from compress.ui import HOST, _check_port
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((HOST, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(CompressError, match=f"--port {port}: already in use"):
+            _check_port(port)
+        client = socket.create_connection((HOST, port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first, as a stopped server does: its port goes to TIME-WAIT
+        client.close()
+    _check_port(port)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed (apt-get install "
                                                               "chromium)")
 def test_the_experiment_page_renders_in_headless_chromium(store, tmp_path):
