@@ -1,7 +1,7 @@
-"""The range each numeric flag must lie in.
+"""The range each numeric flag must lie in, and the words each word flag takes.
 
-One table, read by every command that takes the flag and by `compress search`, which checks a space's values against
-it before a study opens: a bound stated once cannot drift between a command and the search over it.
+Two tables, read by every command that takes the flag and by `compress search`, which checks a space's values against
+them before a study opens: a bound stated once cannot drift between a command and the search over it.
 """
 
 from __future__ import annotations
@@ -62,6 +62,23 @@ BOUNDS: dict[str, Bound] = {
     "seed": Bound(lambda v: 0 <= v < 2**32, "between 0 and 4294967295"),
     "sampler_seed": Bound(lambda v: 0 <= v < 2**31, "between 0 and 2147483647", "each worker adds its own offset"),
 }
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "criterion": ("taylor", "magnitude", "random"),
+    "scope": ("layer", "global"),
+    "share": ("all", "attention", "ffn"),
+    "init": ("mean", "first", "regmean"),
+    "accelerator": ("auto", "cpu", "cuda", "gpu"),  # gpu: Lightning's word for cuda
+    "precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+}
+
+
+def check_choice(name: str, value: str) -> None:
+    """Refuse `--NAME VALUE` that is not one of the flag's words, in one line that lists them."""
+    words = [w for w in CHOICES[name] if w != "gpu"]
+    if value not in CHOICES[name]:
+        raise CompressError(f"--{name} {value}: use {', '.join(words[:-1])} or {words[-1]}")
 
 
 def check(name: str, value: float | None) -> None:

@@ -14,7 +14,6 @@ from compress.errors import CompressError
 from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
-SCOPES = ("layer", "global")
 
 
 def _sizes_per_layer(config) -> tuple[list[int], list[int]]:
@@ -124,16 +123,14 @@ def prune(
         overwrite: replace an existing --output.
     """
     from compress.models import check_encoder, load_config, require_task_head, resolve_model
-    from compress.flags import check_all
+    from compress.flags import check_all, check_choice
     from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
     check_all(heads=heads, ffn=ffn, sparsity=sparsity, recover_epochs=recover_epochs,
               importance_batches=importance_batches)
-    if criterion not in ("taylor", "magnitude", "random"):
-        raise CompressError(f"--criterion {criterion}: use taylor, magnitude or random")
-    if scope not in SCOPES:
-        raise CompressError(f"--scope {scope}: use layer or global")
+    check_choice("criterion", criterion)
+    check_choice("scope", scope)
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden},
                         training=recover_epochs > 0, cache_teacher=cache_teacher)
     if heads == ffn == sparsity == 0 and drop_layers in (None, 0, [], ""):

@@ -258,7 +258,7 @@ def _values(dim: Dimension) -> list:
 def _check_values(dims: dict[str, Dimension]) -> None:
     """A value the command would refuse fails here, in a second, not trial after trial once the study (and its
     name) exist. The bounds are the commands' own (compress.flags)."""
-    from compress.flags import BOUNDS
+    from compress.flags import BOUNDS, CHOICES
 
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
@@ -266,16 +266,32 @@ def _check_values(dims: dict[str, Dimension]) -> None:
         bad = [v for v in _values(dim) if bound and not (math.isfinite(v) and bound.ok(v))]  # YAML's .inf, .nan
         if bad:
             raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {flag} must be {bound.text}")
+        words = CHOICES.get(flag)
+        odd = [v for v in _given(dim) if words and v is not None and v not in words]  # None: the step is off
+        if odd:
+            raise CompressError(f"space: {key}: {odd[0]!r} is not one of {flag}'s values ({', '.join(words)})")
+
+
+def _given(dim: Dimension) -> list:
+    """The values a fixed or choice dimension names, whatever their type (a range's are numbers)."""
+    return [dim.value] if dim.kind == "fixed" else list(dim.choices) if dim.kind == "choice" else []
 
 
 def _check_depths(config, dims: dict[str, Dimension]) -> None:
-    """Sizes no trial can have: a student or a group count deeper than the teacher, inputs longer than its
-    positions."""
+    """Sizes no trial can have: a student or a group count deeper than the teacher, layers to drop that the teacher
+    has not (a student has fewer still), inputs longer than its positions."""
     from compress.models import max_tokens
+    from compress.pruning import parse_drop_layers
 
     layers, positions = config.num_hidden_layers, max_tokens(config)
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
+        if flag == "drop_layers":
+            for value in _given(dim):
+                try:
+                    parse_drop_layers(value, layers)
+                except CompressError as err:
+                    raise CompressError(f"space: {key}: {err}") from None
         if flag in ("layers", "groups") and (deep := [v for v in _values(dim) if v > layers]):
             raise CompressError(f"space: {key}: {deep[0]!r} is more than the teacher's {layers} layers")
         if flag == "max_length" and positions and (long := [v for v in _values(dim) if v > positions]):

@@ -18,8 +18,6 @@ from compress.errors import CompressError
 from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
-SHARES = ("all", "attention", "ffn")
-INITS = ("mean", "first", "regmean")
 
 
 def share(
@@ -123,14 +121,12 @@ def share(
         overwrite: replace an existing --output.
     """
     from compress.models import check_encoder, load_config, require_task_head, resolve_model
-    from compress.flags import check_all
+    from compress.flags import check_all, check_choice
     from compress.recipe import TrainConfig, check_distill_flags
 
     # --- everything the user typed is checked before anything is loaded or written
-    if share not in SHARES:
-        raise CompressError(f"--share {share}: use all, attention or ffn")
-    if init not in INITS:
-        raise CompressError(f"--init {init}: use {', '.join(INITS)}")
+    check_choice("share", share)
+    check_choice("init", init)
     check_all(groups=groups, embedding=embedding, calibration=calibration, recover_epochs=recover_epochs)
     check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
                                       "alpha_attn": alpha_attn}, training=recover_epochs > 0,

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from compress.errors import CompressError
+from compress.flags import check_choice
 from compress.signals import raise_dropped_ctrl_c, release_frames
 from compress.outputs import check_output, check_overwrite, share_like_open
 from compress.tracking import shown
@@ -56,8 +57,7 @@ def resolve_accelerator(accelerator: str) -> str:
         if not torch.cuda.is_available():
             raise CompressError(f"--accelerator {accelerator}: no CUDA device is visible")
         return "cuda"
-    if accelerator != "cpu":
-        raise CompressError(f"--accelerator {accelerator}: use auto, cpu or cuda")
+    check_choice("accelerator", accelerator)
     return "cpu"
 
 
@@ -65,9 +65,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' is bf16-mixed on a GPU that supports it (no loss scaling needed), full fp32 on a CPU."""
     if precision == "auto":
         return "bf16-mixed" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
-    valid = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
-    if precision not in valid:
-        raise CompressError(f"--precision {precision}: use auto or one of {', '.join(valid)}")
+    check_choice("precision", precision)
     return precision
 
 

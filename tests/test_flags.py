@@ -11,7 +11,7 @@ from test_cli import error_lines, run_main
 
 from compress.__main__ import COMMANDS
 from compress.errors import CompressError
-from compress.flags import BOUNDS, check, check_devices
+from compress.flags import BOUNDS, CHOICES, check, check_devices
 from compress.search import step_flags
 
 def _command_flags() -> set[str]:
@@ -20,6 +20,7 @@ def _command_flags() -> set[str]:
 
 def test_every_bound_is_a_real_flag() -> None:
     assert set(BOUNDS) <= _command_flags()
+    assert set(CHOICES) <= _command_flags()
 
 
 def test_every_numeric_flag_search_can_set_has_a_bound() -> None:
@@ -72,6 +73,9 @@ def test_devices_lightning_refuses(devices) -> None:
     ("prune", ["--heads", "0.5", "--recover_epochs", "-1"], "--recover_epochs -1: must be at least 0 (0 skips"),
     ("prune", ["--heads", "0.5", "--devices", "0"], "--devices 0: give a count"),
     ("share", ["--calibration", "0"], "--calibration 0: must be at least 1"),
+    ("prune", ["--heads", "0.5", "--criterion", "foo"], "--criterion foo: use taylor, magnitude or random"),
+    ("share", ["--init", "zero"], "--init zero: use mean, first or regmean"),
+    ("distill", ["--accelerator", "tpu"], "--accelerator tpu: use auto, cpu or cuda"),
     ("export", ["--max_length", "4"], "--max_length 4: must be between 8 and 8192"),
     ("evaluate", ["--latency_seq", "0"], "--latency_seq 0: must be at least 1"),
 ])

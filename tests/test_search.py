@@ -91,6 +91,14 @@ def test_space_kinds(flags):
     ({"layers": [1], "teacher_lr": 0}, "teacher_lr: 0 is out of range; teacher_lr must be > 0"),
     ({"layers": [1], "teacher_epochs": 0}, "teacher_epochs: 0 is out of range; teacher_epochs must be at least 1"),
     ({"layers": [1], "lr": {"low": 1e-5, "high": float("inf")}}, "lr: inf is out of range"),  # YAML's .inf
+    # words the commands refuse (a FAILED trial, with the study and its name taken, before)
+    ({"groups": [2], "share": ["all", "everything"]}, "space: share: 'everything' is not one of share's values "
+                                                      "(all, attention, ffn)"),
+    ({"heads": [0.5], "criterion": "foo"}, "space: criterion: 'foo' is not one of criterion's values"),
+    ({"heads": [0.5], "scope": ["bar"]}, "space: scope: 'bar' is not one of scope's values (layer, global)"),
+    ({"groups": [2], "init": ["bad"]}, "space: init: 'bad' is not one of init's values"),
+    ({"layers": [2], "precision": ["fp64"]}, "space: precision: 'fp64' is not one of precision's values"),
+    ({"layers": [2], "accelerator": ["tpu"]}, "space: accelerator: 'tpu' is not one of accelerator's values"),
 ])
 def test_space_errors(flags, space, message):
     with pytest.raises(CompressError, match=None) as info:
@@ -380,6 +388,10 @@ def test_inline_space_that_does_not_parse_says_how_to_give_one(tiny_teacher, tin
     ({"layers": [2, 10]}, "space: layers: 10 is more than the teacher's 4 layers"),
     ({"groups": {"low": 1, "high": 9}}, "space: groups: 9 is more than the teacher's 4 layers"),
     ({"layers": [1], "max_length": [64, 512]}, "space: max_length: 512 is more than the teacher's 128 positions"),
+    ({"drop_layers": [1, 5]}, "space: drop_layers: --drop_layers 5: the model has 4 layers; drop between 0 and 3 of "
+                              "them"),
+    ({"drop_layers": "0,9"}, "space: drop_layers: --drop_layers [0, 9]: layer 9 is out of range; the model's layers "
+                             "are 0..3"),
 ])
 def test_depths_past_the_teacher_are_refused_before_the_study(space, message, tiny_teacher, tiny_data, workdir,
                                                               capsys):
