@@ -22,7 +22,7 @@ import json
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,6 +78,7 @@ class TaskData:
     label_names: list[str]
     metric: str
     fingerprint: str
+    flags: dict = field(default_factory=dict)  # the flags that chose these rows, logged with each run's params
 
     @property
     def num_labels(self) -> int:
@@ -137,6 +138,8 @@ def load_task(
         label_names=label_names,
         metric=metric,
         fingerprint=_fingerprint(name, label_names, train_texts, train_labels, dev_texts, dev_labels),
+        flags={"data": data or "", "text_column": text_column or "", "label_column": label_column,
+               "max_train": max_train},
     )
 
 

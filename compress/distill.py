@@ -213,6 +213,6 @@ def distill(
                 "teacher_layers_kept": str(kept or ""), "temperature": temperature, "alpha_kd": alpha_kd,
                 "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden, "alpha_attn": alpha_attn,
                 "cache_teacher": cache_teacher, "teacher_device_map": teacher_device_map or "",
-                "max_train": max_train},
+                "teacher_epochs": teacher_epochs, "teacher_lr": teacher_lr, "teacher_cache": teacher_cache},
         lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
     )

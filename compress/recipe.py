@@ -259,7 +259,7 @@ def run_training(
         saved = state.read()
         all_params = {"command": command, "task": task.name, "metric": task.metric, "num_labels": task.num_labels,
                       "train_rows": len(task.train_labels), "dev_rows": len(task.dev_labels),
-                      "output": str(output), **asdict(cfg), **(params or {})}
+                      "output": str(output), **task.flags, **asdict(cfg), **(params or {})}
         all_params.pop("extra")
         all_params.pop("progress")
         inputs = _input_identity(task, params or {}, tracking)

@@ -75,8 +75,10 @@ def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
 
 
 # What a resumed run may change: where and how it runs and is saved, not what it learns.
+# --data and --teacher_cache as typed may change (another working folder, a moved copy): the rows and the weights
+# are what must match (`inputs`)
 RESUMABLE_CHANGES = frozenset({"accelerator", "devices", "strategy", "precision", "compile", "num_workers",
-                               "checkpoint_every", "checkpoint_minutes", "latency_reps"})
+                               "checkpoint_every", "checkpoint_minutes", "latency_reps", "data", "teacher_cache"})
 
 
 # Params that are no flag of their own, by the flag that sets them.
@@ -160,17 +162,7 @@ class RunState:
         if saved.get("params") is None:  # nothing recorded yet (killed before its first write)
             return
         hint = "resume with the same flags and files, or drop --resume and pass --overwrite to start over"
-        for key, now in inputs.items():  # strings: a fingerprint, a URI
-            before = saved.get("inputs", {}).get(key)
-            if key == "tracking" and before is not None:
-                before = shown(before)  # a run.json written before passwords were hidden holds the URL as typed
-            if before is None or before == now:
-                continue
-            if key == "tracking":
-                raise CompressError(f"--resume: the interrupted run at {self.dir} logs to --tracking {before}, not "
-                                    f"{now}; {hint}")
-            what = "the data's rows" if key == "data" else f"the weights in {_DERIVED.get(key, key)}"
-            raise CompressError(f"--resume: {what} changed since the interrupted run at {self.dir}; {hint}")
+        # the flags first: a changed --max_train or --label_column changes the rows too, and is the news
         before, now = saved["params"], json.loads(json.dumps(params, default=str))
         changed = sorted((k for k in set(before) | set(now)
                           if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)),
@@ -182,6 +174,17 @@ class RunState:
             more = f" (also {', '.join(others)})" if others else ""
             raise CompressError(f"--resume: the interrupted run at {self.dir} had {_DERIVED.get(k, '--' + k)} "
                                 f"{_shown(before.get(k))}, this one {_shown(now.get(k))}{more}; {hint}")
+        for key, now in inputs.items():  # strings: a fingerprint, a URI
+            before = saved.get("inputs", {}).get(key)
+            if key == "tracking" and before is not None:
+                before = shown(before)  # a run.json written before passwords were hidden holds the URL as typed
+            if before is None or before == now:
+                continue
+            if key == "tracking":
+                raise CompressError(f"--resume: the interrupted run at {self.dir} logs to --tracking {before}, not "
+                                    f"{now}; {hint}")
+            what = "the data's rows" if key == "data" else f"the weights in {_DERIVED.get(key, key)}"
+            raise CompressError(f"--resume: {what} changed since the interrupted run at {self.dir}; {hint}")
 
     def last_checkpoint(self) -> str | None:
         """The newest checkpoint that loads; a kill -9 during a write can leave the newest one truncated."""

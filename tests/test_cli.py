@@ -508,6 +508,11 @@ def test_teacher_device_map_auto_with_a_teacher_that_fits_one_device(tiny_teache
                  "--teacher_device_map", "auto", *FAST, *track(workdir)])
     assert "teacher placed by --teacher_device_map auto: all on cpu, so it runs beside the student as usual" in err
     assert (workdir / "out" / "model.safetensors").is_file()
+    _, runs = mlflow_runs(sqlite_uri(workdir))  # the whole config, the data's flags and the teacher's too
+    assert {k: runs[0].data.params.get(k) for k in ("data", "text_column", "label_column", "max_train",
+                                                    "teacher_epochs", "teacher_lr", "teacher_device_map")} == {
+        "data": str(tiny_data), "text_column": "", "label_column": "label", "max_train": "None",
+        "teacher_epochs": "2", "teacher_lr": "5e-05", "teacher_device_map": "auto"}
     code, _, err = run_main(["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--output", "out2",
                              "--teacher_device_map", "auto", *FAST, *track(workdir)])
     assert code == 1 and "Traceback" not in err, err
@@ -630,6 +635,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny
         (["--lr", "1e-3"], "the interrupted run at killed.partial had --lr 0.0001, this one 0.001"),
         (["--layers", "1"], "the interrupted run at killed.partial had --layers 2, this one 1; resume with the same"),
         (["--data", flipped], "the data's rows changed since the interrupted run at killed.partial"),
+        # the flag, not the rows it chose, which the data check named first
+        (["--max_train", "30"], "the interrupted run at killed.partial had --max_train unset, this one 30"),
         ([*other_store], "the interrupted run at killed.partial logs to --tracking sqlite:///"),
     ):
         code, _, err = run_main([*args, "--output", "killed", "--resume", *changed])
