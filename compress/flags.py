@@ -54,7 +54,7 @@ BOUNDS: dict[str, Bound] = {
     "layers": _at_least(1),
     "groups": _at_least(1),
     "embedding": _at_least(2),
-    "calibration": _at_least(1, "batches that fit the shared weights"),
+    "calibration": _at_least(1, "training rows that fit the shared weights"),
     "importance_batches": _at_least(1),
     # measurement
     **dict.fromkeys(("latency_reps", "latency_batch", "latency_seq"), _at_least(1)),

@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence in the timing")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds; more than one prints mean and sd")
     parser.add_argument("--latency-reps", type=int, default=10, help="timed interleaved rounds")
-    parser.add_argument("--out", default="outputs/bench-chain", help="results, models and MLflow store")
+    parser.add_argument("--out", default=None, help="results, models and MLflow store (default: outputs/bench-chain, "
+                                                    "or a temporary folder with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny model built here")
     args = parser.parse_args()
     if args.tiny:
@@ -106,12 +107,12 @@ def main() -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "2")
         root = Path(tempfile.mkdtemp(prefix="bench-chain-tiny-"))
         parent, data = build_tiny(root)
-        parent, source, out = str(parent), {"data": str(data)}, root / "out"
+        parent, source, out = str(parent), {"data": str(data)}, Path(args.out) if args.out else root / "out"
         args.groups, args.recover_epochs, args.latency_reps, args.seq = 2, 1, 3, 64
     else:
         if not args.parent or (args.task is None) == (args.data is None):
             parser.error("give PARENT and one of --task or --data (or --tiny)")
-        parent, out = args.parent, Path(args.out)
+        parent, out = args.parent, Path(args.out or "outputs/bench-chain")
         source = {"task": args.task} if args.task else {"data": args.data}
 
     try:

@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=8000, help="train rows for importance and recovery")
     parser.add_argument("--importance-batches", type=int, default=64)
     parser.add_argument("--latency-reps", type=int, default=10)
-    parser.add_argument("--out", default="outputs/bench-prune", help="results, models and MLflow store")
+    parser.add_argument("--out", default=None, help="results, models and MLflow store (default: outputs/bench-prune, "
+                                                    "or a temporary folder with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny model built here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,12 +83,12 @@ def main() -> None:
     if args.tiny:
         tmp = Path(tempfile.mkdtemp(prefix="bench-prune-tiny-"))
         parent, data = build_tiny(tmp)
-        out = tmp / "out"
+        out = Path(args.out) if args.out else tmp / "out"
         args.max_train, args.importance_batches, args.latency_reps = None, 8, 3
     else:
         if not args.parent:
             parser.error("give the parent model folder, or --tiny")
-        parent, data, out = Path(args.parent), Path(args.data), Path(args.out)
+        parent, data, out = Path(args.parent), Path(args.data), Path(args.out or "outputs/bench-prune")
         if not (data / "train.tsv").exists():
             sys.exit(f"bench_prune: no data at {data} (the shared SST-2 copy is not on this machine); pass --data")
     out.mkdir(parents=True, exist_ok=True)
