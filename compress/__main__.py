@@ -265,24 +265,29 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as stop:
         said, code = stop_said(stop)
         print(f"compress: {said}; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
-        if _in_chain(stop, ImportError):
-            # the Ctrl-C cut a C extension's import short (signals.ctrl_c_remembered): CPython keeps the half-made
-            # module, and shutting the interpreter down aborted on it ("Fatal Python error: PyThreadState_Get",
-            # SIGABRT, after this line). The command has closed its runs and partial outputs by now; only the
-            # interpreter's teardown is skipped
+        if _caused_by(stop, ImportError):
+            # the Ctrl-C cut a C extension's import short (pybind11 raises ImportError from it; ctrl_c_remembered
+            # raises the stop from the next import to fail): CPython keeps the half-made module, and shutting the
+            # interpreter down aborted on it ("Fatal Python error: PyThreadState_Get", SIGABRT, after this line).
+            # The exit handlers still run (a placed teacher's offload folder is removed); only the teardown is skipped
+            import atexit
+
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
         raise SystemExit(code) from None
 
 
-def _in_chain(error: BaseException | None, kind: type[BaseException]) -> bool:
+def _caused_by(error: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether `error`'s chain of explicit causes (raise ... from) holds a `kind`; not the errors being handled when
+    it came (a Ctrl-C inside a library's `except ImportError:` fallback cut no import short)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kind):
             return True
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return False
 
 

@@ -133,7 +133,9 @@ def load_candidate(name: str, taken: set[str], device: str, threads: int) -> Can
     config = load_config(folder, "--model")
     head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     auto = AutoModelForSequenceClassification if head else AutoModel
-    model = load_weights(auto, folder, "--model", trust_remote_code=False, dtype=torch.float32).eval().to(device)
+    # a headless encoder is timed as it is: masked-LM and sentence-encoder checkpoints have no pooler to load
+    model = load_weights(auto, folder, "--model", may_be_new=() if head else ("pooler",), trust_remote_code=False,
+                         dtype=torch.float32).eval().to(device)
     import inspect
 
     accepted = set(inspect.signature(model.forward).parameters)

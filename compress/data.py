@@ -271,6 +271,12 @@ def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _S
     train_rows = _rows(train_path, train_records, text_columns, label_column)
     dev_rows = _rows(dev_path, dev_records, text_columns, label_column)
 
+    for path, columns in ((train_path, train_columns), (dev_path, dev_columns)):
+        # a dict per row kept the last of a name given twice, unsaid; a column the run does not read may repeat (a
+        # spreadsheet's export ends its header with empty names)
+        twice = [name for name in (*text_columns, label_column) if columns.count(name) > 1]
+        if twice:
+            raise CompressError(f"--data: {path} line 1: the header names column {twice[0]!r} twice")
     if label_column in text_columns:
         raise CompressError(f"--text_column {','.join(text_columns)}: holds --label_column {label_column} too; the "
                             "model would read its own label")
@@ -343,9 +349,6 @@ def _read_delimited(path: Path, text: str, *, tsv: bool) -> tuple[list[str], lis
                 continue
             if header is None:
                 header = [name.strip() for name in row]
-                twice = sorted({name for name in header if header.count(name) > 1})
-                if twice:  # zip() into a dict kept the last of them, unsaid
-                    raise CompressError(f"--data: {path} line {line}: the header names column {twice[0]!r} twice")
                 continue
             if len(row) != len(header):
                 raise CompressError(

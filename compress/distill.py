@@ -157,12 +157,13 @@ def distill(
         RunState(checked, resume, overwrite)  # an existing folder without --overwrite, or nothing to resume
     weights = LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn)
     if not has_task_head(teacher_config, task_data.label_names):
-        if teacher_device_map is not None:  # fine-tuning it here would need it whole on one device
-            raise CompressError(f"--teacher_device_map {teacher_device_map}: the teacher {teacher} has no classifier "
-                                f"for {task_data.name}'s labels; fine-tune it first (compress finetune --model "
-                                f"{teacher} ..., on a machine it fits) and pass that as --teacher")
+        # fine-tuning it here would need it whole on one device; a copy fine-tuned before is used as ever
+        placed = (f"--teacher_device_map {teacher_device_map}: the teacher {teacher} has no classifier for "
+                  f"{task_data.name}'s labels; fine-tune it first (compress finetune --model {teacher} ..., on a "
+                  "machine it fits) and pass that as --teacher") if teacher_device_map is not None else None
         teacher_path = ensure_task_teacher(teacher_path, teacher, task_data, teacher_cfg, tracking=tracking,
-                                           experiment=experiment, cache_root=Path(teacher_cache))
+                                           experiment=experiment, cache_root=Path(teacher_cache),
+                                           refuse_training=placed)
     attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
     placement = None
     if teacher_device_map is not None:

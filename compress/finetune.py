@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from compress.errors import CompressError
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, shown
 
 
@@ -40,8 +41,9 @@ def _weights_identity(path: str) -> list:
 
 
 def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking: str, experiment: str,
-                        cache_root: Path) -> str:
-    """A fine-tuned copy of a head-less teacher, made once per (teacher, data, recipe) and reused after."""
+                        cache_root: Path, refuse_training: str | None = None) -> str:
+    """A fine-tuned copy of a head-less teacher, made once per (teacher, data, recipe) and reused after.
+    `refuse_training`: the error to raise instead of fine-tuning, where no copy is cached."""
     recipe = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
               "seed": cfg.seed, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay}
     key = hashlib.sha256(json.dumps([str(Path(model_path).resolve()), _weights_identity(model_path),
@@ -50,6 +52,8 @@ def ensure_task_teacher(model_path: str, model_name: str, task, cfg, *, tracking
     if (folder / "config.json").exists():
         print(f"teacher {model_name}: reusing its fine-tuned copy for {task.name} at {folder}", file=sys.stderr)
         return str(folder)
+    if refuse_training:
+        raise CompressError(refuse_training)
     from compress.training import RunState, lock_holder
 
     partial = RunState.partial(folder)

@@ -85,7 +85,7 @@ def check(name: str, value: float | None) -> None:
     """Refuse `--NAME VALUE` outside its range, in one line that says the range (None means unset: nothing to
     check)."""
     bound = BOUNDS[name]
-    if value is not None and not math.isfinite(value):  # 1e309 parses as inf, which passes "> 0"; nan passes none
+    if isinstance(value, float) and not math.isfinite(value):  # 1e309 parses as inf, which passes "> 0"; nan none
         raise CompressError(f"--{name} {value}: must be a finite number")
     if value is not None and not bound.ok(value):
         shown = int(value) if isinstance(value, float) and value.is_integer() else value  # 0, as typed, not 0.0

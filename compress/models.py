@@ -103,14 +103,15 @@ def load_config(path: str, flag: str = "--model"):
         raise CompressError(f"{flag} {path}: unreadable config.json ({said})") from None
 
 
-def load_weights(auto, path: str, flag: str, fresh_head: bool = False, **kwargs) -> PreTrainedModel:
+def load_weights(auto, path: str, flag: str, may_be_new: tuple[str, ...] = (), **kwargs) -> PreTrainedModel:
     """`auto.from_pretrained(path)`, refused in one line when the weights file does not match config.json.
 
     transformers loads a file that lacks some of the body's tensors (a layer dropped, another model's file), holds
     more of them (a config with fewer layers) or holds them in other sizes, leaves those weights random, and says so
     in a log line (which load_classifier silences for the head's sake): evaluate, export and bench then worked on
-    random weights and exited 0. Only a classifier head being added (`fresh_head`, with the pooler it reads when
-    the checkpoint has none) may be new or resized; tensors beside the body, such as a pretraining head, are left.
+    random weights and exited 0. Only the parts named in `may_be_new` ("head": a classifier being added; "pooler",
+    which masked-LM and sentence-encoder checkpoints lack) may be new or resized; tensors beside the body, such as a
+    pretraining head, and buffers the model makes itself (token_type_ids) are left.
     """
     from safetensors import SafetensorError
 
@@ -126,10 +127,10 @@ def load_weights(auto, path: str, flag: str, fresh_head: bool = False, **kwargs)
         key = key.removeprefix(prefix)
         return key.split(".")[0] if key.split(".")[0] in body else "head"
 
-    new_ok = {"head", "pooler"} if fresh_head else set()
-    lacking = [k for k in info["missing_keys"] if part(k) not in new_ok]
-    resized = [k for k, *_ in info["mismatched_keys"] if part(k) not in new_ok]
-    extra = [k for k in info["unexpected_keys"] if part(k) != "head"]
+    buffers = {name.removeprefix(prefix) for name, _ in model.named_buffers()}
+    lacking = [k for k in info["missing_keys"] if part(k) not in may_be_new]
+    resized = [k for k, *_ in info["mismatched_keys"] if part(k) not in may_be_new]
+    extra = [k for k in info["unexpected_keys"] if part(k) != "head" and k.removeprefix(prefix) not in buffers]
     def some(keys: list[str]) -> str:
         keys = sorted(keys)
         return f"{keys[0]}, ..." if len(keys) > 1 else keys[0]
@@ -202,8 +203,8 @@ def load_classifier(
         # the CPU, so only its generator is forked (forking every GPU's warns under multi-GPU runs).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = load_weights(AutoModelForSequenceClassification, path, flag, fresh_head="num_labels" in kwargs,
-                                 use_safetensors=None, **kwargs)
+            model = load_weights(AutoModelForSequenceClassification, path, flag, use_safetensors=None,
+                                 may_be_new=("head", "pooler") if "num_labels" in kwargs else (), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if "num_labels" not in kwargs:  # names may have been LABEL_i; give them the task's names

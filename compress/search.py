@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def load_space(space: dict | str) -> dict:
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):  # PyYAML's own check below says so
+                    continue
                 if key in seen:
                     raise CompressError(f"--space {space}: line {key_node.start_mark.line + 1}: {key!r} is given "
                                         "twice")
@@ -263,7 +266,8 @@ def _check_values(dims: dict[str, Dimension]) -> None:
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
         bound = BOUNDS.get(flag)
-        bad = [v for v in _values(dim) if bound and not (math.isfinite(v) and bound.ok(v))]  # YAML's .inf, .nan
+        bad = [v for v in _values(dim) if bound and not ((not isinstance(v, float) or math.isfinite(v))
+                                                          and bound.ok(v))]  # YAML's .inf, .nan
         if bad:
             raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {flag} must be {bound.text}")
         words = CHOICES.get(flag)

@@ -212,6 +212,14 @@ def ctrl_c_remembered():
         if _ctrl_c_seen.is_set():
             raise KeyboardInterrupt from err
         raise
+    except SystemExit as done:
+        if _ctrl_c_seen.is_set() and done.code == 1:  # Lightning's word for a Ctrl-C outside fit (trainer.validate)
+            raise KeyboardInterrupt from None
+        raise
+    else:
+        if _ctrl_c_seen.is_set():  # dropped after the command's last step that could stop: it finished regardless
+            print("compress: interrupted as it finished; what it wrote is complete", file=sys.stderr)
+            raise SystemExit(130)
     finally:
         if installed:
             if signal.getsignal(signal.SIGINT) is _on_sigint:

@@ -75,10 +75,11 @@ def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
 
 
 # What a resumed run may change: where and how it runs and is saved, not what it learns.
-# --data and --teacher_cache as typed may change (another working folder, a moved copy): the rows and the weights
-# are what must match (`inputs`)
+# --data, --text_column, --label_column and --teacher_cache as typed may change (another working folder, a column
+# named that was found before): the rows and the weights they lead to are what must match (`inputs`)
 RESUMABLE_CHANGES = frozenset({"accelerator", "devices", "strategy", "precision", "compile", "num_workers",
-                               "checkpoint_every", "checkpoint_minutes", "latency_reps", "data", "teacher_cache"})
+                               "checkpoint_every", "checkpoint_minutes", "latency_reps", "data", "text_column",
+                               "label_column", "teacher_cache"})
 
 
 # Params that are no flag of their own, by the flag that sets them.
@@ -164,7 +165,8 @@ class RunState:
         hint = "resume with the same flags and files, or drop --resume and pass --overwrite to start over"
         # the flags first: a changed --max_train or --label_column changes the rows too, and is the news
         before, now = saved["params"], json.loads(json.dumps(params, default=str))
-        changed = sorted((k for k in set(before) | set(now)
+        # a param one side lacks was added or dropped by another compress version, not by the user
+        changed = sorted((k for k in set(before) & set(now)
                           if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)),
                          key=lambda k: (k in _DERIVED, k))  # the flags the user typed first
         if changed:
@@ -273,16 +275,23 @@ class _ReleaseOnStop(pl.Callback):
 
 
 class _FailOnDivergence(pl.Callback):
-    """Fail a fit whose trained weights became NaN or inf, at the end of the epoch it happened in, before that
-    epoch's checkpoint is written. A learning rate too high diverged without a word: the NaN model was scored (an
-    argmax over NaN logits is class 0, which looked like a score), saved as a finished output and its run marked
-    FINISHED. One host sync an epoch."""
+    """Fail a fit whose trained weights became NaN or inf, as the epoch it happened in is validated (before the
+    score is logged, a search's pruner judges it, or the epoch's checkpoint is written) or ends. A learning rate too
+    high diverged without a word: the NaN model was scored (an argmax over NaN logits is class 0, which looked like a
+    score), saved as a finished output and its run marked FINISHED. One host sync an epoch."""
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trained = [p for p in pl_module.parameters() if p.requires_grad]
         if trained and not torch.stack([torch.isfinite(p).all() for p in trained]).all():
             raise CompressError(f"training diverged in epoch {trainer.current_epoch + 1}: the trained weights hold "
                                 "NaN or inf; try a lower --lr, with --overwrite to start over")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, pl_module)
 
 
 def build_trainer(

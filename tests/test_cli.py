@@ -519,6 +519,12 @@ def test_teacher_device_map_auto_with_a_teacher_that_fits_one_device(tiny_teache
     (line,) = error_lines(err)
     assert line.startswith(f"compress: error: --teacher_device_map auto: the teacher {tiny_encoder} has no classifier")
     assert not (workdir / "out2").exists() and not (workdir / "outputs").exists()
+    # a copy fine-tuned before (by a distill without the map) is used as ever
+    ok(["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--teacher_epochs", "1",
+        "--output", "out3", *FAST, *track(workdir)])
+    _, err = ok(["distill", "--teacher", tiny_encoder, "--data", tiny_data, "--epochs", "1", "--teacher_epochs", "1",
+                 "--output", "out2", "--teacher_device_map", "auto", *FAST, *track(workdir)])
+    assert "reusing its fine-tuned copy" in err and (workdir / "out2" / "model.safetensors").is_file()
 
 
 def test_distill_into_a_narrower_student(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:
@@ -681,6 +687,14 @@ def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params
     with pytest.raises(CompressError, match=r"had --embedding unset, this one 16; resume with the same flags and "
                                             r"files, or drop --resume and pass --overwrite"):
         state.check_resume({**params, "embedding": 16}, {"data": "d1", "tracking": "sqlite:///a.db"})
+    inputs = {"data": "d1", "tracking": "sqlite:///a.db", "teacher_path": "w1"}
+    # a param the interrupted run's compress did not log yet (an upgrade in between) is no change of the user's
+    state.check_resume({**params, "label_column": "label", "teacher_epochs": 2}, inputs)
+    # nor is naming the text column that was found before, or the data folder by another path: the rows decide
+    state.write(params={**params, "text_column": "", "data": "d", "max_train": None})
+    state.check_resume({**params, "text_column": "sentence", "data": "/abs/d", "max_train": None}, inputs)
+    with pytest.raises(CompressError, match=r"had --max_train unset, this one 30"):  # not "the data's rows changed"
+        state.check_resume({**params, "text_column": "", "data": "d", "max_train": 30}, {**inputs, "data": "d2"})
 
 
 def test_only_what_is_raised_while_handling_ctrl_c_counts_as_ctrl_c() -> None:
@@ -1003,6 +1017,7 @@ def test_a_run_that_diverges_fails_in_one_line_and_leaves_no_model(tiny_teacher:
     assert not (workdir / "out").exists()
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == ["FAILED"]
+    assert "val_score" not in runs[0].data.metrics  # the NaN model was never scored (nor judged by a pruner)
 
 
 def test_json_out_never_takes_a_models_own_file(tiny_teacher: Path, tiny_data: Path, workdir: Path) -> None:

@@ -276,10 +276,14 @@ def test_labels_that_are_one_integer_are_one_class(tmp_path: Path) -> None:
     assert "has 1 distinct label(s)" in message and "at least 2" in message
 
 
-def test_a_header_naming_a_column_twice(tmp_path: Path) -> None:
+def test_a_header_naming_a_column_it_reads_twice(tmp_path: Path) -> None:
     train = "sentence\tlabel\tlabel\na\t1\t0\nb\t0\t1\n"
     message = load_error(make_folder(tmp_path, {"train.tsv": train, "dev.tsv": DEV_TSV}))
     assert message.endswith("train.tsv line 1: the header names column 'label' twice"), message
+    # columns it does not read may repeat: a spreadsheet's export ends its header with empty names
+    task = load_task(data=str(make_folder(tmp_path, {"train.csv": "text,label,,\na,1,,\nb,0,,\n",
+                                                     "dev.csv": "text,label,notes,notes\nc,1,x,y\n"}, "spread")))
+    assert task.label_names == ["0", "1"] and task.train_texts == [("a",), ("b",)]
 
 
 def test_the_label_column_as_text(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ def test_every_numeric_flag_search_can_set_has_a_bound() -> None:
     ("seed", 0, -1, "--seed -1: must be between 0 and 4294967295"),
     ("lr", 1e300, float("inf"), "--lr inf: must be a finite number"),  # 1e309 parses as inf, which is > 0
     ("temperature", 1e300, float("nan"), "--temperature nan: must be a finite number"),
+    ("max_train", 10**400, 0, "--max_train 0: must be at least 1"),  # an int past float's range: no OverflowError
 ])
 def test_a_bound_takes_its_edge_and_refuses_past_it(name: str, good: float, bad: float, message: str) -> None:
     check(name, good)

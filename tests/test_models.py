@@ -237,6 +237,26 @@ def test_a_pretraining_checkpoint_and_an_encoder_without_a_pooler_load_under_a_n
         load_classifier(str(_copy_with(tiny_teacher, tmp_path / "headed_no_pooler", drop="pooler")), ["0", "1"])
 
 
+def test_bench_times_an_encoder_without_a_pooler_and_a_buffer_in_the_file_is_no_error(tiny_teacher: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Masked-LM checkpoints (roberta-base's 'pooler newly initialized') and sentence encoders have no pooler, which
+    `compress bench` never needed; some files hold a buffer the model makes itself (token_type_ids)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertForMaskedLM
+
+    from compress.models import load_weights
+
+    BertForMaskedLM(AutoConfig.from_pretrained(tiny_teacher)).save_pretrained(tmp_path / "mlm")
+    with pytest.raises(CompressError, match="it lacks 2 of the model's tensors"):
+        load_weights(AutoModel, str(tmp_path / "mlm"), "--model")
+    assert load_weights(AutoModel, str(tmp_path / "mlm"), "--model", may_be_new=("pooler",)).pooler is not None
+    folder = _copy_with(tiny_teacher, tmp_path / "with_buffer")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["bert.embeddings.token_type_ids"] = torch.zeros(1, 128, dtype=torch.long)
+    save_file(weights, str(folder / "model.safetensors"))
+    load_weights(AutoModelForSequenceClassification, str(folder), "--model")
+
+
 # --- resolve_model ----------------------------------------------------------------------------------------------------
 
 

@@ -365,6 +365,7 @@ def test_a_share_the_teacher_cannot_take_is_refused_on_the_cli(teacher, space, m
     ("layers: [1\n", "--space space.yaml: not a readable YAML file"),
     ("teacher: t\nspace: {layers: [1]}\n", "--space space.yaml: this is a whole search config; run it with --config"),
     ("layers: 2\nlayers: 3\n", "--space space.yaml: line 2: 'layers' is given twice"),  # YAML kept the last, unsaid
+    ("? [a, b]\n: 1\n", "--space space.yaml: not a readable YAML file"),  # an unhashable key: PyYAML's own word
     ("layers: 2\nlr: {low: 1.0e-5, high: 1.0e-3, low: 1.0e-4}\n", "--space space.yaml: line 2: 'low' is given twice"),
 ])
 def test_space_from_a_file(text, message, tiny_teacher, tiny_data, workdir, capsys):

@@ -183,29 +183,45 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
         assert proc.returncode == code and said in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize(("then", "teardown"), [("ImportError", False), ("RuntimeError", True), ("del", True)])
+@pytest.mark.parametrize(("then", "teardown"), [("ImportError", False), ("RuntimeError", True), ("del", True),
+                                               ("sys.exit", True), ("finished", True), ("except ImportError", True)])
 def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then, teardown) -> None:
     """A Ctrl-C during a pybind11 extension's import comes out as ImportError("initialization failed"); Lightning's
     import of torchmetrics took that for "not installed" and went on, and the next import of SciPy's HiGHS module
     failed with a traceback ('type "ObjSense" is already registered') and exit 1. After an import cut short, the
-    interpreter's teardown is skipped: CPython aborted on matplotlib's half-made ft2font there. One that landed in a
+    interpreter's teardown is skipped (CPython aborted on matplotlib's half-made ft2font there), not the exit
+    handlers; not after a Ctrl-C inside a library's `except ImportError:` fallback. One that landed in a
     weakref callback of importlib's was dropped, and `compress share` ran to the end and exited 0."""
     import subprocess
     import sys
 
     script = (
-        "import atexit, signal, sys\n"
+        "import atexit, os, signal, sys\n"
         "from compress import __main__ as cli\n"
         "class ModuleLock:\n"
         "    def __del__(self):\n"
         "        signal.raise_signal(signal.SIGINT)  # raised in a __del__: Python reports it and drops it\n"
         "def boom(then: str = 'ImportError') -> None:\n"
-        "    if then == 'del':\n"
-        "        ModuleLock()\n"
+        "    if then in ('del', 'finished'):\n"
+        "        if then == 'del':\n"
+        "            ModuleLock()\n"
         "        from compress.training import quiet_libraries\n"
         "        quiet_libraries()  # each command's first step once its libraries are loaded\n"
+        "        if then == 'finished':  # dropped after the last step that could stop\n"
+        "            ModuleLock()\n"
+        "            return\n"
         "        print('went on', file=sys.stderr)\n"
         "        return\n"
+        "    if then == 'sys.exit':  # Lightning outside fit: a Ctrl-C becomes sys.exit(1)\n"
+        "        try:\n"
+        "            signal.raise_signal(signal.SIGINT)\n"
+        "        except KeyboardInterrupt:\n"
+        "            sys.exit(1)\n"
+        "    if then == 'except ImportError':  # a Ctrl-C in a library's fallback cuts no import short\n"
+        "        try:\n"
+        "            import no_such_module_here  # noqa: F401\n"
+        "        except ImportError:\n"
+        "            signal.raise_signal(signal.SIGINT)\n"
         "    try:\n"
         "        try:\n"
         "            signal.raise_signal(signal.SIGINT)  # lands in an extension's module init\n"
@@ -215,7 +231,11 @@ def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then
         "        pass  # a library's 'not installed'\n"
         "    raise {'ImportError': ImportError, 'RuntimeError': RuntimeError}[then]('the next import failed')\n"
         "cli.COMMANDS['boom'] = boom\n"
-        "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+        "atexit.register(lambda: print('exit handlers ran', file=sys.stderr))\n"
+        "class Teardown:\n"
+        "    def __del__(self, write=os.write):  # as the interpreter shuts down and clears __main__\n"
+        "        write(2, b'teardown ran\\n')\n"
+        "kept = Teardown()\n"
         "cli.main(sys.argv[1:])\n"
     )
     done = subprocess.run(  # preexec_fn: a background shell runs the tests with Ctrl-C ignored
@@ -223,8 +243,9 @@ def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then
         check=False, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0] == "compress: interrupted; rerun with --resume to continue from the last checkpoint"
-    assert lines[1:] == (["teardown ran"] if teardown else []), done.stderr
+    assert lines[0] == ("compress: interrupted as it finished; what it wrote is complete" if then == "finished" else
+                        "compress: interrupted; rerun with --resume to continue from the last checkpoint")
+    assert lines[1:] == ["exit handlers ran", *(["teardown ran"] if teardown else [])], done.stderr
 
 
 def test_a_second_sigterm_in_a_fit_with_other_ranks_is_not_quit_now() -> None:
