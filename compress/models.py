@@ -131,14 +131,18 @@ def load_weights(auto, path: str, flag: str, may_be_new: tuple[str, ...] = (), *
     lacking = [k for k in info["missing_keys"] if part(k) not in may_be_new]
     resized = [k for k, *_ in info["mismatched_keys"] if part(k) not in may_be_new]
     extra = [k for k in info["unexpected_keys"] if part(k) != "head" and k.removeprefix(prefix) not in buffers]
+
     def some(keys: list[str]) -> str:
         keys = sorted(keys)
         return f"{keys[0]}, ..." if len(keys) > 1 else keys[0]
 
-    found = ([f"it lacks {len(lacking)} of the model's tensors ({some(lacking)})"] if lacking else []) + \
-        ([f"{len(resized)} of its tensors have other sizes than config.json gives ({some(resized)})"] if resized
-         else []) + \
-        ([f"it holds {len(extra)} tensors that config.json has no place for ({some(extra)})"] if extra else [])
+    found = []
+    if lacking:
+        found.append(f"it lacks {len(lacking)} of the model's tensors ({some(lacking)})")
+    if resized:
+        found.append(f"{len(resized)} of its tensors have other sizes than config.json gives ({some(resized)})")
+    if extra:
+        found.append(f"it holds {len(extra)} tensors that config.json has no place for ({some(extra)})")
     if found:
         raise CompressError(f"{flag} {path}: the weights file does not match its config.json: {'; '.join(found)}")
     return model
