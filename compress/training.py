@@ -280,7 +280,13 @@ class _FailOnDivergence(pl.Callback):
     high diverged without a word: the NaN model was scored (an argmax over NaN logits is class 0, which looked like a
     score), saved as a finished output and its run marked FINISHED. One host sync an epoch."""
 
+    def __init__(self) -> None:
+        self._checked = -1  # the last epoch checked: its validation's start, else its end
+
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self._checked:
+            return
+        self._checked = trainer.current_epoch
         trained = [p for p in pl_module.parameters() if p.requires_grad]
         if trained and not torch.stack([torch.isfinite(p).all() for p in trained]).all():
             raise CompressError(f"training diverged in epoch {trainer.current_epoch + 1}: the trained weights hold "
