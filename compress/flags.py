@@ -81,11 +81,16 @@ def check_choice(name: str, value: str) -> None:
         raise CompressError(f"--{name} {value}: use {', '.join(words[:-1])} or {words[-1]}")
 
 
+def finite(value: float) -> bool:
+    """Not inf or nan; an int is (a 400-digit one has no float to test)."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def check(name: str, value: float | None) -> None:
     """Refuse `--NAME VALUE` outside its range, in one line that says the range (None means unset: nothing to
     check)."""
     bound = BOUNDS[name]
-    if isinstance(value, float) and not math.isfinite(value):  # 1e309 parses as inf, which passes "> 0"; nan none
+    if value is not None and not finite(value):  # 1e309 parses as inf, which passes "> 0"; nan passes none
         raise CompressError(f"--{name} {value}: must be a finite number")
     if value is not None and not bound.ok(value):
         shown = int(value) if isinstance(value, float) and value.is_integer() else value  # 0, as typed, not 0.0

@@ -15,7 +15,6 @@ from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
 
-
 def _sizes_per_layer(config) -> tuple[list[int], list[int]]:
     heads = [config.attention_heads[a] for a in config.attention_map]
     widths = [config.intermediate_sizes[f] for f in config.ffn_map]

@@ -261,13 +261,12 @@ def _values(dim: Dimension) -> list:
 def _check_values(dims: dict[str, Dimension]) -> None:
     """A value the command would refuse fails here, in a second, not trial after trial once the study (and its
     name) exist. The bounds are the commands' own (compress.flags)."""
-    from compress.flags import BOUNDS, CHOICES
+    from compress.flags import BOUNDS, CHOICES, finite
 
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
         bound = BOUNDS.get(flag)
-        bad = [v for v in _values(dim) if bound and not ((not isinstance(v, float) or math.isfinite(v))
-                                                          and bound.ok(v))]  # YAML's .inf, .nan
+        bad = [v for v in _values(dim) if bound and not (finite(v) and bound.ok(v))]  # YAML's .inf, .nan
         if bad:
             raise CompressError(f"space: {key}: {bad[0]!r} is out of range; {flag} must be {bound.text}")
         words = CHOICES.get(flag)

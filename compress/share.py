@@ -19,7 +19,6 @@ from compress.finetune import slug
 from compress.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
 
 
-
 def share(
     model: str,
     task: str | None = None,

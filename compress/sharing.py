@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-INITS = ("mean", "first", "regmean")
+from compress.flags import CHOICES
+
+INITS = CHOICES["init"]  # the table --init is checked against, command and search alike
 # RegMean's off-diagonal shrink. Measured on the SST-2 MiniLM-L6 teacher (KL to the parent before recovery, summed
 # over share all g2/g3, attention g1, ffn g1): 0.25 -> 0.70, 0.5 -> 0.65, 0.9 -> 0.71; 0 and 1 are far worse.
 REGMEAN_ALPHA = 0.5

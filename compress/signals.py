@@ -182,9 +182,12 @@ def _on_sigint(signum, frame) -> None:
     signal.default_int_handler(signum, frame)
 
 
-def _unless_a_dropped_ctrl_c(report):
+def _reports_but_a_handled_ctrl_c(report, pressed):
+    """sys.unraisablehook: Python reports the Ctrl-C it dropped in a __del__ as "Exception ignored ...
+    KeyboardInterrupt", a traceback among compress's lines; once `pressed()`, that Ctrl-C is handled, so the report
+    is dropped too."""
     def hook(unraisable) -> None:
-        if not (_ctrl_c_seen.is_set() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        if not (pressed() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
             report(unraisable)
     return hook
 
@@ -205,7 +208,7 @@ def ctrl_c_remembered():
     report = sys.unraisablehook
     if installed:
         signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _unless_a_dropped_ctrl_c(report)
+        sys.unraisablehook = _reports_but_a_handled_ctrl_c(report, _ctrl_c_seen.is_set)
     try:
         yield
     except Exception as err:
@@ -262,15 +265,9 @@ class CtrlC:
         if self._previous in (signal.default_int_handler, _on_sigint):
             signal.signal(signal.SIGINT, self._on_signal)
             self._installed = True
-            # Python reports the Ctrl-C it dropped in a __del__ as "Exception ignored ... KeyboardInterrupt", a
-            # traceback among compress's lines; this Ctrl-C is handled, so that report is dropped too
             self._unraisable = sys.unraisablehook
-            sys.unraisablehook = self._on_unraisable
+            sys.unraisablehook = _reports_but_a_handled_ctrl_c(self._unraisable, lambda: self.pressed)
         return self
-
-    def _on_unraisable(self, unraisable) -> None:
-        if not (self.pressed and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-            self._unraisable(unraisable)
 
     def _on_signal(self, signum, frame) -> None:
         self.presses += 1

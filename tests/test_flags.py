@@ -21,6 +21,9 @@ def _command_flags() -> set[str]:
 def test_every_bound_is_a_real_flag() -> None:
     assert set(BOUNDS) <= _command_flags()
     assert set(CHOICES) <= _command_flags()
+    from compress.pruning import CRITERIA
+
+    assert tuple(CRITERIA) == CHOICES["criterion"]  # the scores prune has, one for each word it takes
 
 
 def test_every_numeric_flag_search_can_set_has_a_bound() -> None:
