@@ -2,7 +2,7 @@
 
 `import compress` registers compress's own model class (pruned and partly shared BERTs) with transformers'
 Auto classes. The `compress` command skips that at start-up (it costs seconds of torch and transformers
-imports, and `compress --help` must answer at once); the commands that need it import compress.modeling.
+imports, and `compress --help` must answer at once); the commands that need it import compress.models.compress_bert.
 """
 
 import sys
@@ -16,4 +16,4 @@ def _started_as_cli() -> bool:
 
 
 if not _started_as_cli():
-    import compress.modeling  # noqa: F401  (registers the Auto classes)
+    import compress.models.compress_bert  # noqa: F401  (registers the Auto classes)

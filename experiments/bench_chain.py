@@ -31,8 +31,8 @@ RECIPES = ("prune", "prune+share", "share")
 
 def run_steps(parent: str, source: dict, out: Path, args, seed: int) -> dict[str, dict]:
     """The three runs for one seed; returns each one's compress.json metrics (and its wall time), by recipe."""
-    from compress.prune import prune
-    from compress.share import share
+    from compress.steps.prune import prune
+    from compress.steps.share import share
 
     common = {**source, "recover_epochs": args.recover_epochs, "max_train": args.max_train,
               "latency_reps": 1, "tracking": f"sqlite:///{out.resolve()}/mlruns/mlflow.db",
@@ -120,7 +120,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     runs = {seed: run_steps(parent, source, out / f"seed-{seed}", args, seed) for seed in seeds}
-    from compress.bench import bench
+    from compress.steps.bench import bench
 
     timing = out / "latency.json"
     labels = ["parent", *(f"{name}@{seed}" for seed in seeds for name in RECIPES)]

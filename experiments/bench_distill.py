@@ -94,14 +94,14 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random BERT and toy data")
     args = p.parse_args()
 
-    from compress.data import load_task
-    from compress.distill import distill
+    from compress.data.tasks import load_task
+    from compress.steps.distill import distill
 
     if args.temperature is None:
         args.temperature = inspect.signature(distill).parameters["temperature"].default
-    from compress.finetune import finetune
-    from compress.measure import count_params, latency_ms
-    from compress.models import load_classifier, load_tokenizer, student_from_teacher, teacher_layer_map
+    from compress.steps.finetune import finetune
+    from compress.models.measure import count_params, latency_ms
+    from compress.models.loading import load_classifier, load_tokenizer, student_from_teacher, teacher_layer_map
 
     work = Path(args.workdir)
     if args.tiny:

@@ -183,7 +183,7 @@ def plain_loop(args, device: str, *, autocast: bool, student_only: bool = False)
 
 def synthetic_task(rows: int, seq: int):
     """A task whose every row tokenizes past `seq` tokens, so every batch is full length as in the anchor."""
-    from compress.data import TaskData
+    from compress.data.tasks import TaskData
 
     rng = random.Random(0)
     texts = [(" ".join(f"w{rng.randrange(VOCAB - 5)}" for _ in range(seq + 8)),) for _ in range(rows)]
@@ -236,9 +236,9 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
 
     With `save_probe`, also times one checkpoint save after training (Lightning's own, student and AdamW state, as
     the command writes them) into it: the cost that decides how often the command can afford to checkpoint."""
-    from compress.datamodule import TaskDataModule
-    from compress.module import DistillModule, LossWeights
-    from compress.training import build_trainer, quiet_libraries, resolve_precision
+    from compress.data.datamodule import TaskDataModule
+    from compress.engine.distill_module import DistillModule, LossWeights
+    from compress.engine.trainer import build_trainer, quiet_libraries, resolve_precision
 
     quiet_libraries()
     attn_impl = "eager" if attn else "sdpa"  # attention maps need eager attention, as in the command
@@ -352,7 +352,7 @@ def main() -> None:
     live = next((r for r in results if r["name"] == LIVE), None)
     if save and live:
         # Why compress checkpoints by time (every --checkpoint_minutes) and not every N steps.
-        from compress.recipe import TrainConfig
+        from compress.engine.run import TrainConfig
 
         minutes = TrainConfig().checkpoint_minutes
         every_100 = save["seconds"] / (save["seconds"] + 100 * live["ms_per_step"] / 1e3)

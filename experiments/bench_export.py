@@ -38,8 +38,8 @@ def build_tiny(folder: Path) -> tuple[list[tuple[str, Path]], Path]:
     from conftest import save_tiny_bert, write_tsv
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compress.modeling import from_bert
-    from compress.models import student_from_teacher
+    from compress.models.compress_bert import from_bert
+    from compress.models.loading import student_from_teacher
     from compress.pruning.slicing import slice_heads, slice_neurons
 
     data = write_tsv(folder / "data", train=64, dev=64)
@@ -65,7 +65,7 @@ def build_tiny(folder: Path) -> tuple[list[tuple[str, Path]], Path]:
 
 def cli(*args) -> str:
     """Run `compress ...` in this process; its stdout (stderr passes through for progress)."""
-    from compress.__main__ import main
+    from compress.cli.main import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -74,8 +74,9 @@ def cli(*args) -> str:
 
 
 def torch_score(folder: Path, data: Path, max_length: int) -> float:
-    from compress.data import load_task
-    from compress.export import input_names, load_for_export, metric_value, predict_dev, torch_logits_fn
+    from compress.data.tasks import load_task
+    from compress.exporting.onnx import input_names, load_for_export
+    from compress.exporting.predict import metric_value, predict_dev, torch_logits_fn
 
     task = load_task(data=str(data))
     model, tokenizer = load_for_export(str(folder))
@@ -140,7 +141,7 @@ def main() -> None:
                                      "--output", target, "--max_length", args.max_length, "--overwrite")
                                  .strip().splitlines()[-1])
             scores, files = summary["scores"], summary["files"]
-            from compress.measure import weights_mb
+            from compress.models.measure import weights_mb
 
             rows += [
                 {"model": label, "runtime": "PyTorch fp32", "path": str(folder), "mb": weights_mb(folder),

@@ -35,7 +35,7 @@ def build_tiny(folder: Path) -> tuple[Path, Path]:
 
 
 def run_point(parent: Path, data: Path, ratio: float, out: Path, args) -> dict:
-    from compress.prune import prune
+    from compress.steps.prune import prune
 
     folder = out / f"h{ratio:g}-f{ratio:g}"
     start = time.perf_counter()

@@ -89,7 +89,7 @@ def main() -> None:
     # the teacher's fine-tuned copy is cached under the study's folder, not the working directory's outputs/
     config["space"] = config["space"] | {"teacher_cache": str(out / "teachers")}
 
-    from compress.search import run_search
+    from compress.search.run import run_search
 
     start = time.perf_counter()
     result = run_search(**config)

@@ -49,12 +49,12 @@ def compare_inits(parent: str, data: str, groups: list[int], embedding: int, tra
     """
     import torch
 
-    from compress.data import load_task
-    from compress.datamodule import TaskDataModule
-    from compress.models import load_classifier, load_tokenizer
-    from compress.share import calibration_batches
-    from compress.sharing import INITS, REGMEAN_ALPHA, input_grams, to_albert, to_compress_shared
-    from compress.training import quiet_libraries
+    from compress.data.tasks import load_task
+    from compress.data.datamodule import TaskDataModule
+    from compress.models.loading import load_classifier, load_tokenizer
+    from compress.steps.share import calibration_batches
+    from compress.sharing.convert import INITS, REGMEAN_ALPHA, input_grams, to_albert, to_compress_shared
+    from compress.engine.trainer import quiet_libraries
 
     quiet_libraries()
     task = load_task(data=data, max_train=train_rows, seed=42)
@@ -154,7 +154,7 @@ def main() -> None:
                         "cache, and reading it")
     args = p.parse_args()
 
-    from compress.share import share
+    from compress.steps.share import share
 
     out = Path(args.out)
     if args.tiny:

@@ -110,7 +110,7 @@ def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: i
                              ) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and
     share benchmarks' --tiny modes compress), and the folder of those rows."""
-    from compress.finetune import finetune
+    from compress.steps.finetune import finetune
 
     data = write_tsv(folder / "data", train=512, dev=128)
     raw = save_tiny_bert(folder / "raw", layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.__main__ import _normalise_flags, main
-from compress.bench import _label, metric_key, percentile
-from compress.measure import interleaved_ms
+from compress.cli.main import _normalise_flags, main
+from compress.steps.bench import _label, metric_key, percentile
+from compress.models.measure import interleaved_ms
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,7 +29,7 @@ def models(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
     from conftest import save_tiny_bert
     from transformers import AutoTokenizer
 
-    from compress.export import export_onnx, load_for_export, quantize_int8
+    from compress.exporting.onnx import export_onnx, load_for_export, quantize_int8
 
     root = tmp_path_factory.mktemp("bench")
     small = save_tiny_bert(root / "small", layers=2)
@@ -110,7 +110,7 @@ def test_json_schema_and_table(models, tmp_path, capsys) -> None:
 def test_log_to_mlflow_run(models, tmp_path, capsys) -> None:
     from mlflow import MlflowClient
 
-    from compress.tracking import _prepare_store
+    from compress.infra.tracking import _prepare_store
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(store)

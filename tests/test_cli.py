@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import save_tiny_bert
 
-from compress.__main__ import COMMANDS, main
+from compress.cli.main import COMMANDS, main
 
 COMPRESS = Path(sys.executable).with_name("compress")  # the console script of this venv
 FAST = ["--latency_reps", "1"]
@@ -331,8 +331,8 @@ def test_saved_student_reloads_with_identical_logits(distilled, tiny_data: Path,
 def test_mlflow_run_has_params_tags_metrics_history_and_model(distilled, tiny_teacher: Path) -> None:
     import transformers
 
-    from compress.measure import count_params, weights_mb
-    from compress.models import load_classifier
+    from compress.models.measure import count_params, weights_mb
+    from compress.models.loading import load_classifier
 
     run, client = distilled.run, distilled.client
     assert run.info.status == "FINISHED"
@@ -451,7 +451,7 @@ def test_headless_teacher_is_finetuned_once_then_reused(tiny_encoder: Path, tiny
     cached.rename(partial)
     (partial / "run.json").write_text(json.dumps({"run_id": "0" * 32, "params": {}, "inputs": {"tracking": "x://y"}}))
     # ... unless another process is writing it now: that one is refused by name, and its folder kept
-    from compress.training import _take_lock
+    from compress.engine.state import _take_lock
 
     held = _take_lock(partial / "lock")
     code, _, err = run_main([*args, "--output", "s3"])
@@ -674,8 +674,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_teacher: Path, tiny
 
 
 def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params(tmp_path: Path) -> None:
-    from compress.errors import CompressError
-    from compress.training import RunState
+    from compress.infra.errors import CompressError
+    from compress.engine.state import RunState
 
     (tmp_path / "out.partial").mkdir()
     state = RunState(tmp_path / "out", resume=True, overwrite=False)
@@ -700,7 +700,7 @@ def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params
 def test_only_what_is_raised_while_handling_ctrl_c_counts_as_ctrl_c() -> None:
     """Lightning's sys.exit(1), or its shutdown failing (MLflow's "database is locked"), during a Ctrl-C is the
     Ctrl-C; an error of the run's own (out of memory) is that error."""
-    from compress.recipe import _during_ctrl_c
+    from compress.engine.run import _during_ctrl_c
 
     for raised in (SystemExit(1), RuntimeError("database is locked")):
         try:
@@ -1131,7 +1131,7 @@ def test_overwrite_never_deletes_what_the_run_reads(tiny_teacher: Path, tiny_dat
 def test_git_commit_says_dirty_and_never_takes_another_repositorys_commit(tmp_path: Path) -> None:
     """A run from edited code is not reproducible from its commit; a compress installed into a virtualenv inside the
     user's own repository reported that repository's commit."""
-    from compress.tracking import git_commit
+    from compress.infra.tracking import git_commit
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from compress import hub
-from compress.data import GLUE_TASKS, load_task
-from compress.errors import CompressError
+from compress.infra import hub
+from compress.data.tasks import GLUE_TASKS, load_task
+from compress.infra.errors import CompressError
 
 SST2 = Path(__file__).parents[1] / ".." / "shared" / "data" / "sst2"
 

@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from compress.data import load_task
-from compress.datamodule import ResumableBatchSampler, TaskDataModule
-from compress.models import load_classifier, load_tokenizer
-from compress.module import DistillModule
-from compress.training import build_trainer
+from compress.data.tasks import load_task
+from compress.data.datamodule import ResumableBatchSampler, TaskDataModule
+from compress.models.loading import load_classifier, load_tokenizer
+from compress.engine.distill_module import DistillModule
+from compress.engine.trainer import build_trainer
 
 
 class Batches(pl.Callback):

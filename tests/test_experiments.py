@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress.__main__ import COMMANDS, main
+from compress.cli.main import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted({p.relative_to(ROOT).as_posix() for ext in ("yaml", "yml")

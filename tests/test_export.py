@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from compress.__main__ import main
-from compress.export import (INT8_FILE, ONNX_FILE, metric_value, onnx_session, parse_formats, predict_dev,
-                             random_inputs)
-from compress.errors import CompressError
+from compress.cli.main import main
+from compress.exporting.onnx import INT8_FILE, ONNX_FILE, onnx_session, random_inputs
+from compress.exporting.predict import metric_value, predict_dev
+from compress.steps.export import parse_formats
+from compress.infra.errors import CompressError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -79,8 +80,8 @@ def store(tmp_path_factory) -> str:
 def trained(tmp_path_factory, tiny_teacher, store) -> dict:
     from mlflow import MlflowClient
 
-    from compress.tracking import _prepare_store
-    from compress.training import write_lineage
+    from compress.infra.tracking import _prepare_store
+    from compress.infra.lineage import write_lineage
 
     folder = tmp_path_factory.mktemp("trained") / "student"
     shutil.copytree(tiny_teacher, folder)
@@ -144,7 +145,7 @@ def test_onnx_matches_pytorch_on_new_shapes(exported, trained) -> None:
 def test_int8_loads_scores_and_is_smaller(exported, tiny_data) -> None:
     from transformers import AutoTokenizer
 
-    from compress.data import load_task
+    from compress.data.tasks import load_task
 
     out = exported["out"]
     scores = exported["summary"]["scores"]
@@ -201,7 +202,7 @@ def save_albert(folder: Path, tokenizer_from: Path) -> Path:
 
 
 def save_compress_bert(folder: Path, tokenizer_from: Path) -> Path:
-    modeling = pytest.importorskip("compress.modeling")
+    modeling = pytest.importorskip("compress.models.compress_bert")
     # pruned unevenly (one attention module keeps no heads) and partly shared (layers 0 and 2 share an FFN)
     config = modeling.CompressBertConfig(
         vocab_size=27, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -275,7 +276,7 @@ def test_run_id_falls_back_to_the_model_artifact(tmp_path, trained, store) -> No
 
 def test_parity_failure_is_loud_and_writes_nothing(tmp_path, monkeypatch, capsys, exported) -> None:
     """An ONNX graph that computes something else (here: another model's weights) must stop the export."""
-    import compress.export as export_module
+    import compress.steps.export as export_module
     from conftest import save_tiny_bert
 
     other = save_tiny_bert(tmp_path / "other", seed=1)  # same shapes as the exported tiny teacher, other weights

@@ -11,14 +11,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from compress import logit_cache
-from compress.data import load_task
-from compress.datamodule import TaskDataModule
-from compress.errors import CompressError
-from compress.models import load_classifier, load_tokenizer, student_from_teacher
-from compress.models import teacher_placement as load_placement
-from compress.module import DistillModule, LossWeights
-from compress.training import build_trainer, resolve_precision, teacher_runs_bf16
+from compress.engine import logit_cache
+from compress.data.tasks import load_task
+from compress.data.datamodule import TaskDataModule
+from compress.infra.errors import CompressError
+from compress.models.loading import load_classifier, load_tokenizer, student_from_teacher
+from compress.models.loading import teacher_placement as load_placement
+from compress.engine.distill_module import DistillModule, LossWeights
+from compress.engine.trainer import build_trainer, resolve_precision, teacher_runs_bf16
 
 
 BENCH_GPU = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
@@ -229,7 +229,7 @@ def test_gpu_benchmark_budget_skips_rows_and_still_writes_its_json(tmp_path):
 
 
 def test_gpu_padding_rounds_batches_up_to_a_multiple_of_8():
-    from compress.datamodule import PadCollator
+    from compress.data.datamodule import PadCollator
 
     rows = [{"input_ids": [2, 7, 3], "label": 0, "idx": 0}, {"input_ids": [2, 3], "label": 1, "idx": 1}]
     assert PadCollator(0)(rows)["input_ids"].shape == (2, 3)
@@ -256,7 +256,7 @@ def test_teacher_placed_over_devices_with_layers_on_disk_trains_like_a_plain_one
     assert not [n for n, _ in module.named_parameters() if n.startswith("teacher")]  # outside Lightning's reach
     assert module.teacher.bert.encoder.layer[3].output.dense.weight.device.type == "meta"  # still on disk
 
-    from compress.training import score, score_in_place
+    from compress.engine.scoring import score, score_in_place
 
     dm = trainer.datamodule
     plain = load_classifier(str(tiny_teacher), ["0", "1"])

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from compress import masks
-from compress.data import load_task
-from compress.datamodule import PadCollator, TaskDataModule
-from compress.modeling.convert import from_bert
-from compress.models import ENCODER_TYPES, load_classifier, load_tokenizer, student_from_teacher
-from compress.module import DistillModule, LossWeights
-from compress.tracking import make_logger
-from compress.training import build_trainer
+from compress.models import masks
+from compress.data.tasks import load_task
+from compress.data.datamodule import PadCollator, TaskDataModule
+from compress.models.compress_bert.convert import from_bert
+from compress.models.loading import ENCODER_TYPES, load_classifier, load_tokenizer, student_from_teacher
+from compress.engine.distill_module import DistillModule, LossWeights
+from compress.infra.tracking import make_logger
+from compress.engine.trainer import build_trainer
 
 
 class TensorToPython(TorchFunctionMode):

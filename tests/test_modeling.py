@@ -5,7 +5,7 @@ import torch
 from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification
 
-from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
+from compress.models.compress_bert import CompressBertConfig, CompressBertForSequenceClassification, from_bert
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_from_bert_converts_roberta_family_exactly(model_type, tmp_path):
 
 
 def test_roberta_position_ids_by_hand():
-    from compress.modeling.modeling_compress_bert import roberta_position_ids
+    from compress.models.compress_bert.modeling_compress_bert import roberta_position_ids
 
     ids = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 5, 6, 7, 8, 2]])  # pad id 1, right-padded
     assert roberta_position_ids(ids, None, pad=1).tolist() == [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]

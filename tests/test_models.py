@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.errors import CompressError
-from compress.models import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
-                             load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
+from compress.infra.errors import CompressError
+from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
+    load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
 
 from conftest import save_tiny_bert
 
@@ -206,7 +206,7 @@ def test_a_weights_file_that_does_not_match_its_config_is_refused(change: dict, 
     sake): evaluate, export and bench worked on random weights and exited 0."""
     from transformers import AutoModelForSequenceClassification
 
-    from compress.models import load_weights
+    from compress.models.loading import load_weights
 
     folder = _copy_with(tiny_teacher, tmp_path / "changed", **change)
     with pytest.raises(CompressError, match=r"^--model .*changed: the weights file does not match its config\.json") \
@@ -244,7 +244,7 @@ def test_bench_times_an_encoder_without_a_pooler_and_a_buffer_in_the_file_is_no_
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertForMaskedLM
 
-    from compress.models import load_weights
+    from compress.models.loading import load_weights
 
     BertForMaskedLM(AutoConfig.from_pretrained(tiny_teacher)).save_pretrained(tmp_path / "mlm")
     with pytest.raises(CompressError, match="it lacks 2 of the model's tensors"):

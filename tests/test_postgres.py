@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_cli import error_lines, run_main
 
-from compress.search import check_storage, run_search
-from compress.tracking import check_tracking, shown, where_to_look
+from compress.search.run import check_storage, run_search
+from compress.infra.tracking import check_tracking, shown, where_to_look
 
 SECRET = "s3cret-pw"  # the server trusts localhost, so any password connects; it must appear nowhere
 QUICK = {"epochs": 1, "latency_reps": 1, "max_train": 64, "batch_size": 32}
@@ -31,7 +31,7 @@ def test_a_password_is_hidden_wherever_a_url_is_shown() -> None:
     # an interrupted run's record (OUTPUT.partial/run.json) keeps the store it logs to, without the password
     from types import SimpleNamespace
 
-    from compress.recipe import _input_identity
+    from compress.engine.run import _input_identity
 
     kept = _input_identity(SimpleNamespace(fingerprint="f"), {}, f"postgresql://me:{SECRET}@db/runs")
     assert kept == {"data": "f", "tracking": "postgresql://me:***@db/runs"}
@@ -146,8 +146,8 @@ def test_an_empty_database_the_tables_cannot_be_created_in_is_one_line(postgres,
 def test_a_run_interrupted_before_passwords_were_hidden_still_resumes(tmp_path) -> None:
     """Its run.json holds the store as typed; compared as kept now (hidden), the same store was refused as another,
     and the refusal printed the password."""
-    from compress.errors import CompressError
-    from compress.training import RunState
+    from compress.infra.errors import CompressError
+    from compress.engine.state import RunState
 
     partial = tmp_path / "out.partial"
     partial.mkdir()

@@ -11,11 +11,11 @@ import torch
 from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from compress.__main__ import main
-from compress.modeling import CompressBertConfig, CompressBertForSequenceClassification, from_bert
+from compress.cli.main import main
+from compress.models.compress_bert import CompressBertConfig, CompressBertForSequenceClassification, from_bert
 from compress.pruning import (apply_sparsity, choose_kept, drop_layers, flops_per_token, magnitude_importance,
-                              make_permanent, masked, parse_drop_layers, random_importance, slice_heads,
-                              slice_neurons, sparsity_of, taylor_importance)
+    make_permanent, masked, parse_drop_layers, random_importance, slice_heads, slice_neurons, sparsity_of,
+    taylor_importance)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_masked_model_equals_sliced_model(model):
 
 
 def test_dropping_layers_equals_distills_layer_copy(parent, model):
-    from compress.models import student_from_teacher
+    from compress.models.loading import student_from_teacher
 
     drop_layers(model, [1, 3])
     assert model.config.num_hidden_layers == 2 and len(model.bert.encoder.attention) == 2
@@ -315,8 +315,8 @@ def test_non_bert_model_is_refused(model_type, tmp_path_factory, tiny_data, work
 
 def test_prune_takes_every_encoder_distill_takes():
     """prune checks only models.ENCODER_TYPES, so each of them must convert weight for weight."""
-    from compress.modeling.convert import CONVERTIBLE_TYPES
-    from compress.models import ENCODER_TYPES
+    from compress.models.compress_bert.convert import CONVERTIBLE_TYPES
+    from compress.models.loading import ENCODER_TYPES
 
     assert ENCODER_TYPES <= set(CONVERTIBLE_TYPES)
 

@@ -10,12 +10,12 @@ import torch
 from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AlbertForSequenceClassification, AutoModelForSequenceClassification
 
-from compress.__main__ import main
-from compress.measure import count_params
-from compress.modeling import CompressBertForSequenceClassification
-from compress.share import calibration_batches, convert
-from compress.sharing import (albert_param_count, compress_shared_param_count, input_grams, layer_groups,
-                              merge_layers, pad_layers, regmean, to_albert, to_compress_shared, truncated_svd)
+from compress.cli.main import main
+from compress.models.measure import count_params
+from compress.models.compress_bert import CompressBertForSequenceClassification
+from compress.steps.share import calibration_batches, convert
+from compress.sharing.convert import (albert_param_count, compress_shared_param_count, input_grams, layer_groups,
+    merge_layers, pad_layers, regmean, to_albert, to_compress_shared, truncated_svd)
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +190,9 @@ def test_cli_share_all_writes_an_albert_that_transformers_loads_alone(tiny_teach
     assert code == 0, err
     assert "before recovery" in err and "svd_error" in err
     # the CLI's conversion, recomputed in memory: same rows, same seed
-    from compress.data import load_task
-    from compress.datamodule import TaskDataModule
-    from compress.models import load_tokenizer
+    from compress.data.tasks import load_task
+    from compress.data.datamodule import TaskDataModule
+    from compress.models.loading import load_tokenizer
 
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
     dm = TaskDataModule(load_task(data=str(tiny_data)), load_tokenizer(str(tiny_teacher)), seed=42)
@@ -414,7 +414,7 @@ def test_a_group_per_layer_is_the_electra_ernie_or_distilbert_itself(electra_fol
 
 
 def test_distilbert_grams_are_those_of_its_converted_self(distilbert_folder):
-    from compress.modeling import from_bert
+    from compress.models.compress_bert import from_bert
 
     distilbert = AutoModelForSequenceClassification.from_pretrained(distilbert_folder).eval()
     theirs, ours = input_grams(distilbert, [batch()]), input_grams(from_bert(distilbert), [batch()])
@@ -444,7 +444,7 @@ def test_cli_shares_an_electra_an_ernie_and_a_distilbert(parent, kind, electra_f
 
 @pytest.fixture(scope="module")
 def compress_bert_folder(tiny_root) -> Path:
-    from compress.modeling import CompressBertConfig
+    from compress.models.compress_bert import CompressBertConfig
 
     folder = tiny_root / "compress_bert"  # what `share --share attention --groups 1` writes from a 2-layer BERT
     CompressBertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -475,7 +475,7 @@ def pruned(bert):
     might leave them."""
     import copy
 
-    from compress.modeling import from_bert
+    from compress.models.compress_bert import from_bert
     from compress.pruning import slice_heads, slice_neurons
 
     model = from_bert(copy.deepcopy(bert)).eval()
@@ -485,9 +485,9 @@ def pruned(bert):
 
 
 def test_zero_heads_and_neurons_pad_a_pruned_layer_without_changing_it(pruned):
-    from compress.modeling import CompressBertForSequenceClassification, to_compress_config
-    from compress.modeling.convert import bert_named_state, rename_key
-    from compress.sharing import bert_layers
+    from compress.models.compress_bert import CompressBertForSequenceClassification, to_compress_config
+    from compress.models.compress_bert.convert import bert_named_state, rename_key
+    from compress.sharing.convert import bert_layers
 
     state = bert_named_state(pruned)
     layers = pad_layers(bert_layers(state, 4))
@@ -504,7 +504,7 @@ def test_zero_heads_and_neurons_pad_a_pruned_layer_without_changing_it(pruned):
 
 
 def test_a_converted_bert_records_the_same_grams_as_the_bert(bert):
-    from compress.modeling import from_bert
+    from compress.models.compress_bert import from_bert
 
     theirs, ours = input_grams(bert, [batch()]), input_grams(from_bert(bert), [batch()])
     for mine, expected in zip(ours, theirs, strict=True):

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from compress.errors import Terminated
-from compress.signals import CtrlC, lightning_fit, sigterm_raises, stops_held_between_trials, stops_raise
+from compress.infra.errors import Terminated
+from compress.infra.signals import CtrlC, lightning_fit, sigterm_raises, stops_held_between_trials, stops_raise
 
 
 def _deliver(sig: int) -> None:
@@ -88,7 +88,7 @@ def test_a_stop_or_error_after_fit_closes_the_run_as_killed_or_failed(stop, code
     def latency_ms(*args, **kwargs):
         raise stop
 
-    monkeypatch.setattr("compress.measure.latency_ms", latency_ms)  # run_training imports it when it runs
+    monkeypatch.setattr("compress.models.measure.latency_ms", latency_ms)  # run_training imports it when it runs
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
     if code is None:
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -128,7 +128,7 @@ def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(wher
     from mlflow import MlflowClient
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
-    from compress.recipe import run_hooks
+    from compress.engine.run import run_hooks
 
     def query_cut_short(*args, **kwargs):
         with ctrl_c_inside_the_next_query():
@@ -139,7 +139,7 @@ def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(wher
             query_cut_short()
 
     if where == "after fit":
-        monkeypatch.setattr("compress.measure.latency_ms", query_cut_short)
+        monkeypatch.setattr("compress.models.measure.latency_ms", query_cut_short)
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
     with run_hooks(callbacks=[CutInFit()] if where == "in fit" else []):
         code, _, err = run_main(args)
@@ -205,7 +205,7 @@ def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then
         "    if then in ('del', 'finished'):\n"
         "        if then == 'del':\n"
         "            ModuleLock()\n"
-        "        from compress.training import quiet_libraries\n"
+        "        from compress.engine.trainer import quiet_libraries\n"
         "        quiet_libraries()  # each command's first step once its libraries are loaded\n"
         "        if then == 'finished':  # dropped after the last step that could stop\n"
         "            ModuleLock()\n"
@@ -270,18 +270,18 @@ def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, w
     """A stop while the student was scored, timed or saved threw the training away when no timed checkpoint had
     been written yet (a short fit): --resume trained again from the start. Now it resumes from the checkpoint taken
     when fit ended, trains no step, and writes the model an uninterrupted run writes."""
-    import compress.measure
+    import compress.models.measure
     from test_cli import FAST, run_main, track
 
-    real = compress.measure.latency_ms
+    real = compress.models.measure.latency_ms
 
     def stopped_once(*args, **kwargs):
-        monkeypatch.setattr(compress.measure, "latency_ms", real)
+        monkeypatch.setattr(compress.models.measure, "latency_ms", real)
         raise KeyboardInterrupt
 
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", *FAST, *track(workdir)]
     assert run_main([*args, "--output", "whole"])[0] == 0
-    monkeypatch.setattr(compress.measure, "latency_ms", stopped_once)
+    monkeypatch.setattr(compress.models.measure, "latency_ms", stopped_once)
     assert run_main([*args, "--output", "cut"])[0] == 130
     assert [p.name.endswith("-end.ckpt") for p in (workdir / "cut.partial" / "checkpoints").iterdir()] == [True]
     code, _, err = run_main([*args, "--output", "cut", "--resume"])
@@ -300,7 +300,7 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     import lightning.pytorch as pl
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
-    from compress.recipe import run_hooks
+    from compress.engine.run import run_hooks
 
     batches = []
 
@@ -342,7 +342,7 @@ def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_te
     import lightning.pytorch as pl
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
-    from compress.recipe import run_hooks
+    from compress.engine.run import run_hooks
 
     class Freed:
         def __del__(self) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from test_cli import error_lines, run_main, sqlite_uri
 
-from compress import __main__ as cli
-from compress.errors import CompressError
-from compress.measure import weights_mb
-from compress.search import check_storage
-from compress.tracking import check_tracking
-from compress.ui import ui
+from compress.cli import main as cli
+from compress.infra.errors import CompressError
+from compress.models.measure import weights_mb
+from compress.search.run import check_storage
+from compress.infra.tracking import check_tracking
+from compress.cli.ui import ui
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +298,7 @@ def test_data_and_output_under_tilde_run_for_real(tiny_teacher: Path, tiny_data:
 def test_export_never_opens_a_store_its_model_names_that_is_now_another_tools(optuna_db: Path) -> None:
     """A model's compress.json names the store its run was logged in; if that file is now an Optuna database, the
     model card goes without the run's metrics rather than MLflow writing its tables into it."""
-    from compress.export import source_run_info
+    from compress.exporting.registry import source_run_info
 
     before = hashlib.sha256(optuna_db.read_bytes()).hexdigest()
     assert source_run_info("0" * 32, [f"sqlite:///{optuna_db}"]) == {}
@@ -419,7 +419,7 @@ def test_a_sqlite_path_is_read_as_sqlalchemy_reads_it(flag: str, optuna_db: Path
     refused(args, f"{flag} {uri}", wanted)
     assert hashlib.sha256(other.read_bytes()).hexdigest() == digest
     assert check_tracking(f"sqlite:///{workdir}/a%20b.db") is None and not (workdir / "a b.db").exists()
-    from compress.tracking import resolve_tracking, sqlite_file
+    from compress.infra.tracking import resolve_tracking, sqlite_file
 
     assert sqlite_file(f"sqlite:///{workdir}/a%20b.db?timeout=5") == workdir / "a b.db"
     assert sqlite_file(resolve_tracking("sqlite:///rel%20dir/m.db?timeout=5")) == workdir / "rel dir" / "m.db"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compress.__main__ import main
+from compress.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def store(tmp_path_factory) -> Path:
     """A compress-layout MLflow store (sqlite + artifacts beside it) with one experiment, one run, one artifact."""
     from mlflow import MlflowClient
 
-    from compress.tracking import _prepare_store
+    from compress.infra.tracking import _prepare_store
 
     root = tmp_path_factory.mktemp("ui")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
@@ -151,8 +151,8 @@ def test_ui_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_port_a_stopped_ui_left_in_time_wait_is_free():
     """A UI stopped with Ctrl-C (and compress's own health probe) leaves connections in TIME-WAIT for a minute: the
     port looked busy, and `compress ui` could not be restarted. A listener still makes it busy."""
-    from compress.errors import CompressError
-    from compress.ui import HOST, _check_port
+    from compress.infra.errors import CompressError
+    from compress.cli.ui import HOST, _check_port
 
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

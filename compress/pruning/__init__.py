@@ -6,8 +6,8 @@
 """
 
 from compress.pruning.flops import flops_per_token
-from compress.pruning.importance import (CRITERIA, Importance, Scores, magnitude_importance, masked,
-                                         random_importance, taylor_importance)
+from compress.pruning.importance import (CRITERIA, Importance, Scores, magnitude_importance, masked, random_importance,
+    taylor_importance)
 from compress.pruning.plan import choose_kept, parse_drop_layers
 from compress.pruning.slicing import drop_layers, slice_heads, slice_neurons
 from compress.pruning.sparsity import apply_sparsity, make_permanent, sparsifiable, sparsity_of

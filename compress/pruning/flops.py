@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def flops_per_token(config, seq: int = 128) -> float:
     """For a BertConfig or a CompressBertConfig (per-layer head counts and FFN widths, shared modules run per layer)."""
-    from compress.modeling import to_compress_config
+    from compress.models.compress_bert import to_compress_config
 
     c = to_compress_config(config)
     hidden, head_size = c.hidden_size, c.attention_head_size

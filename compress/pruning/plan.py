@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from compress.errors import CompressError
+from compress.infra.errors import CompressError
 
 
 def _count(ratio: float, n: int) -> int:

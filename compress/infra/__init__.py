@@ -1,0 +1,1 @@
+"""What every layer leans on: errors, output paths, MLflow stores, signals, lineage files and fingerprints."""

@@ -1,0 +1,219 @@
+"""compress export: a trained classifier as safetensors + model card, ONNX (parity-checked) and int8 ONNX, and
+optionally a version in the MLflow model registry."""
+
+from __future__ import annotations
+import json
+import sys
+from pathlib import Path
+from compress.infra.errors import CompressError
+from compress.options.bounds import check_all
+from compress.infra.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+from compress.exporting.card import model_card
+from compress.exporting.onnx import (INT8_FILE, ONNX_FILE, PARITY_TOL, export_onnx, input_names, load_for_export,
+                                     parity, quantize_int8, require_onnx)
+from compress.exporting.predict import metric_value, onnx_logits_fn, predict_dev, torch_logits_fn
+from compress.exporting.registry import get_run, model_from_run, register, source_run_info
+
+
+FORMATS = ("hf", "onnx", "int8")
+
+
+def parse_formats(value: str) -> list[str]:
+    """'hf, onnx' -> ['hf', 'onnx'], in the order given, without repeats."""
+    names = [part.strip().lower() for part in str(value).split(",") if part.strip()]
+    if not names:
+        raise CompressError(f"--format {value!r}: empty; give one or more of {', '.join(FORMATS)}, comma-separated")
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise CompressError(f"--format: unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))
+
+
+def export(
+    model: str | None = None,
+    run: str | None = None,
+    format: str = "hf,onnx,int8",
+    output: str | None = None,
+    register: str | None = None,
+    task: str | None = None,
+    data: str | None = None,
+    text_column: str | None = None,
+    label_column: str = "label",
+    max_length: int = 128,
+    batch_size: int = 64,
+    tracking: str = DEFAULT_TRACKING,
+    experiment: str = DEFAULT_EXPERIMENT,
+    overwrite: bool = False,
+) -> None:
+    """Export a trained classifier for deployment: HF weights with a model card, ONNX, and int8 ONNX.
+
+    The ONNX export is checked against PyTorch on batch and sequence sizes other than the traced ones and
+    fails (writing nothing) if any logit differs by more than 1e-4. The output folder appears only when
+    everything succeeded. The table goes to stderr; stdout gets the same result as one JSON line, for scripts
+    (`compress export ... > export.json`).
+
+    Args:
+        model: a saved model folder (what distill, finetune, prune or share wrote). Exclusive with --run.
+        run: an MLflow run id; its model is the run's output folder, or else its 'model' artifact.
+        format: comma-separated formats: hf (safetensors, tokenizer, config, README.md model card),
+            onnx (fp32, dynamic batch and sequence), int8 (onnxruntime dynamic quantization of the ONNX).
+        output: folder to write (default: outputs/export-MODEL).
+        register: also register the export in the MLflow model registry under this name (a new version
+            each time), logged as the 'model' artifact of a new export run.
+        task: score the export on this task's dev split (fp32, and int8 beside it when made): a GLUE task
+            or bbc-news. Exclusive with --data.
+        data: score on the dev file of this folder of train and dev files (.tsv, .csv or .jsonl).
+        text_column: column(s) holding the text, "a" or "a,b" for pairs.
+        label_column: column holding the label.
+        max_length: tokens per example when scoring; longer inputs are truncated.
+        batch_size: examples per batch when scoring.
+        tracking: MLflow tracking URI, for --run, --register and the model card's metrics.
+        experiment: MLflow experiment for the export run when the model's own run is not in this store.
+        overwrite: replace an existing --output.
+    """
+    import shutil
+    import tempfile
+
+    from compress.infra.identity import slug
+
+    formats = parse_formats(format)
+    if "onnx" in formats or "int8" in formats:
+        require_onnx(f"--format {','.join(formats)}")
+    if (model is None) == (run is None):
+        raise CompressError("give exactly one of --model (a saved model folder) and --run (an MLflow run id)")
+    if register is not None and not register.strip():
+        raise CompressError("--register: the registered model name is empty")
+    check_all(max_length=max_length, batch_size=batch_size)
+
+    from compress.data.tasks import load_task
+    from compress.models.loading import resolve_model
+    from compress.infra.paths import check_overwrite, check_run_paths
+    from compress.engine.trainer import quiet_libraries
+    from compress.infra.lineage import read_lineage
+
+    quiet_libraries()
+    task_data = load_task(task, data, text_column=text_column, label_column=label_column) if task or data else None
+    scratch = Path(tempfile.mkdtemp(prefix="compress-export-"))
+    try:
+        if run:
+            path = model_from_run(run, tracking, scratch)
+            name = get_run(run, tracking).data.params.get("output") or f"run-{run[:8]}"
+        else:
+            path, name = resolve_model(model, "--model"), model
+        out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path, data),
+                              tracking=tracking)  # read for --run and the card's lineage, written by --register
+        check_overwrite(out, overwrite)
+        net, tokenizer = load_for_export(path, "--run" if run else "--model", max_length)
+        if task_data is not None and task_data.num_labels != net.config.num_labels:
+            raise CompressError(f"--{'task' if task else 'data'}: {task_data.name} has {task_data.num_labels} labels "
+                                f"but the model's head has {net.config.num_labels}")
+        lineage = read_lineage(path)
+        source = source_run_info(run or lineage.get("mlflow_run_id"), [tracking, lineage.get("tracking")])
+        result = _write(out, overwrite, net, tokenizer, formats, lineage, source, task_data, scratch,
+                        card_name=register or out.name, max_length=max_length, batch_size=batch_size,
+                        origin=f"run {run}" if run else str(model), register_name=register, tracking=tracking,
+                        experiment=experiment)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _print_summary(out, result)
+    print(json.dumps(result))
+
+
+def _write(out: Path, overwrite: bool, net, tokenizer, formats: list[str], lineage: dict, source: dict, task_data,
+           scratch: Path, *, card_name: str, max_length: int, batch_size: int, origin: str,
+           register_name: str | None, tracking: str, experiment: str) -> dict:
+    """Everything that writes, inside the atomic output block: a failure anywhere leaves no --output."""
+    from compress.models.measure import count_params
+    from compress.engine.state import atomic_output
+    from compress.infra.lineage import write_lineage
+
+    files: dict[str, dict] = {}
+    scores: dict[str, float] = {}
+    diffs: dict[str, float] | None = None
+    names = input_names(net, tokenizer)
+    metric = task_data.metric if task_data is not None else None
+    with atomic_output(out, overwrite) as tmp:
+        tokenizer.save_pretrained(tmp)
+        net.config.architectures = [type(net).__name__]
+        if "hf" in formats:
+            net.save_pretrained(tmp, safe_serialization=True)
+            shards = sorted(tmp.glob("*.safetensors"))  # one file unless the model is past the shard size
+            files["hf"] = {"file": shards[0].name if len(shards) == 1 else f"{len(shards)} .safetensors shards",
+                           "mb": sum(f.stat().st_size for f in shards) / 1e6}
+        else:  # config.json alone: labels and sizes for whoever runs the ONNX file
+            net.config.save_pretrained(tmp)
+        fp32 = None
+        if "onnx" in formats or "int8" in formats:
+            fp32 = (tmp if "onnx" in formats else scratch) / ONNX_FILE
+            print(f"exporting ONNX (dynamo, dynamic batch and sequence) -> {fp32.name}", file=sys.stderr)
+            export_onnx(net, tokenizer, fp32)
+            diffs = parity(net, fp32, names)
+            worst = max(diffs.values())
+            if not worst <= PARITY_TOL:
+                raise CompressError(
+                    f"--format onnx: onnxruntime differs from PyTorch by {worst:.3g} in the logits (limit "
+                    f"{PARITY_TOL:g}) at shapes {', '.join(f'{k}: {v:.3g}' for k, v in diffs.items())}; "
+                    "nothing was written"
+                )
+            if "onnx" in formats:
+                files["onnx"] = {"file": ONNX_FILE, "mb": _onnx_mb(fp32)}
+        if "int8" in formats:
+            print(f"quantizing to int8 (onnxruntime dynamic) -> {INT8_FILE}", file=sys.stderr)
+            quantize_int8(fp32, tmp / INT8_FILE)
+            files["int8"] = {"file": INT8_FILE, "mb": _onnx_mb(tmp / INT8_FILE)}
+        if task_data is not None:
+            print(f"scoring on {task_data.name} dev ({len(task_data.dev_labels)} rows)", file=sys.stderr)
+            kw = dict(max_length=max_length, batch_size=batch_size)
+            run_fp32 = onnx_logits_fn(fp32) if fp32 is not None else torch_logits_fn(net)
+            scores["fp32"] = metric_value(metric, predict_dev(run_fp32, tokenizer, task_data, names, **kw),
+                                          task_data.dev_labels)
+            if "int8" in formats:
+                scores["int8"] = metric_value(metric, predict_dev(onnx_logits_fn(tmp / INT8_FILE), tokenizer,
+                                                                  task_data, names, **kw), task_data.dev_labels)
+        summary = {
+            "output": str(out), "source": origin, "formats": formats, "files": files, "params": count_params(net),
+            "parity_max_abs_diff": diffs, "parity_limit": PARITY_TOL,
+            "scores": {"task": task_data.name, "metric": metric, **scores} if task_data is not None else None,
+            "source_run": source.get("run_id"),
+        }
+        card = model_card(name=card_name, folder=out.name, model=net, lineage=lineage, run=source, files=files,
+                          parity_diffs=diffs, scores=scores, metric=metric)
+        (tmp / "README.md").write_text(card)
+        write_lineage(tmp, {**lineage, "label_names": lineage.get("label_names") or
+                            [net.config.id2label[i] for i in range(net.config.num_labels)],
+                            "export": {k: v for k, v in summary.items() if k != "output"}})
+        if register_name:
+            metrics = {f"{fmt}_mb": info["mb"] for fmt, info in files.items()}
+            metrics |= {f"{k}_score": v for k, v in scores.items()}
+            if diffs:
+                metrics["parity_max_abs_diff"] = max(diffs.values())
+            params = {"formats": ",".join(formats), "source": origin, "source_run": source.get("run_id") or ""}
+            if task_data is not None:
+                params |= {"task": task_data.name, "metric": metric}
+            summary["registered"] = register(
+                tmp, register_name, tracking=tracking, experiment=experiment, source=source,
+                summary={"params": params, "metrics": metrics, "files": sorted(p.name for p in tmp.iterdir())})
+    return summary
+
+
+def _onnx_mb(path: Path) -> float:
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+def _print_summary(out: Path, result: dict) -> None:
+    scores = result.get("scores") or {}
+    metric = scores.get("metric") or "score"
+    print(f"\nexport done -> {out}", file=sys.stderr)
+    print(f"  {'format':<7} {'file':<18} {'MB':>9}  {metric:>9}", file=sys.stderr)
+    for fmt, info in result["files"].items():
+        score = scores.get("int8" if fmt == "int8" else "fp32")
+        print(f"  {fmt:<7} {info['file']:<18} {info['mb']:>9.2f}  {'-' if score is None else f'{score:.4f}':>9}",
+              file=sys.stderr)
+    if result.get("parity_max_abs_diff"):
+        worst = max(result["parity_max_abs_diff"].values())
+        print(f"  ONNX parity: max abs logit diff {worst:.2e} (limit {PARITY_TOL:g}) at "
+              f"{', '.join(result['parity_max_abs_diff'])}", file=sys.stderr)
+    if reg := result.get("registered"):
+        print(f"  registered as {reg['name']} version {reg['version']} (MLflow run {reg['run_id']} in "
+              f"{reg['tracking']})", file=sys.stderr)
