@@ -89,10 +89,11 @@ def main() -> None:
     # the teacher's fine-tuned copy is cached under the study's folder, not the working directory's outputs/
     config["space"] = config["space"] | {"teacher_cache": str(out / "teachers")}
 
-    from compress.search.run import run_search
+    from compress.options.commands import to_groups
+    from compress.search.run import search
 
     start = time.perf_counter()
-    result = run_search(**config)
+    result = search(**to_groups("search", config))
     seconds = time.perf_counter() - start
     print(f"\nsearch benchmark: {config['teacher']} on {config['data']}, {config['trials']} trial(s) this run "
           f"({result.counts.get('complete', 0)} complete in the study), objectives "

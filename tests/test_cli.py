@@ -700,7 +700,7 @@ def test_resume_refuses_a_model_whose_weights_changed_and_names_flags_not_params
 def test_only_what_is_raised_while_handling_ctrl_c_counts_as_ctrl_c() -> None:
     """Lightning's sys.exit(1), or its shutdown failing (MLflow's "database is locked"), during a Ctrl-C is the
     Ctrl-C; an error of the run's own (out of memory) is that error."""
-    from compress.engine.run import _during_ctrl_c
+    from compress.engine.fit import _during_ctrl_c
 
     for raised in (SystemExit(1), RuntimeError("database is locked")):
         try:

@@ -14,6 +14,7 @@ from compress.data.datamodule import ResumableBatchSampler, TaskDataModule
 from compress.models.loading import load_classifier, load_tokenizer
 from compress.engine.distill_module import DistillModule
 from compress.engine.trainer import build_trainer
+from compress.options.groups import RuntimeConfig, TrainingConfig
 
 
 class Batches(pl.Callback):
@@ -28,11 +29,11 @@ def _fit(teacher: Path, data: Path, ckpt_dir: Path, resume_from: str | None = No
     task = load_task(data=str(data))
     pl.seed_everything(0, verbose=False)
     model = load_classifier(str(teacher), task.label_names)
-    module = DistillModule(model, None, num_labels=2, lr=1e-4)
+    module = DistillModule(model, None, num_labels=2, training=TrainingConfig(lr=1e-4))
     datamodule = TaskDataModule(task, load_tokenizer(str(teacher)), batch_size=16, seed=0)  # 96 rows: 6 a epoch
     record = Batches()
-    trainer = build_trainer(epochs=3, accelerator="cpu", precision="32-true", devices=1, strategy="auto", logger=None,
-                            ckpt_dir=ckpt_dir, checkpoint_every=8, progress=False, callbacks=[record])
+    trainer = build_trainer(epochs=3, accelerator="cpu", precision="32-true", logger=None, ckpt_dir=ckpt_dir,
+                            runtime=RuntimeConfig(devices=1, checkpoint_every=8, progress=False), callbacks=[record])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     return record.seen
 

@@ -12,7 +12,7 @@ from test_cli import error_lines, run_main
 from compress.cli.main import COMMANDS
 from compress.infra.errors import CompressError
 from compress.options.bounds import BOUNDS, CHOICES, check, check_devices
-from compress.search.run import step_flags
+from compress.search.space import step_flags
 
 def _command_flags() -> set[str]:
     return {name for fn in COMMANDS.values() for name in inspect.signature(fn).parameters}

@@ -1,5 +1,7 @@
 """The GPU-speed switches, checked on a CPU: teacher-logit caching is exact, and bf16/fused are off here."""
 
+from dataclasses import replace
+
 import json
 import os
 import shutil
@@ -17,7 +19,8 @@ from compress.data.datamodule import TaskDataModule
 from compress.infra.errors import CompressError
 from compress.models.loading import load_classifier, load_tokenizer, student_from_teacher
 from compress.models.loading import teacher_placement as load_placement
-from compress.engine.distill_module import DistillModule, LossWeights
+from compress.engine.distill_module import DistillModule
+from compress.options.groups import LossConfig, RuntimeConfig, TrainingConfig
 from compress.engine.trainer import build_trainer, resolve_precision, teacher_runs_bf16
 
 
@@ -37,13 +40,14 @@ class StepLosses(pl.Callback):
 def train(tiny_teacher, tiny_data, cache: bool, epochs: int = 3, cache_file=None, compile=False, placement=None,
           weights=None, precision="32-true"):
     task = load_task(data=str(tiny_data))
-    attn = "eager" if weights and weights.attn else None
+    attn = "eager" if weights and weights.alpha_attn else None
     teacher = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn, placement=placement)
     pl.seed_everything(0, verbose=False)
     plain = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn)
     student = student_from_teacher(plain, [0, 2])
-    module = DistillModule(student, teacher, num_labels=2, weights=weights or LossWeights(kd=1.0, ce=0.5, hidden=0.0),
-                           lr=1e-3, cache_teacher=cache, cache_file=cache_file, compile=compile)
+    loss = replace(weights or LossConfig(alpha_kd=1.0, alpha_ce=0.5, alpha_hidden=0.0), cache_teacher=cache)
+    module = DistillModule(student, teacher, num_labels=2, loss=loss, training=TrainingConfig(lr=1e-3),
+                           cache_file=cache_file, compile=compile)
     dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)
     record = StepLosses()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", precision=precision, logger=False,
@@ -79,7 +83,7 @@ def test_cache_refuses_hidden_losses(tiny_teacher):
     teacher = load_classifier(str(tiny_teacher), ["0", "1"])
     with pytest.raises(ValueError, match="logits only"):
         DistillModule(student_from_teacher(teacher, [0]), teacher, num_labels=2,
-                      weights=LossWeights(hidden=1.0), cache_teacher=True)
+                      loss=LossConfig(alpha_hidden=1.0, cache_teacher=True))
 
 
 def test_gpu_switches_are_off_on_cpu(tiny_teacher, tiny_data):
@@ -91,11 +95,11 @@ def test_gpu_switches_are_off_on_cpu(tiny_teacher, tiny_data):
     assert dm.num_workers == 0 and trainer.train_dataloader.pin_memory is False
 
 
-@pytest.mark.parametrize("extra", [{}, {"hidden": 1.0}, {"attn": 1.0}], ids=["logits", "hidden", "attn"])
+@pytest.mark.parametrize("extra", [{}, {"alpha_hidden": 1.0}, {"alpha_attn": 1.0}], ids=["logits", "hidden", "attn"])
 def test_bf16_precision_runs_the_teacher_in_bf16_with_every_loss(tiny_teacher, tiny_data, extra):
     """The GPU's precision path, on a CPU that is asked for bf16: teacher cast to bf16, student kept in fp32 under
     autocast, and every loss term computes from bf16 outputs to about what full precision gives."""
-    weights = LossWeights(**{"kd": 1.0, "ce": 0.5, "hidden": 0.0} | extra)
+    weights = LossConfig(**{"alpha_kd": 1.0, "alpha_ce": 0.5, "alpha_hidden": 0.0} | extra)
     fp32, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
     bf16, _, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
                                      precision="bf16-mixed")
@@ -246,7 +250,7 @@ def test_teacher_placed_over_devices_with_layers_on_disk_trains_like_a_plain_one
               "bert.encoder.layer.2": "disk", "bert.encoder.layer.3": "disk", "bert.pooler": "cpu", "classifier": "cpu"}
     (tmp_path / "map.json").write_text(json.dumps(layout))
     placement = load_placement(str(tmp_path / "map.json"), bf16=False)
-    weights = LossWeights(kd=1.0, ce=0.5, hidden=1.0, attn=0.5)
+    weights = LossConfig(alpha_kd=1.0, alpha_ce=0.5, alpha_hidden=1.0, alpha_attn=0.5)
     whole, _, _, _ = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights)
     placed, calls, module, trainer = train(tiny_teacher, tiny_data, cache=False, epochs=1, weights=weights,
                                            placement=placement)
@@ -289,11 +293,11 @@ def test_checkpoints_go_by_training_time_unless_steps_are_asked_for(tiny_teacher
     """A save blocks training, so a fast GPU must not pay for one every 100 steps: by default they go by time."""
     task = load_task(data=str(tiny_data))
     student = load_classifier(str(tiny_teacher), task.label_names)
-    module = DistillModule(student, num_labels=2, lr=1e-3)
+    module = DistillModule(student, num_labels=2, training=TrainingConfig(lr=1e-3))
     dm = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=16, seed=0)  # 96 rows: 6 steps an epoch
     saves = SaveSteps()
-    trainer = build_trainer(epochs=2, accelerator="cpu", precision="32-true", devices=1, strategy="auto", logger=None,
-                            ckpt_dir=tmp_path / "ckpt", progress=False, callbacks=[saves], **when)
+    trainer = build_trainer(epochs=2, accelerator="cpu", precision="32-true", logger=None, ckpt_dir=tmp_path / "ckpt",
+                            runtime=RuntimeConfig(devices=1, progress=False, **when), callbacks=[saves])
     trainer.fit(module, datamodule=dm)
     assert saves.steps == [*saved_at, 12]  # and one when fit ends (12 steps), which a stop after fit resumes from
     assert len(list((tmp_path / "ckpt").glob("step???????.ckpt"))) == min(2, len(saved_at))  # the two newest timed

@@ -13,9 +13,10 @@ from compress.data.tasks import load_task
 from compress.data.datamodule import PadCollator, TaskDataModule
 from compress.models.compress_bert.convert import from_bert
 from compress.models.loading import ENCODER_TYPES, load_classifier, load_tokenizer, student_from_teacher
-from compress.engine.distill_module import DistillModule, LossWeights
+from compress.engine.distill_module import DistillModule
 from compress.infra.tracking import make_logger
 from compress.engine.trainer import build_trainer
+from compress.options.groups import LossConfig, RuntimeConfig
 
 
 class TensorToPython(TorchFunctionMode):
@@ -179,24 +180,24 @@ def test_a_converted_roberta_counts_its_positions_without_reading():
     assert mode.reads == []
 
 
-def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossWeights, pruned: bool, drop_flag: bool,
+def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossConfig, pruned: bool, drop_flag: bool,
                        monkeypatch, precision: str = "32-true"):
     if drop_flag:  # the control: a batch that does not say whether it is padded, as before this change
         collate = PadCollator.__call__
         monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: {
             k: v for k, v in collate(self, rows).items() if k != "padded"})
     task = load_task(data=str(tiny_data))
-    attn = "eager" if weights.attn else None
+    attn = "eager" if weights.alpha_attn else None
     teacher = load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn)
     student = student_from_teacher(load_classifier(str(tiny_teacher), task.label_names, attn_implementation=attn),
                                    [0, 2])
     if pruned:
         student = from_bert(student)
-    module = OnAGPU(student, teacher, num_labels=2, weights=weights)
+    module = OnAGPU(student, teacher, num_labels=2, loss=weights)
     reads = CountReads()
     # The Trainer the commands build, with its progress bar, time-based checkpoints and MLflow logger
     logger = make_logger(f"sqlite:///{tmp_path / 'mlflow.db'}", "reads", "run", {})
-    trainer = build_trainer(epochs=1, accelerator="cpu", precision=precision, devices=1, strategy="auto",
+    trainer = build_trainer(epochs=1, accelerator="cpu", precision=precision, runtime=RuntimeConfig(devices=1),
                             logger=logger, ckpt_dir=tmp_path / "ckpt", callbacks=[reads])
     data = TaskDataModule(task, load_tokenizer(str(tiny_teacher)), batch_size=4, seed=0)  # 24 steps: logs at 10, 20
     try:
@@ -208,11 +209,11 @@ def fit_counting_reads(tiny_teacher, tiny_data, tmp_path, weights: LossWeights, 
 
 
 @pytest.mark.parametrize("weights,pruned,precision", [
-    (LossWeights(hidden=0.0), False, "32-true"),
-    (LossWeights(), False, "32-true"),
-    (LossWeights(attn=1.0), False, "32-true"),
-    (LossWeights(), True, "32-true"),
-    (LossWeights(attn=1.0), False, "bf16-mixed"),  # the GPU's precision: bf16 teacher, autocast student
+    (LossConfig(alpha_hidden=0.0), False, "32-true"),
+    (LossConfig(), False, "32-true"),
+    (LossConfig(alpha_attn=1.0), False, "32-true"),
+    (LossConfig(), True, "32-true"),
+    (LossConfig(alpha_attn=1.0), False, "bf16-mixed"),  # the GPU's precision: bf16 teacher, autocast student
 ], ids=["logits", "hidden", "attention", "compress_bert-student", "bf16-mixed"])
 def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, tmp_path, weights, pruned, precision,
                                               monkeypatch):
@@ -224,7 +225,7 @@ def test_a_training_step_reads_no_tensor_back(tiny_teacher, tiny_data, tmp_path,
 
 def test_without_the_collators_flag_transformers_reads_the_mask_each_forward(tiny_teacher, tiny_data, tmp_path,
                                                                              monkeypatch):
-    reads = fit_counting_reads(tiny_teacher, tiny_data, tmp_path, LossWeights(hidden=0.0), False, drop_flag=True,
+    reads = fit_counting_reads(tiny_teacher, tiny_data, tmp_path, LossConfig(alpha_hidden=0.0), False, drop_flag=True,
                                monkeypatch=monkeypatch)
     # one `padding_mask.all()` per forward pass: the student's and the teacher's
     assert len(reads.reads) == 2 * reads.steps

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from test_cli import error_lines, run_main
 
-from compress.search.run import check_storage, run_search
+from helpers import run_search
+from compress.search.study import check_storage
 from compress.infra.tracking import check_tracking, shown, where_to_look
 
 SECRET = "s3cret-pw"  # the server trusts localhost, so any password connects; it must appear nowhere

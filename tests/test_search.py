@@ -17,7 +17,10 @@ from conftest import save_tiny_bert
 
 from compress.cli.main import main
 from compress.infra.errors import CompressError, Terminated
-from compress.search.run import pareto, parse_space, plan, run_search, step_flags, trial_metrics
+from compress.search.report import pareto
+from helpers import run_search
+from compress.search.space import parse_space, plan, step_flags
+from compress.search.trial import trial_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # one epoch, one latency round, few rows: a trial takes a few seconds
@@ -209,7 +212,9 @@ def test_three_trial_search_logs_nested_runs_and_the_front(study3):
 
 def test_the_front_is_printed_as_a_table(study3, capsys):
     # the table went to stdout during the fixture; the same study summarised again prints it the same way
-    from compress.search.run import Context, parse_space, step_flags, summarise
+    from compress.search.report import summarise
+    from compress.search.space import parse_space, step_flags
+    from compress.search.trial import Context
 
     ctx = Context(study="tiny", storage=study3["storage"], objectives=["score", "params"], space={}, sampler="auto",
                   pruner="median", sampler_seed=0, heartbeat=30, retries=2, teacher="", teacher_path="", task=None,
@@ -254,7 +259,7 @@ def test_single_objective_feeds_epoch_scores_to_the_pruner(tmp_path, tiny_teache
         def prune(self, study, trial):
             return trial.number == 1
 
-    monkeypatch.setattr("compress.search.run.make_pruner", lambda name, objectives: PruneTrialOne())
+    monkeypatch.setattr("compress.search.study.make_pruner", lambda name, objectives: PruneTrialOne())
     paths = store(tmp_path)
     run_search(teacher=str(tiny_teacher), data=str(tiny_data), objectives="score", trials=2, study="one",
                output=str(tmp_path / "out"), **paths,
@@ -288,7 +293,7 @@ def test_trials_without_hidden_losses_share_the_teachers_cached_logits(tmp_path,
 
 
 def test_with_logit_cache_leaves_a_spaces_own_choice_alone(flags):
-    from compress.search.run import with_logit_cache
+    from compress.search.space import with_logit_cache
 
     default_folder = flags["distill"]["teacher_cache"]
     assert with_logit_cache("distill", {"alpha_hidden": 0.0}, {}, flags) == {
@@ -404,7 +409,7 @@ def test_depths_past_the_teacher_are_refused_before_the_study(space, message, ti
 
 
 def test_an_electra_teacher_takes_share_attention_and_ffn_and_share_all_after_a_prune(flags, tiny_data, electra):
-    from compress.search.run import resolve_teacher
+    from compress.search.study import resolve_teacher
 
     dims = parse_space({"groups": [None, 2], "share": ["attention", "ffn"], "heads": [None, 0.5]}, flags)
     assert resolve_teacher(str(electra), None, str(tiny_data), None, "label", dims, flags)() == str(electra)
@@ -414,7 +419,7 @@ def test_an_electra_teacher_takes_share_attention_and_ffn_and_share_all_after_a_
 
 def test_a_headless_teacher_is_finetuned_once_per_study(flags, tiny_teacher, tiny_encoder, tiny_data):
     """Decided before the study opens; the fine-tuning itself (distill's) runs in `bench_search.py --tiny`."""
-    from compress.search.run import resolve_teacher
+    from compress.search.study import resolve_teacher
 
     dims = parse_space({"layers": [1], "teacher_epochs": 1}, flags)
     assert resolve_teacher(str(tiny_teacher), None, str(tiny_data), None, "label", dims, flags)() == str(tiny_teacher)
@@ -489,9 +494,10 @@ def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, cod
 
     from mlflow import MlflowClient
 
-    from compress.search import run as search_module
+    from compress.search import study as study_module
+    from compress.search import trial as trial_module
 
-    real = search_module.step_functions()
+    real = trial_module.step_functions()
     calls = []
 
     @functools.wraps(real["distill"])  # search reads the step's flags from its signature
@@ -501,7 +507,7 @@ def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, cod
             raise stop  # where recipe.fit_or_stop raises it for a Ctrl-C (SIGTERM) during fit
         return real["distill"](**kwargs)
 
-    monkeypatch.setattr(search_module, "step_functions", lambda: real | {"distill": distill})
+    monkeypatch.setattr(trial_module, "step_functions", lambda: real | {"distill": distill})
     paths = store(workdir)
     space = json.dumps({"layers": [1, 2], "temperature": {"low": 1.0, "high": 8.0}, **QUICK})
     args = ["search", "--teacher", tiny_teacher, "--data", tiny_data, "--study", "cut", "--space", space,
@@ -534,7 +540,7 @@ def test_a_ctrl_c_cuts_its_trial_short_and_the_next_run_starts_with_it(stop, cod
     trials = trials_of(paths["storage"], "cut")
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == cut.params and trials[2].user_attrs["rerun_of"] == 1
-    assert search_module.requeue_interrupted(optuna_study(paths["storage"], "cut")) == []  # re-run once, not again
+    assert study_module.requeue_interrupted(optuna_study(paths["storage"], "cut")) == []  # re-run once, not again
 
 
 def test_a_rerun_stopped_before_it_sampled_is_queued_again_with_its_values(workdir):
@@ -542,17 +548,17 @@ def test_a_rerun_stopped_before_it_sampled_is_queued_again_with_its_values(workd
     re-run of an interrupted one, it had no params, and the next resume queued {} (a random trial) in its place."""
     import optuna
 
-    from compress.search import run as search_module
+    from compress.search import study as study_module
 
     study = optuna.create_study(storage=f"sqlite:///{workdir}/optuna.db", study_name="again")
     first = study.ask({"layers": optuna.distributions.IntDistribution(1, 4)})
     first.set_user_attr("interrupted", True)
     study.tell(first, state=optuna.trial.TrialState.FAIL)
-    assert search_module.requeue_interrupted(study) == [0]
+    assert study_module.requeue_interrupted(study) == [0]
     rerun = study.ask()  # the queued values, not yet sampled
     rerun.set_user_attr("interrupted", True)
     study.tell(rerun, state=optuna.trial.TrialState.FAIL)
-    assert search_module.requeue_interrupted(study) == [1]
+    assert study_module.requeue_interrupted(study) == [1]
     queued = study.get_trials(deepcopy=False)[-1]
     assert queued.system_attrs["fixed_params"] == first.params and queued.user_attrs["rerun_of"] == 1
 
@@ -689,9 +695,9 @@ def test_an_mlflow_store_still_locked_after_a_ctrl_c_does_not_keep_the_study_goi
 
     from mlflow.exceptions import MlflowException
 
-    from compress.search import run as search_module
+    from compress.search import trial as trial_module
 
-    real = search_module.step_functions()
+    real = trial_module.step_functions()
     calls = []
 
     @functools.wraps(real["distill"])
@@ -702,8 +708,8 @@ def test_an_mlflow_store_still_locked_after_a_ctrl_c_does_not_keep_the_study_goi
     def locked(tracking, run_id, status):
         raise MlflowException("(sqlite3.OperationalError) database is locked")
 
-    monkeypatch.setattr(search_module, "step_functions", lambda: real | {"distill": distill})
-    monkeypatch.setattr(search_module, "close_runs", locked)
+    monkeypatch.setattr(trial_module, "step_functions", lambda: real | {"distill": distill})
+    monkeypatch.setattr(trial_module, "close_runs", locked)
     paths = store(workdir)
     code, _, err = run_cli(["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "3",
                             "--space", json.dumps({"layers": [1], **QUICK}), "--tracking", paths["tracking"],
@@ -750,9 +756,9 @@ def test_a_stop_while_a_trial_starts_still_marks_it_interrupted(workdir, tiny_te
                                                                  monkeypatch):
     """A Ctrl-C while trial 1 sampled its values (or opened its MLflow run) came before the part that marked the
     trial interrupted: it was an ordinary failure, never re-run."""
-    from compress.search import run as search_module
+    from compress.search import trial as trial_module
 
-    real, calls = search_module.plan, []
+    real, calls = trial_module.plan, []
 
     def plan(values, flags):
         calls.append(values)
@@ -760,7 +766,7 @@ def test_a_stop_while_a_trial_starts_still_marks_it_interrupted(workdir, tiny_te
             raise KeyboardInterrupt
         return real(values, flags)
 
-    monkeypatch.setattr(search_module, "plan", plan)
+    monkeypatch.setattr(trial_module, "plan", plan)
     paths = store(workdir)
     args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--study", "early-cut", "--space",
             json.dumps({"layers": [1, 2], **QUICK}), "--tracking", paths["tracking"], "--storage", paths["storage"]]

@@ -121,14 +121,12 @@ def ctrl_c_inside_the_next_query():
 
 @pytest.mark.parametrize("where", ["in fit", "after fit"])
 def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(where, tiny_teacher, tiny_data, workdir,
-                                                                            monkeypatch) -> None:
+                                                                            monkeypatch, add_callbacks) -> None:
     """The close as KILLED waited SQLite's 20 s busy timeout on the lock the cut query left, failed, and left the run
     RUNNING (in fit, Lightning's own close as FAILED waited first)."""
     import lightning.pytorch as pl
     from mlflow import MlflowClient
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
-
-    from compress.engine.run import run_hooks
 
     def query_cut_short(*args, **kwargs):
         with ctrl_c_inside_the_next_query():
@@ -141,8 +139,8 @@ def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(wher
     if where == "after fit":
         monkeypatch.setattr("compress.models.measure.latency_ms", query_cut_short)
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
-    with run_hooks(callbacks=[CutInFit()] if where == "in fit" else []):
-        code, _, err = run_main(args)
+    add_callbacks(*([CutInFit()] if where == "in fit" else []))
+    code, _, err = run_main(args)
     assert code == 130 and "left open" not in err, err[-2000:]
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == ["KILLED"]
@@ -157,7 +155,7 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
 
     script = (
         "import sys, time\n"
-        "from compress.signals import CtrlC, sigterm_raises\n"
+        "from compress.infra.signals import CtrlC, sigterm_raises\n"
         "with sigterm_raises(), CtrlC():\n"
         "    try:\n"
         "        print('ready', flush=True); time.sleep(30)\n"
@@ -256,7 +254,7 @@ def test_a_second_sigterm_in_a_fit_with_other_ranks_is_not_quit_now() -> None:
 
     script = (
         "import os, signal, time\n"
-        "from compress.signals import lightning_fit, sigterm_raises, sigterm_received\n"
+        "from compress.infra.signals import lightning_fit, sigterm_raises, sigterm_received\n"
         "with sigterm_raises(), lightning_fit(alone=False):\n"
         "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
         "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
@@ -292,15 +290,13 @@ def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, w
 
 
 @pytest.mark.parametrize("hook", ["setup", "on_train_end", "on_fit_end"])
-def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_data, workdir) -> None:
+def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_data, workdir, add_callbacks) -> None:
     """Lightning listens for SIGTERM only from the start of its loop to its teardown, and stops only at a batch with
     another after it. A SIGTERM while the data and model were set up, in the last batch, or while Lightning tore
     down was dropped: the fit ran all its epochs, and the command exited 0 as if never stopped (a search worker
     went on to its next trial, and its parent killed it with the trial left running)."""
     import lightning.pytorch as pl
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
-
-    from compress.engine.run import run_hooks
 
     batches = []
 
@@ -317,8 +313,8 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "3", *FAST, *track(workdir)]
     try:
-        with run_hooks(callbacks=[TermAt()]):
-            code, _, err = run_main(args)
+        add_callbacks(TermAt())
+        code, _, err = run_main(args)
         # Lightning ignores Ctrl-C while it shuts a fit down, and put it back only from inside its loop
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -336,13 +332,12 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     assert code == 0 and len(list(workdir.glob("outputs/*/model.safetensors"))) == 1, err[-2000:]
 
 
-def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_teacher, tiny_data, workdir) -> None:
+def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_teacher, tiny_data, workdir,
+                                                                         add_callbacks) -> None:
     """Python drops a KeyboardInterrupt raised in a __del__ (Lightning's loop frees objects with them each batch):
     the fit trained on, and the command finished and exited 0, the Ctrl-C forgotten."""
     import lightning.pytorch as pl
     from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
-
-    from compress.engine.run import run_hooks
 
     class Freed:
         def __del__(self) -> None:
@@ -356,8 +351,8 @@ def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_te
     sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", *FAST, *track(workdir)]
     try:
-        with run_hooks(callbacks=[CtrlCInADel()]):
-            code, _, err = run_main(args)
+        add_callbacks(CtrlCInADel())
+        code, _, err = run_main(args)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, sigint)

@@ -19,7 +19,7 @@ from test_cli import error_lines, run_main, sqlite_uri
 from compress.cli import main as cli
 from compress.infra.errors import CompressError
 from compress.models.measure import weights_mb
-from compress.search.run import check_storage
+from compress.search.study import check_storage
 from compress.infra.tracking import check_tracking
 from compress.cli.ui import ui
 

@@ -1,4 +1,4 @@
-"""The `compress` command: maps subcommand names to typed functions; jsonargparse builds flags from signatures.
+"""The `compress` command: maps subcommand names to functions; jsonargparse builds flags from their signatures.
 
 Between parsing and the command, what every command shares: a leading ~ in path flags expanded, and --tracking
 checked to be an MLflow store before anything opens it.
@@ -13,30 +13,12 @@ import argparse
 import os
 import sys
 
-from compress.steps.bench import bench
-from compress.steps.distill import distill
+from compress.cli.commands import commands
 from compress.infra.errors import CompressError, stop_said
-from compress.steps.evaluate import evaluate
-from compress.steps.export import export
-from compress.steps.finetune import finetune
-from compress.steps.prune import prune
-from compress.steps.share import share
 from compress.infra.signals import ctrl_c_remembered, sigterm_raises
-from compress.search.run import search
-from compress.cli.ui import ui
 
-# one line per command; each module keeps its heavy imports inside the function
-COMMANDS = {
-    "distill": distill,
-    "finetune": finetune,
-    "evaluate": evaluate,
-    "export": export,
-    "bench": bench,
-    "prune": prune,
-    "share": share,
-    "search": search,
-    "ui": ui,
-}
+# one function per command, its flags the flat fields of its config groups (compress/options/commands.py)
+COMMANDS = commands()
 
 
 _AS_TYPED: dict[str, str] = {}  # the argument as normalised -> as the user typed it; and "command"

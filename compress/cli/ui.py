@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from compress.infra.errors import CompressError
-from compress.search.run import DEFAULT_STORAGE, check_storage
+from compress.infra.tracking import DEFAULT_STORAGE
+from compress.search.study import check_storage
 from compress.infra.tracking import DEFAULT_TRACKING, check_tracking, shown, sqlite_file
 
 HOST = "127.0.0.1"  # local only: reach it from elsewhere through an SSH tunnel, not by opening the port

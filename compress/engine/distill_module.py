@@ -7,7 +7,6 @@ fine-tuning, distillation, and the recovery steps of prune and share share one t
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,18 +16,7 @@ from torch import nn
 from compress.engine import logit_cache
 from compress import losses
 from compress.models import masks
-
-
-@dataclass
-class LossWeights:
-    kd: float = 1.0
-    """weight of the soft-target KL (scaled by T²)"""
-    ce: float = 0.5
-    """weight of the hard-label cross-entropy"""
-    hidden: float = 1.0
-    """weight of the hidden-state loss (cosine at equal width, MSE through a projection when narrower)"""
-    attn: float = 0.0
-    """weight of the attention-distribution KL; > 0 loads both models with eager attention"""
+from compress.options.groups import LossConfig, TrainingConfig
 
 
 def build_metric(metric: str, num_labels: int):
@@ -59,15 +47,13 @@ class DistillModule(pl.LightningModule):
         *,
         num_labels: int,
         metric: str = "accuracy",
-        temperature: float = 2.0,
-        weights: LossWeights | None = None,
-        lr: float = 5e-5,
-        weight_decay: float = 0.01,
-        warmup: float = 0.1,
-        cache_teacher: bool = False,
+        loss: LossConfig | None = None,
+        training: TrainingConfig | None = None,
         cache_file: Path | None = None,
         compile: bool = False,
     ) -> None:
+        """`loss` weighs the terms (None: its defaults; with no teacher, cross-entropy alone at weight 1); `training`
+        gives AdamW's lr, weight decay and warmup."""
         super().__init__()
         self.student = student
         # A teacher placed over devices by accelerate (`--teacher_device_map`) stays out of the module tree: Lightning
@@ -77,13 +63,15 @@ class DistillModule(pl.LightningModule):
             object.__setattr__(self, "teacher", teacher)
         else:
             self.teacher = teacher
-        self.weights = weights or LossWeights()
-        self.temperature, self.lr, self.weight_decay, self.warmup = temperature, lr, weight_decay, warmup
+        self.weights = loss or LossConfig()
+        training = training or TrainingConfig()
+        self.temperature = self.weights.temperature
+        self.lr, self.weight_decay, self.warmup = training.lr, training.weight_decay, training.warmup
         # Teacher logits per training row, filled during the first epoch and used after it (the teacher is
         # frozen and in eval mode, so its outputs are a pure function of the row). Only logits: hidden states
         # for every row would not fit in memory, so the hidden and attention losses keep the teacher live.
-        self.cache_teacher = cache_teacher and teacher is not None
-        if self.cache_teacher and (self.weights.hidden or self.weights.attn):
+        self.cache_teacher = self.weights.cache_teacher and teacher is not None
+        if self.cache_teacher and (self.weights.alpha_hidden or self.weights.alpha_attn):
             raise ValueError("teacher caching stores logits only; it needs the hidden and attention weights at 0")
         self._cache: torch.Tensor | None = None  # (N, C)
         self._cached: torch.Tensor | None = None  # (N,) bool: row's logits are stored
@@ -94,9 +82,8 @@ class DistillModule(pl.LightningModule):
         self._compile = compile
         self._teacher_fp32: dict[str, torch.Tensor] | None = None  # the exact weights while the teacher runs in bf16
         self.save_hyperparameters(
-            {"num_labels": num_labels, "metric": metric, "temperature": temperature, "lr": lr,
-             "weight_decay": weight_decay, "warmup": warmup,
-             **{f"alpha_{k}": v for k, v in asdict(self.weights).items()}}
+            {"num_labels": num_labels, "metric": metric, "temperature": self.temperature, "lr": self.lr,
+             "weight_decay": self.weight_decay, "warmup": self.warmup, **self.weights.alphas()}
         )
         self.val_metric = build_metric(metric, num_labels)
         self.projections = None
@@ -105,7 +92,7 @@ class DistillModule(pl.LightningModule):
             teacher.eval().requires_grad_(False)
             s_cfg, t_cfg = student.config, teacher.config
             self.layer_map = uniform_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-            if self.weights.hidden and s_cfg.hidden_size != t_cfg.hidden_size:
+            if self.weights.alpha_hidden and s_cfg.hidden_size != t_cfg.hidden_size:
                 # A learned map up to the teacher's width, one per matched layer (TinyBERT's W_h); trained with the
                 # student and discarded after, so the exported student keeps its own width.
                 self.projections = nn.ModuleList(
@@ -207,16 +194,16 @@ class DistillModule(pl.LightningModule):
         """Each weighted-in loss term by name; 'loss' is their weighted sum."""
         w = self.weights
         distilling = self.teacher is not None
-        want_hidden = distilling and w.hidden > 0
-        want_attn = distilling and w.attn > 0
+        want_hidden = distilling and w.alpha_hidden > 0
+        want_attn = distilling and w.alpha_attn > 0
         out = self.student(**self._inputs(batch, self.student), output_hidden_states=want_hidden,
                            output_attentions=want_attn)
         terms: dict[str, torch.Tensor] = {}
-        if not distilling or w.ce:
+        if not distilling or w.alpha_ce:
             terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"])
         if distilling:
             t_out, t_logits = self.teacher_logits(batch, want_hidden, want_attn)
-            if w.kd:
+            if w.alpha_kd:
                 terms["kd"] = losses.soft_target_kl(out.logits, t_logits, self.temperature)
             mask = batch["attention_mask"]  # (B, S) 1/0: the losses average over real tokens
             if want_hidden:
@@ -233,7 +220,8 @@ class DistillModule(pl.LightningModule):
                     for k, t in enumerate(self.layer_map)
                 ]
                 terms["attn"] = torch.stack(per_layer).mean()
-        weight = {"ce": w.ce if distilling else 1.0, "kd": w.kd, "hidden": w.hidden, "attn": w.attn}
+        weight = {"ce": w.alpha_ce if distilling else 1.0, "kd": w.alpha_kd, "hidden": w.alpha_hidden,
+                  "attn": w.alpha_attn}
         terms["loss"] = sum(weight[k] * v for k, v in terms.items())
         return terms
 

@@ -37,11 +37,11 @@ def cache_file(root: Path, key: str) -> Path:
 
 
 def file_for_run(root: Path, teacher_path: str, task, tokenizer, cfg) -> Path:
-    """The cache file of a run (a recipe.TrainConfig) whose frozen teacher is `teacher_path`: keyed as `cache_key`,
+    """The cache file of a run (a run.TrainConfig) whose frozen teacher is `teacher_path`: keyed as `cache_key`,
     with the run's --max_length and the dtype the teacher will run in."""
     from compress.engine.trainer import teacher_runs_bf16
 
-    dtype = "bf16" if teacher_runs_bf16(cfg.accelerator, cfg.precision) else "fp32"
+    dtype = "bf16" if teacher_runs_bf16(cfg.runtime.accelerator, cfg.runtime.precision) else "fp32"
     return cache_file(root, cache_key(teacher_path, task, tokenizer, cfg.max_length, dtype))
 
 

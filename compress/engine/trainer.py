@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from compress.infra.errors import CompressError
+from compress.options.groups import RuntimeConfig
 from compress.options.bounds import check_choice
 from compress.infra.signals import raise_dropped_ctrl_c, release_frames
 
@@ -111,10 +112,13 @@ class _FailOnDivergence(pl.Callback):
         self._check(trainer, pl_module)
 
 
-def build_trainer(
-    *, epochs: int, accelerator: str, precision: str, devices, strategy: str, logger, ckpt_dir: Path | None,
-    checkpoint_every: int = 0, checkpoint_minutes: float = 5.0, progress: bool = True, callbacks: list | None = None,
-) -> pl.Trainer:
+def build_trainer(*, epochs: int, accelerator: str, precision: str, runtime: RuntimeConfig | None = None, logger,
+                  ckpt_dir: Path | None, callbacks: list | None = None) -> pl.Trainer:
+    """A Trainer on the resolved `accelerator` and `precision`, with `runtime`'s devices, strategy, checkpointing
+    and progress bar."""
+    runtime = runtime or RuntimeConfig()
+    devices, strategy, progress = runtime.devices, runtime.strategy, runtime.progress
+    checkpoint_every, checkpoint_minutes = runtime.checkpoint_every, runtime.checkpoint_minutes
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     callbacks = [*(callbacks or []), _ReleaseOnStop(), _FailOnDivergence()]

@@ -13,7 +13,7 @@ def _fmt(value) -> str:
 def model_card(*, name: str, folder: str, model, lineage: dict, run: dict, files: dict[str, dict],
                parity_diffs: dict | None, scores: dict, metric: str | None) -> str:
     """README.md: what the model is, where it came from (teacher, steps, data), its run's metrics, its files."""
-    import compress
+    from compress.infra.version import __version__
 
     cfg = model.config
     params = run.get("params", {})
@@ -25,7 +25,7 @@ def model_card(*, name: str, folder: str, model, lineage: dict, run: dict, files
         f"tags: [compress, {cfg.model_type}{', onnx' if 'onnx' in files or 'int8' in files else ''}]", "---", "",
         f"# {name}", "",
         f"A {cfg.model_type} sequence classifier ({cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, "
-        f"{n_params:,} parameters) for {task or 'its task'}, exported by compress {compress.__version__}.", "",
+        f"{n_params:,} parameters) for {task or 'its task'}, exported by compress {__version__}.", "",
         "## Lineage", "", "| | |", "|---|---|",
     ]
     rows = [

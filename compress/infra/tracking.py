@@ -14,6 +14,7 @@ from compress.infra.errors import CompressError
 
 DEFAULT_TRACKING = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "compress"
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # Optuna's studies, beside the MLflow store
 
 
 def resolve_tracking(uri: str) -> str:

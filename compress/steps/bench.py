@@ -17,7 +17,9 @@ from pathlib import Path
 
 from compress.infra.errors import CompressError
 from compress.infra.paths import check_file_output, write_json
-from compress.infra.tracking import DEFAULT_TRACKING, shown
+from compress.infra.results import StepResult
+from compress.infra.tracking import shown
+from compress.options.groups import BenchConfig, TrackingConfig
 
 
 def parse_ints(value: str | int, flag: str) -> list[int]:
@@ -163,38 +165,17 @@ def make_runner(c: Candidate, batch: dict, device: str):
     return run
 
 
-def bench(
-    model: list[str],
-    batch: str = "1,32",
-    seq: int = 128,
-    device: str = "cpu",
-    warmup: int = 2,
-    reps: int = 10,
-    threads: int | None = None,
-    json: str | None = None,
-    run: str | None = None,
-    tracking: str = DEFAULT_TRACKING,
-) -> None:
-    """Time models side by side: p50 and p95 latency and throughput, with speed-ups relative to the first.
+def bench(step: BenchConfig, tracking: TrackingConfig | None = None) -> StepResult:
+    """Time `step.model`'s models side by side in interleaved rounds: p50/p95 latency, throughput, speed-ups.
 
-    All models see the same random batch and run in interleaved rounds (A, B, A, B, ...) after warm-up, with
-    the same thread count for PyTorch and onnxruntime. PyTorch runs in bf16 autocast on a GPU, fp32 on a CPU.
-
-    Args:
-        model: a saved model folder or an .onnx file; repeat the flag for each model (--model A --model B).
-            Speed-ups are relative to the first.
-        batch: batch sizes to time, comma-separated.
-        seq: tokens per sequence (no padding).
-        device: cpu or cuda (onnxruntime then uses its CUDA provider).
-        warmup: untimed rounds before timing.
-        reps: timed rounds; p95 of few rounds is close to the slowest one.
-        threads: CPU threads for both PyTorch and onnxruntime (default: PyTorch's default, the usable cores).
-        json: also write the results, hardware and versions to this JSON file.
-        run: log the results as metrics (and the JSON as an artifact) of this MLflow run.
-        tracking: MLflow tracking URI of --run.
+    The result's metrics are keyed bench/MODEL/bBATCH_p50_ms and so on (as logged to `step.run`), its report the
+    whole table with hardware and versions (what --json writes).
     """
     import numpy as np
 
+    tracking = tracking or TrackingConfig()
+    model, batch, seq, device, warmup, reps = step.model, step.batch, step.seq, step.device, step.warmup, step.reps
+    threads, json, run = step.threads, step.json, step.run
     models = [model] if isinstance(model, str) else list(model or [])
     if not models:
         raise CompressError("--model: give at least one model folder or .onnx file")
@@ -217,7 +198,7 @@ def bench(
 
     quiet_libraries()
     if run:  # check before minutes of timing, not after
-        get_run(run, tracking)
+        get_run(run, tracking.tracking)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError(f"--device {device}: no CUDA device is visible")
     if threads:
@@ -264,7 +245,10 @@ def bench(
     if json_file is not None:
         write_json(json_file, report)
     if run:
-        log_to_run(run, tracking, report)
+        log_to_run(run, tracking.tracking, report)
+    metrics = {metric_key(r["model"], r["batch"], what): r[what] for r in results
+               for what in ("p50_ms", "p95_ms", "throughput", "speedup")}
+    return StepResult(str(json_file) if json_file is not None else None, metrics, run, report=report)
 
 
 def statistics_row(times: list[float], batch: int) -> dict:
@@ -279,7 +263,7 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    import compress
+    from compress.infra.version import __version__
 
     try:
         ort_version = importlib.metadata.version("onnxruntime")
@@ -289,7 +273,7 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             ort_version = None
     return {"torch": torch.__version__, "onnxruntime": ort_version,
-            "transformers": transformers.__version__, "compress": compress.__version__,
+            "transformers": transformers.__version__, "compress": __version__,
             "python": platform.python_version()}
 
 

@@ -2,55 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
+from compress.infra.results import StepResult
+from compress.options.groups import DataConfig, EvaluateConfig, RuntimeConfig
 
-def evaluate(
-    model: str,
-    task: str | None = None,
-    data: str | None = None,
-    batch_size: int = 64,
-    max_length: int = 128,
-    text_column: str | None = None,
-    label_column: str = "label",
-    accelerator: str = "auto",
-    latency_batch: int = 32,
-    latency_seq: int = 128,
-    latency_reps: int = 5,
-    json_out: str | None = None,
-) -> None:
-    """Report a model's task metric on the dev split, its parameters, size on disk and latency.
 
-    The table goes to stderr; stdout gets the same result as one JSON line, for scripts.
+def evaluate(step: EvaluateConfig, data: DataConfig | None = None, runtime: RuntimeConfig | None = None) -> StepResult:
+    """Score `step.model` on the task's dev split, count its parameters and size, and time it.
 
-    Args:
-        model: a saved model folder (or hub name) with a classifier for the task's labels.
-        task: a GLUE task (sst2, mnli, ...) or bbc-news. Exclusive with --data.
-        data: a folder with train and dev files (.tsv, .csv or .jsonl); the dev file is scored.
-        batch_size: examples per evaluation batch.
-        max_length: tokens per example; longer inputs are truncated.
-        text_column: column(s) holding the text, "a" or "a,b" for pairs.
-        label_column: column holding the label.
-        accelerator: auto, cpu or cuda.
-        latency_batch: batch size of the latency measurement.
-        latency_seq: sequence length of the latency measurement.
-        latency_reps: timed rounds of the latency measurement.
-        json_out: also write the results to this JSON file.
+    `runtime` gives the accelerator and the latency rounds (latency_reps). The table goes to stderr; the result's
+    `report` is the dict that `compress evaluate` prints as one JSON line (and writes to `step.json_out`).
     """
     from compress.data.tasks import load_task
     from compress.models.loading import (load_classifier, load_config, load_tokenizer, max_tokens, require_task_head,
         resolve_model)
 
     from compress.infra.errors import CompressError
+    from compress.options.commands import with_defaults
     from compress.options.bounds import check_all
     from compress.infra.paths import check_file_output, write_json
 
+    g = with_defaults("evaluate", dict(data=data, runtime=runtime))
+    data, runtime = g["data"], g["runtime"]
+    model, batch_size, max_length = step.model, step.batch_size, data.max_length
+    latency_batch, latency_seq, latency_reps = step.latency_batch, step.latency_seq, runtime.latency_reps
     # input checks first: a bad flag should not wait for Lightning's import
     check_all(batch_size=batch_size, latency_batch=latency_batch, latency_seq=latency_seq,
               latency_reps=latency_reps, max_length=max_length)
-    json_file = check_file_output(json_out, "--json_out") if json_out else None
-    task_data = load_task(task, data, text_column=text_column, label_column=label_column)
+    json_file = check_file_output(step.json_out, "--json_out") if step.json_out else None
+    task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     require_task_head(config, task_data, model)
@@ -65,7 +46,7 @@ def evaluate(
     quiet_libraries()
     net = load_classifier(path, task_data.label_names, "--model")
     tokenizer = load_tokenizer(path, "--model", net.config, max_length)
-    accelerator = resolve_accelerator(accelerator)
+    accelerator = resolve_accelerator(runtime.accelerator)
     dm = TaskDataModule(task_data, tokenizer, eval_batch_size=batch_size, max_length=max_length)
     value = score(net, dm, task_data.metric, task_data.num_labels, accelerator, resolve_precision("auto", accelerator))
     device = "cuda" if accelerator == "cuda" else "cpu"
@@ -76,6 +57,7 @@ def evaluate(
               "latency_shape": [latency_batch, latency_seq], "device": device}
     print(f"{task_data.metric:>10} {value:.4f}\n{'params':>10} {result['params']:,}\n{'MB':>10} {result['mb']:.1f}\n"
           f"{'latency':>10} {lat:.1f} ms at {latency_batch}x{latency_seq} on {device}", file=sys.stderr)
-    print(json.dumps(result))
     if json_file is not None:
         write_json(json_file, result)
+    metrics = {"score": value, "params": result["params"], "mb": result["mb"], "latency_ms": lat}
+    return StepResult(str(json_file) if json_file is not None else None, metrics, report=result)

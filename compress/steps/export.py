@@ -2,17 +2,20 @@
 optionally a version in the MLflow model registry."""
 
 from __future__ import annotations
-import json
+
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from compress.infra.errors import CompressError
-from compress.options.bounds import check_all
-from compress.infra.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+
 from compress.exporting.card import model_card
 from compress.exporting.onnx import (INT8_FILE, ONNX_FILE, PARITY_TOL, export_onnx, input_names, load_for_export,
                                      parity, quantize_int8, require_onnx)
 from compress.exporting.predict import metric_value, onnx_logits_fn, predict_dev, torch_logits_fn
 from compress.exporting.registry import get_run, model_from_run, register, source_run_info
+from compress.infra.errors import CompressError
+from compress.infra.results import StepResult
+from compress.options.bounds import check_all
+from compress.options.groups import DataConfig, ExportConfig, OutputConfig, TrackingConfig
 
 
 FORMATS = ("hf", "onnx", "int8")
@@ -29,61 +32,31 @@ def parse_formats(value: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def export(
-    model: str | None = None,
-    run: str | None = None,
-    format: str = "hf,onnx,int8",
-    output: str | None = None,
-    register: str | None = None,
-    task: str | None = None,
-    data: str | None = None,
-    text_column: str | None = None,
-    label_column: str = "label",
-    max_length: int = 128,
-    batch_size: int = 64,
-    tracking: str = DEFAULT_TRACKING,
-    experiment: str = DEFAULT_EXPERIMENT,
-    overwrite: bool = False,
-) -> None:
-    """Export a trained classifier for deployment: HF weights with a model card, ONNX, and int8 ONNX.
+def export(step: ExportConfig, data: DataConfig | None = None, tracking: TrackingConfig | None = None,
+           output: OutputConfig | None = None) -> StepResult:
+    """Export `step.model` (or the model of MLflow run `step.run`) in `step.format`: HF weights with a model card,
+    ONNX checked against PyTorch, int8 ONNX; score each on the task's dev split when `data` names one.
 
-    The ONNX export is checked against PyTorch on batch and sequence sizes other than the traced ones and
-    fails (writing nothing) if any logit differs by more than 1e-4. The output folder appears only when
-    everything succeeded. The table goes to stderr; stdout gets the same result as one JSON line, for scripts
-    (`compress export ... > export.json`).
-
-    Args:
-        model: a saved model folder (what distill, finetune, prune or share wrote). Exclusive with --run.
-        run: an MLflow run id; its model is the run's output folder, or else its 'model' artifact.
-        format: comma-separated formats: hf (safetensors, tokenizer, config, README.md model card),
-            onnx (fp32, dynamic batch and sequence), int8 (onnxruntime dynamic quantization of the ONNX).
-        output: folder to write (default: outputs/export-MODEL).
-        register: also register the export in the MLflow model registry under this name (a new version
-            each time), logged as the 'model' artifact of a new export run.
-        task: score the export on this task's dev split (fp32, and int8 beside it when made): a GLUE task
-            or bbc-news. Exclusive with --data.
-        data: score on the dev file of this folder of train and dev files (.tsv, .csv or .jsonl).
-        text_column: column(s) holding the text, "a" or "a,b" for pairs.
-        label_column: column holding the label.
-        max_length: tokens per example when scoring; longer inputs are truncated.
-        batch_size: examples per batch when scoring.
-        tracking: MLflow tracking URI, for --run, --register and the model card's metrics.
-        experiment: MLflow experiment for the export run when the model's own run is not in this store.
-        overwrite: replace an existing --output.
+    Writes nothing unless every part succeeded. The result's `report` is the dict `compress export` prints as one JSON
+    line; its metrics are each file's MB, each score and the worst parity difference.
     """
     import shutil
     import tempfile
 
     from compress.infra.identity import slug
+    from compress.options.commands import with_defaults
 
-    formats = parse_formats(format)
+    g = with_defaults("export", dict(data=data, tracking=tracking, output=output))
+    data, tracking, output = g["data"], g["tracking"], g["output"]
+    model, run, register_name = step.model, step.run, step.register
+    formats = parse_formats(step.format)
     if "onnx" in formats or "int8" in formats:
         require_onnx(f"--format {','.join(formats)}")
     if (model is None) == (run is None):
         raise CompressError("give exactly one of --model (a saved model folder) and --run (an MLflow run id)")
-    if register is not None and not register.strip():
+    if register_name is not None and not register_name.strip():
         raise CompressError("--register: the registered model name is empty")
-    check_all(max_length=max_length, batch_size=batch_size)
+    check_all(max_length=data.max_length, batch_size=step.batch_size)
 
     from compress.data.tasks import load_task
     from compress.models.loading import resolve_model
@@ -92,47 +65,69 @@ def export(
     from compress.infra.lineage import read_lineage
 
     quiet_libraries()
-    task_data = load_task(task, data, text_column=text_column, label_column=label_column) if task or data else None
+    task_data = (load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column)
+                 if data.task or data.data else None)
     scratch = Path(tempfile.mkdtemp(prefix="compress-export-"))
     try:
         if run:
-            path = model_from_run(run, tracking, scratch)
-            name = get_run(run, tracking).data.params.get("output") or f"run-{run[:8]}"
+            path = model_from_run(run, tracking.tracking, scratch)
+            name = get_run(run, tracking.tracking).data.params.get("output") or f"run-{run[:8]}"
         else:
             path, name = resolve_model(model, "--model"), model
-        out = check_run_paths(output if output is not None else f"outputs/export-{slug(name)}", reads=(path, data),
-                              tracking=tracking)  # read for --run and the card's lineage, written by --register
-        check_overwrite(out, overwrite)
-        net, tokenizer = load_for_export(path, "--run" if run else "--model", max_length)
+        out = check_run_paths(output.output if output.output is not None else f"outputs/export-{slug(name)}",
+                              reads=(path, data.data), tracking=tracking.tracking)  # --run, the card, --register
+        check_overwrite(out, output.overwrite)
+        net, tokenizer = load_for_export(path, "--run" if run else "--model", data.max_length)
         if task_data is not None and task_data.num_labels != net.config.num_labels:
-            raise CompressError(f"--{'task' if task else 'data'}: {task_data.name} has {task_data.num_labels} labels "
-                                f"but the model's head has {net.config.num_labels}")
+            raise CompressError(f"--{'task' if data.task else 'data'}: {task_data.name} has {task_data.num_labels} "
+                                f"labels but the model's head has {net.config.num_labels}")
         lineage = read_lineage(path)
-        source = source_run_info(run or lineage.get("mlflow_run_id"), [tracking, lineage.get("tracking")])
-        result = _write(out, overwrite, net, tokenizer, formats, lineage, source, task_data, scratch,
-                        card_name=register or out.name, max_length=max_length, batch_size=batch_size,
-                        origin=f"run {run}" if run else str(model), register_name=register, tracking=tracking,
-                        experiment=experiment)
+        source = source_run_info(run or lineage.get("mlflow_run_id"), [tracking.tracking, lineage.get("tracking")])
+        job = _Job(out=out, overwrite=output.overwrite, formats=formats, lineage=lineage, source=source,
+                   origin=f"run {run}" if run else str(model), register_name=register_name,
+                   max_length=data.max_length, batch_size=step.batch_size, tracking=tracking)
+        result = _write(job, net, tokenizer, task_data, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _print_summary(out, result)
-    print(json.dumps(result))
+    metrics = {f"{fmt}_mb": info["mb"] for fmt, info in result["files"].items()}
+    metrics |= {f"{k}_score": v for k, v in (result["scores"] or {}).items() if isinstance(v, float)}
+    if result["parity_max_abs_diff"]:
+        metrics["parity_max_abs_diff"] = max(result["parity_max_abs_diff"].values())
+    registered = result.get("registered") or {}
+    return StepResult(str(out), metrics, registered.get("run_id") or result.get("source_run"),
+                      {**lineage, "export": {k: v for k, v in result.items() if k != "output"}}, report=result)
 
 
-def _write(out: Path, overwrite: bool, net, tokenizer, formats: list[str], lineage: dict, source: dict, task_data,
-           scratch: Path, *, card_name: str, max_length: int, batch_size: int, origin: str,
-           register_name: str | None, tracking: str, experiment: str) -> dict:
+@dataclass
+class _Job:
+    """What one export writes, and where it reports it."""
+
+    out: Path
+    overwrite: bool
+    formats: list[str]
+    lineage: dict
+    source: dict
+    origin: str
+    register_name: str | None
+    max_length: int
+    batch_size: int
+    tracking: TrackingConfig
+
+
+def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
     """Everything that writes, inside the atomic output block: a failure anywhere leaves no --output."""
     from compress.models.measure import count_params
     from compress.engine.state import atomic_output
     from compress.infra.lineage import write_lineage
 
+    out, formats, lineage, source, origin = job.out, job.formats, job.lineage, job.source, job.origin
     files: dict[str, dict] = {}
     scores: dict[str, float] = {}
     diffs: dict[str, float] | None = None
     names = input_names(net, tokenizer)
     metric = task_data.metric if task_data is not None else None
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, job.overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
         net.config.architectures = [type(net).__name__]
         if "hf" in formats:
@@ -163,7 +158,7 @@ def _write(out: Path, overwrite: bool, net, tokenizer, formats: list[str], linea
             files["int8"] = {"file": INT8_FILE, "mb": _onnx_mb(tmp / INT8_FILE)}
         if task_data is not None:
             print(f"scoring on {task_data.name} dev ({len(task_data.dev_labels)} rows)", file=sys.stderr)
-            kw = dict(max_length=max_length, batch_size=batch_size)
+            kw = dict(max_length=job.max_length, batch_size=job.batch_size)
             run_fp32 = onnx_logits_fn(fp32) if fp32 is not None else torch_logits_fn(net)
             scores["fp32"] = metric_value(metric, predict_dev(run_fp32, tokenizer, task_data, names, **kw),
                                           task_data.dev_labels)
@@ -176,13 +171,13 @@ def _write(out: Path, overwrite: bool, net, tokenizer, formats: list[str], linea
             "scores": {"task": task_data.name, "metric": metric, **scores} if task_data is not None else None,
             "source_run": source.get("run_id"),
         }
-        card = model_card(name=card_name, folder=out.name, model=net, lineage=lineage, run=source, files=files,
-                          parity_diffs=diffs, scores=scores, metric=metric)
+        card = model_card(name=job.register_name or out.name, folder=out.name, model=net, lineage=lineage, run=source,
+                          files=files, parity_diffs=diffs, scores=scores, metric=metric)
         (tmp / "README.md").write_text(card)
         write_lineage(tmp, {**lineage, "label_names": lineage.get("label_names") or
                             [net.config.id2label[i] for i in range(net.config.num_labels)],
                             "export": {k: v for k, v in summary.items() if k != "output"}})
-        if register_name:
+        if job.register_name:
             metrics = {f"{fmt}_mb": info["mb"] for fmt, info in files.items()}
             metrics |= {f"{k}_score": v for k, v in scores.items()}
             if diffs:
@@ -191,7 +186,8 @@ def _write(out: Path, overwrite: bool, net, tokenizer, formats: list[str], linea
             if task_data is not None:
                 params |= {"task": task_data.name, "metric": metric}
             summary["registered"] = register(
-                tmp, register_name, tracking=tracking, experiment=experiment, source=source,
+                tmp, job.register_name, tracking=job.tracking.tracking, experiment=job.tracking.experiment,
+                source=source,
                 summary={"params": params, "metrics": metrics, "files": sorted(p.name for p in tmp.iterdir())})
     return summary
 

@@ -14,135 +14,45 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from compress.engine.run import RunHooks, RunPlan, TrainConfig
 from compress.infra.errors import CompressError
 from compress.infra.identity import slug
-from compress.infra.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING
+from compress.infra.results import StepResult
+from compress.options.groups import (DataConfig, LossConfig, OutputConfig, RuntimeConfig, ShareConfig, TrackingConfig,
+                                     TrainingConfig)
 
 
-def share(
-    model: str,
-    task: str | None = None,
-    data: str | None = None,
-    groups: int = 1,
-    share: str = "all",
-    embedding: int | None = None,
-    init: str = "regmean",
-    calibration: int = 256,
-    recover_epochs: int = 3,
-    output: str | None = None,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    warmup: float = 0.1,
-    weight_decay: float = 0.01,
-    temperature: float = 2.0,
-    alpha_kd: float = 1.0,
-    alpha_ce: float = 0.5,
-    alpha_hidden: float = 1.0,
-    alpha_attn: float = 0.0,
-    cache_teacher: bool = False,
-    teacher_cache: str = "outputs/teachers",
-    max_length: int = 128,
-    max_train: int | None = None,
-    text_column: str | None = None,
-    label_column: str = "label",
-    seed: int = 42,
-    precision: str = "auto",
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
-    num_workers: int | None = None,
-    checkpoint_every: int = 0,
-    checkpoint_minutes: float = 5.0,
-    latency_reps: int = 5,
-    tracking: str = DEFAULT_TRACKING,
-    experiment: str = DEFAULT_EXPERIMENT,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> None:
-    """Share weights across layers, factorise the embedding of a BERT-family classifier; recover by distilling.
+def share(step: ShareConfig, data: DataConfig | None = None, loss: LossConfig | None = None,
+          training: TrainingConfig | None = None, runtime: RuntimeConfig | None = None,
+          tracking: TrackingConfig | None = None, output: OutputConfig | None = None,
+          hooks: RunHooks | None = None) -> StepResult | None:
+    """Share `step.model`'s weights across layers (and factorise its embedding), then recover by distilling from it.
 
-    Sharing cuts parameters and size, not FLOPs: every layer still runs. Score, size and the measured speed are
-    logged to MLflow against the original, in the same run.
-
-    Args:
-        model: the original: a saved classifier folder for the task, e.g. from `compress finetune`, of model
-            type bert, ernie, roberta, xlm-roberta, camembert, electra or distilbert (those two not with --share
-            all, which writes ALBERT's tanh head), or a model `compress prune` wrote (its layers may differ in
-            size: each group's shared module is as large as its largest layer).
-        task: a GLUE task (sst2, mnli, ...) or bbc-news, the offline demo task. Exclusive with --data.
-        data: a folder with train and dev files (.tsv, .csv or .jsonl) holding a text and a label column.
-        groups: distinct layer groups, each of consecutive layers sharing one set of weights (ALBERT's rule,
-            layer i in group int(i / (L / G))); 1 shares one layer across the whole depth, as ALBERT does.
-        share: all (whole layers; writes a standard AlbertForSequenceClassification, or CompressBert from a pruned
-            model), attention or ffn (only that sublayer is shared, the other stays per layer; writes compress's
-            CompressBert with its code beside it).
-        embedding: factorise the V x H word embedding into V x E and E x H by truncated SVD (must be < H); the
-            relative reconstruction error is logged as svd_error. Default: keep it whole.
-        init: how a group's shared weights start from the layers they replace: first (the group's first layer),
-            mean (their average), or regmean (each Linear solved to best reproduce every replaced layer's output
-            on its own inputs, recorded on --calibration training rows; LayerNorms averaged). regmean starts
-            closest to the original (experiments/bench_share.py --compare_inits).
-        calibration: training rows whose activations regmean fits the shared weights to.
-        recover_epochs: epochs of distillation from the original after sharing; 0 saves the shared model as is.
-        output: where the shared model is written (default: outputs/share-MODEL-TASK-SHARE-gG[-eE]).
-        batch_size: examples per optimizer step (per device).
-        lr: peak learning rate of the recovery, after linear warmup then linear decay.
-        warmup: fraction of the recovery steps spent warming the learning rate up.
-        weight_decay: AdamW weight decay (not applied to biases and LayerNorm).
-        temperature: softmax temperature of the original's soft targets; the KL term is scaled by T².
-        alpha_kd: weight of the soft-target KL.
-        alpha_ce: weight of the hard-label cross-entropy.
-        alpha_hidden: weight of the hidden-state cosine loss, each layer against the original's same layer.
-        alpha_attn: weight of the attention-distribution KL; > 0 runs both models with eager attention (slower).
-        cache_teacher: keep the original's logits from the first recovery epoch and skip it after that; they are
-            also stored under --teacher_cache (keyed by its weights, the training rows, tokenizer, --max_length and
-            precision), so the next run on the same original and data never runs it. Needs --alpha_hidden 0 and
-            --alpha_attn 0.
-        teacher_cache: folder holding cached teacher logits for reuse (shared with compress distill).
-        max_length: tokens per example; longer inputs are truncated.
-        max_train: use a seeded random subset of this many training rows (calibration and recovery).
-        text_column: column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair).
-        label_column: column holding the label.
-        seed: seed for data order, calibration rows and dropout.
-        precision: auto (bf16-mixed on a GPU, 32-true on a CPU), 32-true, bf16-mixed or 16-mixed.
-        accelerator: auto, cpu or cuda.
-        devices: devices for the Lightning Trainer (a count, or auto).
-        strategy: Lightning strategy, e.g. auto, ddp, fsdp.
-        num_workers: data loader worker processes (default: 4 on a GPU, 0 on a CPU).
-        checkpoint_every: optimizer steps between checkpoints; 0 (the default) checkpoints by time instead.
-        checkpoint_minutes: minutes of training between checkpoints when checkpoint_every is 0; a killed run
-            loses at most this much.
-        latency_reps: timed rounds for the latency measurement (shared and original interleaved).
-        tracking: MLflow tracking URI (default: sqlite under ./mlruns).
-        experiment: MLflow experiment name.
-        resume: continue an interrupted run writing to the same --output (the conversion is recomputed, the same
-            for the same seed and data).
-        overwrite: replace an existing --output.
+    `training.epochs` is the recovery's (--recover_epochs; 0 saves the shared model as is). A group left None takes
+    share's defaults (`compress share --help`). Returns the shared model's folder, its metrics against the original
+    (svd_error, flops_ratio, score_before_recovery, ...), the MLflow run id and the lineage.
     """
+    from compress.data.tasks import load_task
+    from compress.engine.state import RunState
+    from compress.infra.paths import check_run_paths
     from compress.models.loading import check_encoder, load_config, require_task_head, resolve_model
-    from compress.options.bounds import check_all, check_choice
-    from compress.engine.run import TrainConfig, check_distill_flags
+    from compress.options.bounds import check_all
+    from compress.options.commands import with_defaults
 
+    g = with_defaults("share", dict(data=data, loss=loss, training=training, runtime=runtime, tracking=tracking,
+                                    output=output))
+    data, loss, training, runtime = g["data"], g["loss"], g["training"], g["runtime"]
+    tracking, output = g["tracking"], g["output"]
+    model, groups, share, embedding = step.model, step.groups, step.share, step.embedding
     # --- everything the user typed is checked before anything is loaded or written
-    check_choice("share", share)
-    check_choice("init", init)
-    check_all(groups=groups, embedding=embedding, calibration=calibration, recover_epochs=recover_epochs)
-    check_distill_flags(temperature, {"alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
-                                      "alpha_attn": alpha_attn}, training=recover_epochs > 0,
-                        cache_teacher=cache_teacher)
-    cfg = TrainConfig(epochs=recover_epochs, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                      max_length=max_length, seed=seed, precision=precision, accelerator=accelerator,
-                      devices=devices, strategy=strategy, num_workers=num_workers,
-                      checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-                      latency_reps=latency_reps)
+    step.validate()
+    check_all(recover_epochs=training.epochs)
+    loss.validate(training=training.epochs > 0)
+    cfg = TrainConfig(training, runtime, data.max_length, loss)
     cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
-    from compress.data.tasks import load_task
-    from compress.infra.paths import check_run_paths
-    from compress.engine.state import RunState
-
-    task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=max_train,
-                          seed=seed)
+    task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
+                          max_train=data.max_train, seed=training.seed)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     check_encoder(config, "--model")
@@ -169,15 +79,13 @@ def share(
     require_task_head(config, task_data, model)
     desc = f"{share}-g{groups}" + (f"-e{embedding}" if embedding else "")
     default = f"outputs/share-{slug(model)}-{slug(task_data.name)}-{desc}"
-    out = check_run_paths(output if output is not None else default, reads=(path, data), tracking=tracking,
-                          cache=teacher_cache if cache_teacher else None)
-    RunState(out, resume, overwrite)  # refuses an existing --output now, not after the conversion
+    out = check_run_paths(output.output if output.output is not None else default, reads=(path, data.data),
+                          tracking=tracking.tracking, cache=loss.teacher_cache if loss.cache_teacher else None)
+    RunState(out, output.resume, output.overwrite)  # refuses an existing --output now, not after the conversion
 
-    _share(path=path, model_name=model, task_data=task_data, cfg=cfg, out=out, groups=groups, share=share,
-           embedding=embedding, init=init, calibration=calibration, desc=desc, temperature=temperature,
-           alpha_kd=alpha_kd, alpha_ce=alpha_ce, alpha_hidden=alpha_hidden, alpha_attn=alpha_attn,
-           tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite, max_train=max_train,
-           cache_teacher=cache_teacher, teacher_cache=teacher_cache)
+    plan = RunPlan(command="share", name=f"share {desc} init={step.init}", output=out, resume=output.resume,
+                   overwrite=output.overwrite)
+    return _share(step, path, desc, task_data, cfg, plan, tracking, hooks)
 
 
 def calibration_batches(datamodule, rows: int, batch_size: int):
@@ -232,34 +140,32 @@ def padding_cost(parent_config, shared_config, groups: int) -> float | None:
     return ratio
 
 
-def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int, share: str, embedding: int | None,
-           init: str, calibration: int, desc: str, temperature: float, alpha_kd: float, alpha_ce: float,
-           alpha_hidden: float, alpha_attn: float, tracking: str, experiment: str, resume: bool, overwrite: bool,
-           max_train: int | None, cache_teacher: bool, teacher_cache: str) -> None:
+def _share(step: ShareConfig, path: str, desc: str, task_data, cfg: TrainConfig, plan: RunPlan,
+           tracking: TrackingConfig, hooks: RunHooks | None) -> StepResult | None:
     import torch
 
     from compress.engine import logit_cache
     from compress.data.datamodule import TaskDataModule
     from compress.models.measure import count_params
     from compress.models.loading import load_classifier, load_tokenizer
-    from compress.engine.distill_module import LossWeights
-    from compress.engine.run import run_training
+    from compress.engine.run import RunModels, run_training
     from compress.sharing.convert import layer_groups
     from compress.engine.trainer import quiet_libraries, resolve_accelerator, resolve_precision
     from compress.engine.scoring import score
 
+    groups, share, embedding, init, loss = step.groups, step.share, step.embedding, step.init, cfg.loss
+    seed, batch_size = cfg.training.seed, cfg.training.batch_size
     quiet_libraries()
-    torch.manual_seed(cfg.seed)
-    attn = "eager" if alpha_attn > 0 else None  # sdpa returns no attention maps (STACK.md)
+    torch.manual_seed(seed)
+    attn = "eager" if loss.alpha_attn > 0 else None  # sdpa returns no attention maps
     teacher = load_classifier(path, task_data.label_names, "--model", attn_implementation=attn).eval()
     tokenizer = load_tokenizer(path, "--model", teacher.config, cfg.max_length)
-    datamodule = TaskDataModule(task_data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                seed=cfg.seed)
+    datamodule = TaskDataModule(task_data, tokenizer, batch_size=batch_size, max_length=cfg.max_length, seed=seed)
     batches = None
     if init == "regmean":
-        rows = min(calibration, len(task_data.train_labels))
+        rows = min(step.calibration, len(task_data.train_labels))
         print(f"recording layer inputs on {rows} training rows for regmean", file=sys.stderr)
-        batches = calibration_batches(datamodule, rows, cfg.batch_size)
+        batches = calibration_batches(datamodule, rows, batch_size)
     student, svd_error = convert(teacher, share=share, groups=groups, embedding=embedding, init=init, batches=batches)
 
     config = teacher.config
@@ -272,27 +178,23 @@ def _share(*, path: str, model_name: str, task_data, cfg, out: Path, groups: int
 
     flops = padding_cost(teacher.config, student.config, groups)
 
-    accelerator = resolve_accelerator(cfg.accelerator)
-    precision = resolve_precision(cfg.precision, accelerator)
+    accelerator = resolve_accelerator(cfg.runtime.accelerator)
+    precision = resolve_precision(cfg.runtime.precision, accelerator)
     before = score(student, datamodule, task_data.metric, task_data.num_labels, accelerator, precision)
     print(f"{task_data.metric} before recovery: {before:.4f}", file=sys.stderr)
     student.cpu()
-    cache_file = (logit_cache.file_for_run(Path(teacher_cache), path, task_data, tokenizer, cfg)
-                  if cache_teacher else None)
+    cache_file = (logit_cache.file_for_run(Path(loss.teacher_cache), path, task_data, tokenizer, cfg)
+                  if loss.cache_teacher else None)
 
-    run_training(
-        command="share", run_name=f"share {desc} init={init}", student=student, teacher=teacher, tokenizer=tokenizer,
-        task=task_data, output=out, cfg=cfg,
-        weights=LossWeights(kd=alpha_kd, ce=alpha_ce, hidden=alpha_hidden, attn=alpha_attn),
-        temperature=temperature, tracking=tracking, experiment=experiment, resume=resume, overwrite=overwrite,
-        cache_teacher=cache_teacher, cache_file=cache_file,
-        params={"model": model_name, "model_path": path, "share": share, "groups": groups,
-                "embedding": embedding or "", "init": init, "calibration": calibration if init == "regmean" else "",
-                "temperature": temperature, "alpha_kd": alpha_kd, "alpha_ce": alpha_ce, "alpha_hidden": alpha_hidden,
-                "alpha_attn": alpha_attn, "max_train": max_train, "recover_epochs": cfg.epochs,
-                "cache_teacher": cache_teacher},
-        lineage={"original": model_name, "original_path": path, "share": share, "groups": groups,
-                 "layer_groups": layer_groups(config.num_hidden_layers, groups), "embedding_size": e, "init": init},
-        extra_metrics={"groups": groups, "embedding_size": e, "svd_error": svd_error,
-                       "score_before_recovery": before} | ({"flops_ratio": flops} if flops is not None else {}),
-    )
+    plan.params = {"model": step.model, "model_path": path, "share": share, "groups": groups,
+                   "embedding": embedding or "", "init": init,
+                   "calibration": step.calibration if init == "regmean" else "", "temperature": loss.temperature,
+                   "alpha_kd": loss.alpha_kd, "alpha_ce": loss.alpha_ce, "alpha_hidden": loss.alpha_hidden,
+                   "alpha_attn": loss.alpha_attn, "max_train": task_data.flags.get("max_train"),
+                   "recover_epochs": cfg.training.epochs, "cache_teacher": loss.cache_teacher}
+    plan.lineage = {"original": step.model, "original_path": path, "share": share, "groups": groups,
+                    "layer_groups": layer_groups(config.num_hidden_layers, groups), "embedding_size": e, "init": init}
+    plan.extra_metrics = ({"groups": groups, "embedding_size": e, "svd_error": svd_error,
+                           "score_before_recovery": before} | ({"flops_ratio": flops} if flops is not None else {}))
+    models = RunModels(student=student, tokenizer=tokenizer, teacher=teacher, cache_file=cache_file)
+    return run_training(plan, models, task_data, cfg, tracking, hooks)
