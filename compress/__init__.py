@@ -1,7 +1,8 @@
 """compress: distil, share, prune, search and export BERT-family models.
 
 The Python API is `compress.api`, and its steps are here too: `compress.distill(...)`, `compress.prune(...)`, ...
-each taking config groups (`compress.api.DataConfig`, ...) and returning a `StepResult`.
+each taking config groups (`compress.api.DataConfig`, ...) and returning a `StepResult`. The search is
+`compress.api.search` (`compress.search` is the package that runs it).
 
 `import compress` registers compress's own model class (pruned and partly shared BERTs) with transformers'
 Auto classes. The `compress` command skips that at start-up (it costs seconds of torch and transformers
@@ -12,7 +13,7 @@ import sys
 
 from compress.infra.version import __version__  # noqa: F401  (compress.__version__)
 
-_API = ("distill", "finetune", "prune", "share", "evaluate", "export", "bench", "search")
+_API = ("distill", "finetune", "prune", "share", "evaluate", "export", "bench")
 
 
 def _started_as_cli() -> bool:

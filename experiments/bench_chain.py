@@ -30,24 +30,26 @@ RECIPES = ("prune", "prune+share", "share")
 
 
 def run_steps(parent: str, source: dict, out: Path, args, seed: int) -> dict[str, dict]:
-    """The three runs for one seed; returns each one's compress.json metrics (and its wall time), by recipe."""
-    from compress.steps.prune import prune
-    from compress.steps.share import share
+    """The three runs for one seed; returns each one's metrics (and its wall time), by recipe."""
+    import compress
+    from compress.api import (DataConfig, OutputConfig, PruneConfig, RuntimeConfig, ShareConfig, TrackingConfig,
+                              TrainingConfig)
 
-    common = {**source, "recover_epochs": args.recover_epochs, "max_train": args.max_train,
-              "latency_reps": 1, "tracking": f"sqlite:///{out.resolve()}/mlruns/mlflow.db",
-              "experiment": "bench-chain", "overwrite": True, "seed": seed}
+    common = {"data": DataConfig(**source, max_train=args.max_train),
+              "training": TrainingConfig(epochs=args.recover_epochs, seed=seed),  # the recovery's epochs
+              "runtime": RuntimeConfig(latency_reps=1),
+              "tracking": TrackingConfig(tracking=f"sqlite:///{out.resolve()}/mlruns/mlflow.db",
+                                         experiment="bench-chain")}
     steps = [
-        ("prune", prune, {"model": parent, "heads": args.ratio, "ffn": args.ratio}),
-        ("prune+share", share, {"model": str(out / "prune"), "share": "all", "groups": args.groups}),
-        ("share", share, {"model": parent, "share": "all", "groups": args.groups}),
+        ("prune", compress.prune, PruneConfig(model=parent, heads=args.ratio, ffn=args.ratio)),
+        ("prune+share", compress.share, ShareConfig(model=str(out / "prune"), share="all", groups=args.groups)),
+        ("share", compress.share, ShareConfig(model=parent, share="all", groups=args.groups)),
     ]
     rows = {}
-    for name, command, flags in steps:
+    for name, command, step in steps:
         start = time.perf_counter()
-        command(**flags, **common, output=str(out / name))
-        metrics = json.loads((out / name / "compress.json").read_text())["metrics"]
-        rows[name] = {**metrics, "seconds": time.perf_counter() - start}
+        result = command(step, **common, output=OutputConfig(output=str(out / name), overwrite=True))
+        rows[name] = {**result.metrics, "seconds": time.perf_counter() - start}
     return rows
 
 
@@ -120,13 +122,13 @@ def main() -> None:
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     runs = {seed: run_steps(parent, source, out / f"seed-{seed}", args, seed) for seed in seeds}
-    from compress.steps.bench import bench
+    import compress
+    from compress.api import BenchConfig
 
-    timing = out / "latency.json"
     labels = ["parent", *(f"{name}@{seed}" for seed in seeds for name in RECIPES)]
     folders = [parent, *(str(out / f"seed-{seed}" / name) for seed in seeds for name in RECIPES)]
-    bench(model=folders, batch="32", seq=args.seq, reps=args.latency_reps, json=str(timing))
-    report = json.loads(timing.read_text())
+    report = compress.bench(BenchConfig(model=folders, batch="32", seq=args.seq, reps=args.latency_reps,
+                                        json=str(out / "latency.json"))).report
     # bench's rows come in the order of its --model flags
     latency = {label: r["p50_ms"] for label, r in zip(labels, report["results"], strict=True)}
     first = runs[seeds[0]]["prune"]

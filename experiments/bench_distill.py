@@ -16,7 +16,6 @@ rows, and the table gives the mean, the sample sd and every seed's score.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import random
 import statistics
@@ -94,12 +93,15 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random BERT and toy data")
     args = p.parse_args()
 
+    import compress
+    from compress.api import (DataConfig, DistillConfig, FinetuneConfig, LossConfig, OutputConfig, RuntimeConfig,
+                              TrackingConfig, TrainingConfig)
     from compress.data.tasks import load_task
-    from compress.steps.distill import distill
+    from compress.options.commands import flag_defaults
 
+    distill_defaults = flag_defaults("distill")  # what `compress distill` runs with when a flag is not given
     if args.temperature is None:
-        args.temperature = inspect.signature(distill).parameters["temperature"].default
-    from compress.steps.finetune import finetune
+        args.temperature = distill_defaults["temperature"]
     from compress.models.measure import count_params, latency_ms
     from compress.models.loading import load_classifier, load_tokenizer, student_from_teacher, teacher_layer_map
 
@@ -115,30 +117,32 @@ def main() -> None:
     elif not Path(args.data).exists():
         sys.exit(f"no SST-2 at {args.data}: this benchmark reads ../shared/data/sst2 (see its README)")
     lr_teacher = 3e-3 if args.tiny else 5e-5
-    common = dict(data=args.data, max_train=args.train_rows, tracking=args.tracking, latency_reps=3,
-                  experiment="bench_distill")
+    data = DataConfig(data=args.data, max_train=args.train_rows)
+    common = dict(runtime=RuntimeConfig(latency_reps=3),
+                  tracking=TrackingConfig(tracking=args.tracking, experiment="bench_distill"))
 
     teacher_dir = work / f"teacher-{args.train_rows}"
     t0 = time.perf_counter()
     if not (teacher_dir / "config.json").exists():
-        finetune(model=args.teacher, output=str(teacher_dir), epochs=args.teacher_epochs, lr=lr_teacher,
-                 **common, overwrite=True)
+        compress.finetune(FinetuneConfig(model=args.teacher), data,
+                          training=TrainingConfig(epochs=args.teacher_epochs, lr=lr_teacher), **common,
+                          output=OutputConfig(output=str(teacher_dir), overwrite=True))
     t_teacher = time.perf_counter() - t0
 
     task = load_task(data=args.data, max_train=args.train_rows, seed=42)  # the rows the teacher was tuned on
     seeds = [int(x) for x in args.seeds.split(",")]
-    seed_common = common
+    seed_data = data
     if seeds != [42]:
         # distill's --seed also draws the --max_train subset: hand every seed the teacher's rows as a folder instead,
         # so that only initialisation, order and dropout change between seeds
         rows_dir = work / f"rows-{args.train_rows}"
         write_jsonl(rows_dir, task)
-        seed_common = common | {"data": str(rows_dir), "max_train": None}
+        seed_data = DataConfig(data=str(rows_dir), max_train=None)
     tokenizer = load_tokenizer(str(teacher_dir))
     teacher = load_classifier(str(teacher_dir), task.label_names)
     kept = teacher_layer_map(teacher.config.num_hidden_layers, args.layers)
     # the same peak learning rate as compress distill's default: the loops differ in recipe, not in tuning
-    lr_plain = 3e-3 if args.tiny else inspect.signature(distill).parameters["lr"].default
+    lr_plain = 3e-3 if args.tiny else distill_defaults["lr"]
     names = ["compress distill", "plain KD loop", "no KD (labels only)"]
     scores: dict[str, list[float]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
@@ -146,10 +150,12 @@ def main() -> None:
     for seed in seeds:
         ours_dir = work / f"student-L{args.layers}-{args.train_rows}" / f"seed{seed}"
         t0 = time.perf_counter()
-        distill(teacher=str(teacher_dir), layers=args.layers, epochs=args.epochs, temperature=args.temperature,
-                output=str(ours_dir), seed=seed, overwrite=True, **({"lr": 3e-3} if args.tiny else {}), **seed_common)
+        ours = compress.distill(
+            DistillConfig(teacher=str(teacher_dir), layers=args.layers), seed_data,
+            loss=LossConfig(temperature=args.temperature),
+            training=TrainingConfig(epochs=args.epochs, seed=seed, **({"lr": 3e-3} if args.tiny else {})),
+            **common, output=OutputConfig(output=str(ours_dir), overwrite=True)).metrics
         seconds["compress distill"].append(time.perf_counter() - t0)
-        ours = json.loads((ours_dir / "compress.json").read_text())["metrics"]
         scores["compress distill"].append(ours["student_score"])
         for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
             student = student_from_teacher(teacher, kept)

@@ -13,7 +13,8 @@ KL at T=4 plus hard-label CE, AdamW, every batch full length. Rows, in one proce
 - plain fp32 loop and bf16-autocast loop: hand-written loops that call .item() every step, as users and HF-Trainer
   subclasses do (the fp32 loop runs at TextBrewer's speed in TARGETS.md);
 - compress distill: `DistillModule`, `TaskDataModule` (tokenizer, collator, pinned loader workers) and the Trainer from
-  `compress.training.build_trainer`, exactly what `compress distill` builds, timed by a callback after warm-up steps;
+  `compress.engine.trainer.build_trainer`, exactly what `compress distill` builds, timed by a callback after warm-up
+  steps;
   live teacher, then with `--compile`, then with `--cache_teacher` (epoch 2, after the first filled the cache);
 - student alone: the compiled student on precomputed teacher logits, the bound for cached epochs;
 - compress distill again with the hidden-state and attention losses on, to show what they cost (last: the targets do
@@ -237,7 +238,8 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
     With `save_probe`, also times one checkpoint save after training (Lightning's own, student and AdamW state, as
     the command writes them) into it: the cost that decides how often the command can afford to checkpoint."""
     from compress.data.datamodule import TaskDataModule
-    from compress.engine.distill_module import DistillModule, LossWeights
+    from compress.api import LossConfig, RuntimeConfig, TrainingConfig
+    from compress.engine.distill_module import DistillModule
     from compress.engine.trainer import build_trainer, quiet_libraries, resolve_precision
 
     quiet_libraries()
@@ -247,15 +249,16 @@ def compress_step(args, device: str, *, compile: bool = False, cache: bool = Fal
     rows = args.batch * (args.warmup + args.steps)
     datamodule = TaskDataModule(synthetic_task(rows, args.seq), word_tokenizer(), batch_size=args.batch,
                                 max_length=args.seq, num_workers=4 if device == "cuda" else 0, seed=0)
-    module = DistillModule(student, teacher, num_labels=2, temperature=T,
-                           weights=LossWeights(kd=1.0, ce=1.0, hidden=hidden, attn=attn), lr=5e-5,
-                           cache_teacher=cache, compile=compile)
+    module = DistillModule(student, teacher, num_labels=2,
+                           loss=LossConfig(temperature=T, alpha_kd=1.0, alpha_ce=1.0, alpha_hidden=hidden,
+                                           alpha_attn=attn, cache_teacher=cache),
+                           training=TrainingConfig(lr=5e-5), compile=compile)
     timed_epoch = 1 if cache else 0  # cached: epoch 1 fills the cache (and warms up), epoch 2 is timed
     timer = StepTimer(device, args.warmup, timed_epoch)
     with tempfile.TemporaryDirectory() as ckpt:
         trainer = build_trainer(epochs=timed_epoch + 1, accelerator=device, precision=resolve_precision("auto", device),
-                                devices=1, strategy="auto", logger=None, ckpt_dir=Path(ckpt),
-                                progress=False, callbacks=[timer])
+                                runtime=RuntimeConfig(devices=1, strategy="auto", progress=False), logger=None,
+                                ckpt_dir=Path(ckpt), callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
         if save_probe is not None:
             path = Path(ckpt) / "probe.ckpt"
@@ -352,9 +355,9 @@ def main() -> None:
     live = next((r for r in results if r["name"] == LIVE), None)
     if save and live:
         # Why compress checkpoints by time (every --checkpoint_minutes) and not every N steps.
-        from compress.engine.run import TrainConfig
+        from compress.api import RuntimeConfig
 
-        minutes = TrainConfig().checkpoint_minutes
+        minutes = RuntimeConfig().checkpoint_minutes
         every_100 = save["seconds"] / (save["seconds"] + 100 * live["ms_per_step"] / 1e3)
         print(f"\ncheckpoint save ({save['mb']:.0f} MB, student + AdamW state): {save['seconds']:.2f} s, "
               f"{save['seconds'] / (live['ms_per_step'] / 1e3):.0f} live steps; one every 100 steps would take "

@@ -35,16 +35,20 @@ def build_tiny(folder: Path) -> tuple[Path, Path]:
 
 
 def run_point(parent: Path, data: Path, ratio: float, out: Path, args) -> dict:
-    from compress.steps.prune import prune
+    import compress
+    from compress.api import (DataConfig, OutputConfig, PruneConfig, RuntimeConfig, TrackingConfig,
+                              TrainingConfig)
 
-    folder = out / f"h{ratio:g}-f{ratio:g}"
     start = time.perf_counter()
-    prune(model=str(parent), data=str(data), heads=ratio, ffn=ratio, criterion=args.criterion, scope=args.scope,
-          recover_epochs=args.recover_epochs, max_train=args.max_train, importance_batches=args.importance_batches,
-          latency_reps=args.latency_reps, output=str(folder), tracking=f"sqlite:///{out.resolve()}/mlruns/mlflow.db",
-          experiment="bench-prune", overwrite=True)
-    metrics = json.loads((folder / "compress.json").read_text())["metrics"]
-    return {"ratio": ratio, "seconds": time.perf_counter() - start, **metrics}
+    result = compress.prune(
+        PruneConfig(model=str(parent), heads=ratio, ffn=ratio, criterion=args.criterion, scope=args.scope,
+                    importance_batches=args.importance_batches),
+        DataConfig(data=str(data), max_train=args.max_train),
+        training=TrainingConfig(epochs=args.recover_epochs),  # --recover_epochs
+        runtime=RuntimeConfig(latency_reps=args.latency_reps),
+        tracking=TrackingConfig(tracking=f"sqlite:///{out.resolve()}/mlruns/mlflow.db", experiment="bench-prune"),
+        output=OutputConfig(output=str(out / f"h{ratio:g}-f{ratio:g}"), overwrite=True))
+    return {"ratio": ratio, "seconds": time.perf_counter() - start, **result.metrics}
 
 
 def table(rows: list[dict]) -> str:

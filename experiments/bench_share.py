@@ -154,7 +154,9 @@ def main() -> None:
                         "cache, and reading it")
     args = p.parse_args()
 
-    from compress.steps.share import share
+    import compress
+    from compress.api import (DataConfig, LossConfig, OutputConfig, RuntimeConfig, ShareConfig, TrackingConfig,
+                              TrainingConfig)
 
     out = Path(args.out)
     if args.tiny:
@@ -181,14 +183,16 @@ def main() -> None:
     cache = args.alpha_hidden == 0 and not args.no_cache
 
     def run_point(name: str, groups: int, embedding: int | None, init: str, cached: bool, teacher_cache: Path) -> dict:
-        folder = out / name
         t0 = time.perf_counter()
-        share(model=args.parent, data=args.data, groups=groups, share="all", embedding=embedding, init=init,
-              recover_epochs=args.epochs, max_train=args.train_rows or None, lr=args.lr,
-              alpha_hidden=args.alpha_hidden, cache_teacher=cached, teacher_cache=str(teacher_cache),
-              output=str(folder), calibration=args.calibration, overwrite=True, tracking=tracking,
-              experiment="bench_share", latency_reps=3)
-        m = json.loads((folder / "compress.json").read_text())["metrics"]
+        m = compress.share(
+            ShareConfig(model=args.parent, groups=groups, share="all", embedding=embedding, init=init,
+                        calibration=args.calibration),
+            DataConfig(data=args.data, max_train=args.train_rows or None),
+            loss=LossConfig(alpha_hidden=args.alpha_hidden, cache_teacher=cached, teacher_cache=str(teacher_cache)),
+            training=TrainingConfig(epochs=args.epochs, lr=args.lr),  # the recovery's epochs and lr
+            runtime=RuntimeConfig(latency_reps=3),
+            tracking=TrackingConfig(tracking=tracking, experiment="bench_share"),
+            output=OutputConfig(output=str(out / name), overwrite=True)).metrics
         return {"config": name, "groups": groups, "embedding": embedding or "full", "init": init, **m,
                 "params_fraction": m["student_params"] / m["teacher_params"], "seconds": time.perf_counter() - t0}
 

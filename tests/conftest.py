@@ -248,21 +248,3 @@ def postgres():
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-
-@pytest.fixture
-def add_callbacks(monkeypatch):
-    """`add_callbacks(cb, ...)`: Lightning callbacks for every run the test then starts, through the CLI too, passed
-    to run_training in its hooks as compress search passes its pruning callback."""
-    from compress.engine import run
-
-    real = run.run_training
-
-    def add(*callbacks) -> None:
-        def with_hooks(plan, models, task, cfg, tracking, hooks=None):
-            hooks = hooks or run.RunHooks()
-            return real(plan, models, task, cfg, tracking,
-                        run.RunHooks(callbacks=[*hooks.callbacks, *callbacks], tags=hooks.tags))
-
-        monkeypatch.setattr(run, "run_training", with_hooks)
-
-    return add

@@ -116,7 +116,7 @@ def test_no_call_site_reads_compress_json_for_a_metric() -> None:
 def test_api_functions_take_groups() -> None:
     """Each step's parameters are config groups (and hooks), never flat flags."""
     for name in ("distill", "finetune", "prune", "share", "evaluate", "export", "bench", "search"):
-        params = inspect.signature(getattr(compress, name)).parameters
+        params = inspect.signature(getattr(compress.api, name)).parameters
         assert len(params) <= 8, name
         assert all(p.name in ("step", "data", "loss", "training", "runtime", "tracking", "output", "hooks")
                    for p in params.values()), (name, list(params))

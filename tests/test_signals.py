@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from helpers import callbacks_for_runs
 
 from compress.infra.errors import Terminated
 from compress.infra.signals import CtrlC, lightning_fit, sigterm_raises, stops_held_between_trials, stops_raise
@@ -121,7 +122,7 @@ def ctrl_c_inside_the_next_query():
 
 @pytest.mark.parametrize("where", ["in fit", "after fit"])
 def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(where, tiny_teacher, tiny_data, workdir,
-                                                                            monkeypatch, add_callbacks) -> None:
+                                                                            monkeypatch) -> None:
     """The close as KILLED waited SQLite's 20 s busy timeout on the lock the cut query left, failed, and left the run
     RUNNING (in fit, Lightning's own close as FAILED waited first)."""
     import lightning.pytorch as pl
@@ -139,8 +140,8 @@ def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(wher
     if where == "after fit":
         monkeypatch.setattr("compress.models.measure.latency_ms", query_cut_short)
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "1", *FAST, *track(workdir)]
-    add_callbacks(*([CutInFit()] if where == "in fit" else []))
-    code, _, err = run_main(args)
+    with callbacks_for_runs(*([CutInFit()] if where == "in fit" else [])):
+        code, _, err = run_main(args)
     assert code == 130 and "left open" not in err, err[-2000:]
     _, runs = mlflow_runs(sqlite_uri(workdir))
     assert [r.info.status for r in runs] == ["KILLED"]
@@ -195,7 +196,7 @@ def test_a_ctrl_c_that_did_not_stop_where_it_landed_still_stops_in_one_line(then
 
     script = (
         "import atexit, os, signal, sys\n"
-        "from compress import __main__ as cli\n"
+        "from compress.cli import main as cli\n"
         "class ModuleLock:\n"
         "    def __del__(self):\n"
         "        signal.raise_signal(signal.SIGINT)  # raised in a __del__: Python reports it and drops it\n"
@@ -290,7 +291,7 @@ def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, w
 
 
 @pytest.mark.parametrize("hook", ["setup", "on_train_end", "on_fit_end"])
-def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_data, workdir, add_callbacks) -> None:
+def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_data, workdir) -> None:
     """Lightning listens for SIGTERM only from the start of its loop to its teardown, and stops only at a batch with
     another after it. A SIGTERM while the data and model were set up, in the last batch, or while Lightning tore
     down was dropped: the fit ran all its epochs, and the command exited 0 as if never stopped (a search worker
@@ -313,8 +314,8 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "3", *FAST, *track(workdir)]
     try:
-        add_callbacks(TermAt())
-        code, _, err = run_main(args)
+        with callbacks_for_runs(TermAt()):
+            code, _, err = run_main(args)
         # Lightning ignores Ctrl-C while it shuts a fit down, and put it back only from inside its loop
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -332,8 +333,7 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     assert code == 0 and len(list(workdir.glob("outputs/*/model.safetensors"))) == 1, err[-2000:]
 
 
-def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_teacher, tiny_data, workdir,
-                                                                         add_callbacks) -> None:
+def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_teacher, tiny_data, workdir) -> None:
     """Python drops a KeyboardInterrupt raised in a __del__ (Lightning's loop frees objects with them each batch):
     the fit trained on, and the command finished and exited 0, the Ctrl-C forgotten."""
     import lightning.pytorch as pl
@@ -351,8 +351,8 @@ def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_te
     sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell's tests ignore SIGINT
     args = ["distill", "--teacher", tiny_teacher, "--data", tiny_data, "--epochs", "2", *FAST, *track(workdir)]
     try:
-        add_callbacks(CtrlCInADel())
-        code, _, err = run_main(args)
+        with callbacks_for_runs(CtrlCInADel()):
+            code, _, err = run_main(args)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, sigint)

@@ -1,6 +1,7 @@
 """A model's task metric on the dev set, on the run's device and precision or where accelerate placed it."""
 
 from __future__ import annotations
+
 import lightning.pytorch as pl
 import torch
 

@@ -2,6 +2,7 @@
 rename that makes OUTPUT appear only when the run has finished."""
 
 from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 import torch
+
 from compress.infra.errors import CompressError
 from compress.infra.paths import check_output, check_overwrite, share_like_open
 from compress.infra.tracking import shown

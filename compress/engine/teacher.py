@@ -1,12 +1,14 @@
 """A task teacher from a pretrained encoder: fine-tuned once, kept under the teacher cache and reused."""
 
 from __future__ import annotations
+
 import hashlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+
 from compress.infra.errors import CompressError
 from compress.infra.tracking import shown
 from compress.infra.identity import weights_identity, slug

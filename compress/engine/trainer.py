@@ -1,11 +1,13 @@
 """The Lightning Trainer a run uses: accelerator and precision, checkpoint callbacks, quiet library logs."""
 
 from __future__ import annotations
+
 import sys
 from datetime import timedelta
 from pathlib import Path
 import lightning.pytorch as pl
 import torch
+
 from compress.infra.errors import CompressError
 from compress.options.groups import RuntimeConfig
 from compress.options.bounds import check_choice
@@ -63,9 +65,9 @@ def teacher_runs_bf16(accelerator: str, precision: str) -> bool:
 
 
 class _CheckpointAtEnd(pl.Callback):
-    """A checkpoint when fit ends. The timed ones may be minutes old, or absent from a short fit; a stop while the
-    student is then scored, timed or saved used to throw the training away, and --resume started it over. From this
-    one a resume finds fit done and goes on to scoring."""
+    """A checkpoint when fit ends. The timed ones may be minutes old, or absent from a short fit, so without this one
+    a stop while the student is then scored, timed or saved would throw the training away. From it a resume finds fit
+    done and goes on to scoring."""
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.ckpt_dir = ckpt_dir
@@ -127,8 +129,8 @@ def build_trainer(*, epochs: int, accelerator: str, precision: str, runtime: Run
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 20))
     if ckpt_dir is not None:
         # Two newest by step: if the kill lands while one is being written, the other is still whole.
-        # By time unless steps are asked for: a save blocks training (1.5 s for a 6x768 student and its AdamW state
-        # on this project's CPU box), which every 100 steps would cost a GPU at ~20 ms a step over 40% of its time.
+        # By time unless steps are asked for: a save blocks training for the whole write of the student and its AdamW
+        # state (seconds for a 6x768 student), which every 100 steps would cost a fast GPU much of its time.
         when = ({"every_n_train_steps": checkpoint_every} if checkpoint_every else
                 {"train_time_interval": timedelta(minutes=checkpoint_minutes)})
         callbacks.append(ModelCheckpoint(

@@ -1,6 +1,7 @@
 """The model card (README.md) written beside an export: what it is, how it was made, how to load it."""
 
 from __future__ import annotations
+
 from compress.exporting.onnx import EXAMPLE_SHAPE, PARITY_TOL
 
 

@@ -1,11 +1,18 @@
 """ONNX files from a classifier: the dynamo export, parity against torch on new shapes, int8 quantisation and
-onnxruntime sessions."""
+onnxruntime sessions.
+
+The ONNX file is checked against PyTorch on shapes it was not traced at: the dynamo exporter matched onnxruntime to
+1e-8 here, but a graph that silently specialised on the example's batch or sequence length would only show on a new
+shape.
+"""
 
 from __future__ import annotations
+
 import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
 from compress.infra.errors import CompressError
 
 

@@ -1,7 +1,9 @@
 """Dev-set predictions from torch or ONNX logits, so each exported file's task metric can be checked."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 from compress.infra.errors import CompressError
 from compress.exporting.onnx import onnx_session
 

@@ -1,8 +1,10 @@
 """MLflow's side of an export: the source run, a model read from a run, and a registered model version."""
 
 from __future__ import annotations
+
 from contextlib import contextmanager
 from pathlib import Path
+
 from compress.infra.errors import CompressError
 from compress.infra.tracking import for_mlflow, mlflow_client, shown
 

@@ -1,6 +1,7 @@
 """Names and fingerprints: a model name made safe for a folder, and the identity of a model's weight files."""
 
 from __future__ import annotations
+
 import re
 from pathlib import Path
 

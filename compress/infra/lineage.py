@@ -1,6 +1,7 @@
 """compress.json beside a saved model: the command, task, metrics and sources that made it."""
 
 from __future__ import annotations
+
 import json
 from pathlib import Path
 

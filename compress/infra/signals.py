@@ -248,8 +248,8 @@ class CtrlC:
     """Remembers a Ctrl-C, so one that Python dropped still stops a search after its trial.
 
     Python prints and drops an exception raised inside `__del__`, and Optuna's gc.collect() after every trial runs
-    many (Lightning's profiler has one), so a Ctrl-C landing there used to let the study run all its trials and
-    exit 0. A second Ctrl-C while the first is being handled only says that the stop goes on: raised again, it cut
+    many (Lightning's profiler has one), so a Ctrl-C landing there would otherwise let the study run all its trials
+    and exit 0. A second Ctrl-C while the first is being handled only says that the stop goes on: raised again, it cut
     that cleanup short (a trial left unclosed) or was dropped in a __del__ with a traceback printed after compress's
     last line. A third quits at once, for a cleanup that cannot finish. Only the main thread's default handler is
     replaced: a SIGINT ignored (a shell's background job) stays ignored.

@@ -28,7 +28,8 @@ def resolve_tracking(uri: str) -> str:
     return make_url(uri).set(database=str(db.resolve())).render_as_string(hide_password=False)
 
 
-# MLflow's database and server stores; its file store refuses to start (STACK.md), so a bare path is no store.
+# MLflow's database and server stores; MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set, so a
+# bare path is no store.
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 # Database servers, and the driver each needs as pip names it: SQLAlchemy 2.1 opens postgresql:// with psycopg 3,
 # so the long-standing advice, psycopg2, leaves "Failed to import DB access module".

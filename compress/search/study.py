@@ -262,7 +262,7 @@ def _stop_workers(procs: list) -> None:
     """Pass the stop on to every worker at once, as SIGTERM: SIGTERM (`kill PID`, a scheduler, whose grace period is
     short) and SIGINT (`kill -INT PID`) reach only this process, and a terminal's Ctrl-C reached the workers
     already. Each closes its trial as interrupted; one still going after the deadline is killed, and its trial
-    retried later. A second Ctrl-C here is ignored: it used to end the wait and leave the workers to print their
+    retried later. A second Ctrl-C here is ignored: it would end the wait and leave the workers to print their
     tracebacks last."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
