@@ -110,13 +110,15 @@ def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: i
                              ) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and
     share benchmarks' --tiny modes compress), and the folder of those rows."""
-    from compress.steps.finetune import finetune
+    from compress.api import (DataConfig, FinetuneConfig, OutputConfig, RuntimeConfig, TrackingConfig,
+                              TrainingConfig, finetune)
 
     data = write_tsv(folder / "data", train=512, dev=128)
     raw = save_tiny_bert(folder / "raw", layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
     parent = folder / "parent"
-    finetune(model=str(raw), data=str(data), output=str(parent), epochs=3, lr=1e-3, latency_reps=1,
-             tracking=f"sqlite:///{folder}/mlruns/mlflow.db")
+    finetune(FinetuneConfig(model=str(raw)), DataConfig(data=str(data)), TrainingConfig(epochs=3, lr=1e-3),
+             RuntimeConfig(latency_reps=1), TrackingConfig(tracking=f"sqlite:///{folder}/mlruns/mlflow.db"),
+             OutputConfig(output=str(parent)))
     return parent, data
 
 

@@ -71,7 +71,8 @@ class RunPlan:
     """written into compress.json beside the model."""
     extra_metrics: dict[str, float] = field(default_factory=dict)
     finalize: Callable | None = None
-    """runs on the trained student before it is scored, measured and saved (prune makes sparsity permanent there)."""
+    """runs on the trained student before it is scored, measured and saved (prune makes sparsity permanent there);
+    a tokenizer it returns replaces the run's for the student (prune --vocab rewrites the vocabulary there)."""
 
 
 @dataclass
@@ -138,10 +139,10 @@ def run_training(plan: RunPlan, models: RunModels, task, cfg: TrainConfig, track
         if not run.fit(resume):
             return None
         with closes_run_on_error(run.logger):  # Lightning marked the run FINISHED when fit ended
-            student, teacher = run.final_models()
-            metrics, shape = _measure(student, teacher, run, cfg.runtime.latency_reps)
+            student, teacher, tokenizer = run.final_models()
+            metrics, shape = _measure(student, teacher, run, cfg.runtime.latency_reps, run.data_for(tokenizer))
             metrics |= plan.extra_metrics
-            lineage = _save(plan, student, teacher, models.tokenizer, task, metrics, run.logger, tracking.tracking)
+            lineage = _save(plan, student, teacher, tokenizer, task, metrics, run.logger, tracking.tracking)
             run.logger.finalize("success")
         state.finish()
     _print_run_summary(plan, task, metrics, shape, teacher is not None, run.logger.run_id, tracking.tracking)
@@ -225,20 +226,32 @@ class _Run:
         return self.trainer.is_global_zero
 
     def final_models(self):
-        """The trained student on the CPU in fp32 (finalized), and the teacher as it is."""
+        """The trained student on the CPU in fp32 (finalized), the teacher as it is, and the student's tokenizer."""
         student = self.module.student.float().cpu()
+        tokenizer = self.models.tokenizer
         if self.plan.finalize is not None:
-            self.plan.finalize(student)
-        return student, self.models.teacher
+            tokenizer = self.plan.finalize(student) or tokenizer
+        return student, self.models.teacher, tokenizer
+
+    def data_for(self, tokenizer):
+        """The dev data as `tokenizer` encodes it: the run's own, or anew for a tokenizer the finalize step made."""
+        if tokenizer is self.models.tokenizer:
+            return self.datamodule
+        from compress.data.datamodule import TaskDataModule
+
+        dm = self.datamodule
+        return TaskDataModule(self.task, tokenizer, batch_size=dm.batch_size, eval_batch_size=dm.eval_batch_size,
+                              max_length=dm.max_length, num_workers=dm.num_workers, seed=dm.seed)
 
 
-def _measure(student, teacher, run: _Run, latency_reps: int) -> tuple[dict[str, float], tuple[int, str]]:
-    """Score the student and the teacher on the dev set, and time both in the same interleaved rounds."""
+def _measure(student, teacher, run: _Run, latency_reps: int, student_data) -> tuple[dict[str, float], tuple[int, str]]:
+    """Score the student (on `student_data`, as its tokenizer encodes the dev set) and the teacher on the dev set, and
+    time both in the same interleaved rounds."""
     from compress.engine.scoring import score, score_in_place
     from compress.models.measure import count_params, latency_ms
 
     task, datamodule = run.task, run.datamodule
-    student_score = score(student, datamodule, task.metric, task.num_labels, run.accelerator, run.precision)
+    student_score = score(student, student_data, task.metric, task.num_labels, run.accelerator, run.precision)
     metrics = {"student_score": student_score, "student_params": count_params(student)}
     placed = run.module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
     if teacher is not None:

@@ -56,6 +56,7 @@ BOUNDS: dict[str, Bound] = {
     "embedding": _at_least(2),
     "calibration": _at_least(1, "training rows that fit the shared weights"),
     "importance_batches": _at_least(1),
+    "vocab_top": _at_least(0, "corpus tokens kept beyond the training texts'"),
     # measurement
     **dict.fromkeys(("latency_reps", "latency_batch", "latency_seq"), _at_least(1)),
     # NumPy's generator, which Lightning seeds, takes 0 to 2**32 - 1; a search offsets its sampler's seed per worker

@@ -70,9 +70,10 @@ COMMANDS: dict[str, Command] = {
                 "faster; it loads with\nAutoModelForSequenceClassification (after `import compress`) or anywhere "
                 "with trust_remote_code=True.",
         groups={"step": PruneConfig, "loss": LossConfig, **_TRAINING_GROUPS},
-        flags=("model", *_DATA, "heads", "ffn", "drop_layers", "criterion", "scope", "sparsity", "recover_epochs",
-               "importance_batches", "output", *_TRAINING, *_LOSS, "cache_teacher", "teacher_cache", "max_length",
-               "max_train", *_COLUMNS, *_RUN, "tracking", "experiment", "resume", "overwrite"),
+        flags=("model", *_DATA, "heads", "ffn", "drop_layers", "criterion", "scope", "sparsity", "vocab",
+               "vocab_corpus", "vocab_top", "recover_epochs", "importance_batches", "output", *_TRAINING, *_LOSS,
+               "cache_teacher", "teacher_cache", "max_length", "max_train", *_COLUMNS, *_RUN, "tracking",
+               "experiment", "resume", "overwrite"),
         defaults={"recover_epochs": 2},
         helps={"recover_epochs": "epochs of distillation from the parent after pruning; 0 saves the pruned model as "
                                  "is.",
@@ -134,10 +135,10 @@ COMMANDS: dict[str, Command] = {
         summary="Search the whole recipe (distill, prune, share, in that order) with Optuna, for accuracy against "
                 "size or speed.\n\nEach trial runs the steps its values name through the commands themselves, each "
                 "from the one before: distill\nwhen layers is set, prune when heads, ffn, sparsity or drop_layers is "
-                "non-zero, share when groups is set (after\na prune, --share all shares both sublayers in compress's "
-                "own class, since ALBERT has one layer size). Every\ntrial is an MLflow run nested under the study's "
-                "run; at the end the Pareto front is printed and logged there as\nCSV and PNG. Give the search as a "
-                "YAML file with --config.",
+                "non-zero or vocab is true, share when groups is set (after\na prune, --share all shares both "
+                "sublayers in compress's own class, since ALBERT has one layer size). Every\ntrial is an MLflow run "
+                "nested under the study's run; at the end the Pareto front is printed and logged there as\nCSV and "
+                "PNG. Give the search as a YAML file with --config.",
         groups={"step": SearchConfig, "data": DataConfig, "tracking": TrackingConfig, "output": OutputConfig},
         flags=("teacher", "space", *_DATA, "objectives", "trials", "workers", "study", "storage", "sampler", "pruner",
                "sampler_seed", "heartbeat", "retries", "output", *_COLUMNS, "tracking", "experiment"),

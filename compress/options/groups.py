@@ -241,11 +241,22 @@ class PruneConfig:
     across all with global). Zeros are stored dense: no smaller on disk, no faster."""
     importance_batches: int = 32
     """training batches the taylor criterion accumulates gradients over."""
+    vocab: bool = False
+    """also drop the word-embedding rows and tokenizer entries the training texts never produce (after any recovery:
+    logits are unchanged on text whose tokens were all kept, so the cut needs no training of its own). Dev tokens lost
+    to [UNK] are logged as unk_rate. WordPiece (BERT, ELECTRA, DistilBERT, MiniLM) and byte-level BPE (RoBERTa);
+    a SentencePiece tokenizer is refused."""
+    vocab_corpus: str | None = None
+    """with --vocab: a text file, one text a line, whose tokens are kept too (in-domain text beyond the training
+    rows)."""
+    vocab_top: int | None = None
+    """with --vocab_corpus: keep only its N most frequent tokens beyond those the training texts produce."""
 
     def validate(self) -> None:
         check_choice("criterion", self.criterion)
         check_choice("scope", self.scope)
-        check_all(heads=self.heads, ffn=self.ffn, sparsity=self.sparsity, importance_batches=self.importance_batches)
+        check_all(heads=self.heads, ffn=self.ffn, sparsity=self.sparsity, importance_batches=self.importance_batches,
+                  vocab_top=self.vocab_top)
 
 
 @dataclass

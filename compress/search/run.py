@@ -2,7 +2,8 @@
 
 One trial runs the steps its parameters name, through the commands' own functions:
   teacher (fine-tuned once per study when it has no classifier) -> distill (when `layers` is set)
-  -> prune (when heads, ffn, sparsity or drop_layers is non-zero) -> share (when `groups` is set)
+  -> prune (when heads, ffn, sparsity or drop_layers is non-zero, or vocab is true)
+  -> share (when `groups` is set)
 MLflow: one parent run per study, one nested run per trial carrying the final student's metrics under distill's
 names, and the steps' own runs nested under their trial. At the end the Pareto front goes onto the parent run as a
 CSV and a plot, and to the terminal as a table. Optuna keeps the study in an RDB (sqlite under mlruns/ by default),

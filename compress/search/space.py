@@ -18,7 +18,7 @@ MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_
            "experiment", "resume", "overwrite")
 # Flags of the one-off teacher fine-tuning: the teacher is shared by every trial, so these are fixed per study.
 STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
-PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers")
+PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers", "vocab")
 
 
 # --- the search space -------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def _check_steps(dims: dict[str, Dimension]) -> None:
     """Refuse a space in which no trial runs a step."""
     if not any(_can_run(dims, step)[0] for step in STEPS):
         raise CompressError("space: no trial would run a step; set layers (distill), heads, ffn, sparsity or "
-                            "drop_layers (prune), or groups (share)")
+                            "drop_layers or vocab (prune), or groups (share)")
 
 
 def plan(values: dict, flags: dict[str, dict[str, Any]]) -> list[tuple[str, dict]]:
@@ -316,7 +316,7 @@ def describe(step: str, kwargs: dict, flags: dict[str, dict[str, Any]]) -> str:
     if step == "prune":
         dropped, sparsity = get("drop_layers"), get("sparsity")
         return (f"prune h{get('heads'):.3g}-f{get('ffn'):.3g}" + (f"-d{dropped}" if dropped else "")
-                + (f"-s{sparsity:.3g}" if sparsity else ""))
+                + (f"-s{sparsity:.3g}" if sparsity else "") + ("-v" if get("vocab") else ""))
     embedding = get("embedding")
     return f"share {get('share')}-g{get('groups')}" + (f"-e{embedding}" if embedding else "")
 

@@ -51,8 +51,14 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     check_all(recover_epochs=training.epochs)
     step.validate()
     loss.validate(training=training.epochs > 0)
-    if step.heads == step.ffn == step.sparsity == 0 and step.drop_layers in (None, 0, [], ""):
-        raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers or --sparsity")
+    if not _structural(step) and not step.vocab:
+        raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers, --sparsity or --vocab")
+    if not step.vocab and (step.vocab_corpus is not None or step.vocab_top is not None):
+        raise CompressError("--vocab_corpus and --vocab_top choose what --vocab keeps: give --vocab with them")
+    if step.vocab_top is not None and step.vocab_corpus is None:
+        raise CompressError(f"--vocab_top {step.vocab_top}: it keeps the most frequent tokens of --vocab_corpus; "
+                            "give that file too")
+    corpus = _read_corpus(step.vocab_corpus) if step.vocab_corpus is not None else []
     cfg = TrainConfig(training, runtime, data.max_length, loss)
     cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
@@ -64,7 +70,7 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     require_task_head(config, task_data, step.model)
     dropped = parse_drop_layers(step.drop_layers, config.num_hidden_layers)
     desc = (f"h{step.heads:g}-f{step.ffn:g}" + (f"-d{len(dropped)}" if dropped else "")
-            + (f"-s{step.sparsity:g}" if step.sparsity else ""))
+            + (f"-s{step.sparsity:g}" if step.sparsity else "") + ("-v" if step.vocab else ""))
     default = f"outputs/prune-{slug(step.model)}-{slug(task_data.name)}-{desc}"
     out = check_run_paths(output.output if output.output is not None else default, reads=(path, data.data),
                           tracking=tracking.tracking, cache=loss.teacher_cache if loss.cache_teacher else None)
@@ -72,36 +78,61 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
 
     plan = RunPlan(command="prune", name=f"prune {slug(step.model)} {desc} {step.criterion}/{step.scope}", output=out,
                    resume=output.resume, overwrite=output.overwrite)
-    return _prune(step, path, dropped, resolve_accelerator(runtime.accelerator), task_data, cfg, plan, tracking,
-                  hooks)
+    return _prune(step, path, (dropped, corpus), resolve_accelerator(runtime.accelerator), task_data, cfg, plan,
+                  tracking, hooks)
 
 
-def _prune(step: PruneConfig, path: str, dropped: list[int], accelerator: str, task_data, cfg: TrainConfig,
-           plan: RunPlan, tracking: TrackingConfig, hooks: RunHooks | None) -> StepResult | None:
+def _structural(step: PruneConfig) -> bool:
+    """Whether the step cuts heads, neurons, layers or weights (else only the vocabulary)."""
+    return not (step.heads == step.ffn == step.sparsity == 0 and step.drop_layers in (None, 0, [], ""))
+
+
+def _read_corpus(path: str) -> list[str]:
+    """--vocab_corpus: one text a line, blank lines skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise CompressError(f"--vocab_corpus {path}: no such file (give a text file, one text a line)")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise CompressError(f"--vocab_corpus {path}: not UTF-8 text (byte {err.start})") from None
+    texts = [line for line in lines if line]
+    if not texts:
+        raise CompressError(f"--vocab_corpus {path}: the file holds no text")
+    return texts
+
+
+def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], accelerator: str, task_data,
+           cfg: TrainConfig, plan: RunPlan, tracking: TrackingConfig, hooks: RunHooks | None) -> StepResult | None:
+    """`cuts`: the layers to drop, and the --vocab_corpus texts."""
     import copy
     import functools
     import itertools
 
     import torch
 
+    from compress.data.datamodule import TaskDataModule
     from compress.engine import logit_cache
     from compress.engine.run import RunModels, run_training
-    from compress.data.datamodule import TaskDataModule
+    from compress.engine.scoring import score
+    from compress.engine.trainer import quiet_libraries, resolve_precision
     from compress.models.compress_bert import from_bert, to_compress_config
     from compress.models.loading import load_classifier, load_tokenizer
     from compress.pruning import (CRITERIA, apply_sparsity, choose_kept, drop_layers, flops_per_token, make_permanent,
-        slice_heads, slice_neurons, sparsity_of)
-    from compress.engine.trainer import quiet_libraries, resolve_precision
-    from compress.engine.scoring import score
+                                  slice_heads, slice_neurons, sparsity_of)
 
     heads, ffn, sparsity, criterion, scope = step.heads, step.ffn, step.sparsity, step.criterion, step.scope
     seed, batch_size, loss = cfg.training.seed, cfg.training.batch_size, cfg.loss
+    dropped, corpus = cuts
     quiet_libraries()
     torch.manual_seed(seed)
     parent = load_classifier(path, task_data.label_names, "--model").eval()
     tokenizer = load_tokenizer(path, "--model", parent.config, cfg.max_length)
-    student = from_bert(parent)
-    if student is parent:  # already a CompressBert: prune a copy, the parent stays the teacher
+    # what --vocab keeps, now: a tokenizer it cannot rewrite, or texts that use every token, fail before any work
+    kept = _vocab_kept(parent, tokenizer, task_data, corpus, step.vocab_top) if step.vocab else None
+    # a vocabulary cut alone keeps the parent's class (a BERT stays a BERT, loaded without compress)
+    student = from_bert(parent) if _structural(step) else parent
+    if student is parent:  # already a CompressBert, or nothing structural: prune a copy, the parent stays the teacher
         student = copy.deepcopy(parent)
     student.eval()
 
@@ -127,7 +158,7 @@ def _prune(step: PruneConfig, path: str, dropped: list[int], accelerator: str, t
     apply_sparsity(student, sparsity, scope)
 
     p_config, s_config = parent.config, student.config
-    head_layers, ffn_layers = _sizes_per_layer(s_config)
+    head_layers, ffn_layers = _sizes_per_layer(to_compress_config(s_config))
     parent_heads, parent_ffn = (sum(x) for x in _sizes_per_layer(to_compress_config(p_config)))
     flops_ratio = flops_per_token(s_config) / flops_per_token(p_config)
     print(f"pruned: {len(head_layers)} of {p_config.num_hidden_layers} layers, heads per layer {head_layers}, "
@@ -139,13 +170,19 @@ def _prune(step: PruneConfig, path: str, dropped: list[int], accelerator: str, t
     print(f"{task_data.metric} before recovery: {before:.4f}", file=sys.stderr)
     student.cpu()
 
-    measured_sparsity = sparsity_of(student)
+    measured_sparsity = sparsity_of(student) if _structural(step) else 0.0
     extra = {"heads_kept": sum(head_layers), "ffn_kept": sum(ffn_layers), "layers_kept": len(head_layers),
              "heads_kept_fraction": sum(head_layers) / parent_heads, "ffn_kept_fraction": sum(ffn_layers) / parent_ffn,
              "sparsity": measured_sparsity, "flops_ratio": flops_ratio, "score_before_recovery": before}
     pruning = {"heads": heads, "ffn": ffn, "drop_layers": str(dropped), "criterion": criterion, "scope": scope,
                "sparsity_requested": sparsity, "importance_batches": step.importance_batches,
                "heads_per_layer": str(head_layers), "ffn_per_layer": str(ffn_layers)}
+    if step.vocab:
+        pruning |= {"vocab": True, "vocab_corpus": step.vocab_corpus or "", "vocab_top": step.vocab_top}
+        if not _structural(step) and cfg.training.epochs:
+            print(f"note: --vocab alone leaves the logits of kept text as they were, so it needs no recovery; the "
+                  f"{cfg.training.epochs} recovery epoch(s) train the copy on its parent (--recover_epochs 0 skips "
+                  "them)", file=sys.stderr)
     cache_file = (logit_cache.file_for_run(Path(loss.teacher_cache), path, task_data, tokenizer, cfg)
                   if loss.cache_teacher else None)
     plan.params = {"model": step.model, "model_path": path, "recover_epochs": cfg.training.epochs,
@@ -153,7 +190,9 @@ def _prune(step: PruneConfig, path: str, dropped: list[int], accelerator: str, t
                    "alpha_hidden": loss.alpha_hidden, "max_train": task_data.flags.get("max_train"),
                    "cache_teacher": loss.cache_teacher, **pruning}
     plan.lineage = {"parent": step.model, "parent_path": path, "pruning": pruning}
-    plan.extra_metrics, plan.finalize = extra, make_permanent
+    plan.extra_metrics = extra
+    plan.finalize = make_permanent if kept is None else functools.partial(
+        _finalize_vocab, plan=plan, task=task_data, tokenizer=tokenizer, kept=kept, masked=_structural(step))
     models = RunModels(student=student, tokenizer=tokenizer, teacher=parent, cache_file=cache_file)
     result = run_training(plan, models, task_data, cfg, tracking, hooks)
     if result is not None and measured_sparsity:
@@ -161,3 +200,36 @@ def _prune(step: PruneConfig, path: str, dropped: list[int], accelerator: str, t
               f"({result.metrics['student_mb']:.1f} MB on disk); the measured speedup "
               f"{result.metrics.get('speedup', 0):.2f}x comes from the structural pruning alone", file=sys.stderr)
     return result
+
+
+def _vocab_kept(parent, tokenizer, task_data, corpus: list[str], top: int | None) -> list[int]:
+    """The ids --vocab keeps (the training texts', the corpus's), refused now if they are the whole vocabulary."""
+    from compress.pruning import kept_ids
+
+    kept = kept_ids(tokenizer, task_data.train_texts, corpus_texts=corpus, top_n=top)
+    rows = parent.get_input_embeddings().num_embeddings
+    pad = parent.config.pad_token_id
+    if len(set(kept) | ({pad} if pad is not None else set())) >= rows:
+        raise CompressError(f"--vocab: the training texts{' and --vocab_corpus' if corpus else ''} use all {rows:,} "
+                            "tokens of the vocabulary, so there is nothing to drop")
+    return kept
+
+
+def _finalize_vocab(student, *, plan: RunPlan, task, tokenizer, kept: list[int], masked: bool):
+    """After recovery: masks made permanent (`masked`: a structural cut came first), then the vocabulary cut.
+    Returns the pruned tokenizer, which the run saves and scores the student with; the dev set's unk_rate and
+    dropped_rate go into the run's metrics."""
+    from compress.pruning import dropped_rate, make_permanent, prune_vocabulary, unk_rate
+
+    if masked:
+        make_permanent(student)
+    before = student.get_input_embeddings().num_embeddings
+    _, pruned, _ = prune_vocabulary(student, tokenizer, kept)
+    after = student.config.vocab_size
+    rates = {"unk_rate": unk_rate(pruned, task.dev_texts, tokenizer),
+             "dropped_rate": dropped_rate(tokenizer, task.dev_texts, kept)}
+    plan.extra_metrics |= {"vocab_size": after, "vocab_size_before": before, **rates}
+    print(f"vocabulary: {before:,} -> {after:,} tokens; on the dev set {rates['unk_rate']:.3%} of tokens became "
+          f"{pruned.unk_token or 'unknown'} and {rates['dropped_rate']:.2%} were spelled from smaller kept pieces or "
+          "lost", file=sys.stderr)
+    return pruned
