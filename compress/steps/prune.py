@@ -51,10 +51,10 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     check_all(recover_epochs=training.epochs)
     step.validate()
     loss.validate(training=training.epochs > 0)
-    if not _structural(step) and not step.vocab:
-        raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers, --sparsity or --vocab")
     if not step.vocab and (step.vocab_corpus is not None or step.vocab_top is not None):
         raise CompressError("--vocab_corpus and --vocab_top choose what --vocab keeps: give --vocab with them")
+    if not _structural(step) and not step.vocab:
+        raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers, --sparsity or --vocab")
     if step.vocab_top is not None and step.vocab_corpus is None:
         raise CompressError(f"--vocab_top {step.vocab_top}: it keeps the most frequent tokens of --vocab_corpus; "
                             "give that file too")
