@@ -111,23 +111,6 @@ def write_json(file: Path, data: dict) -> None:
     tmp.replace(file)
 
 
-def check_run_paths(output: str | Path | None, *, reads: tuple = (), tracking: str | None = None,
-                    cache: str | None = None) -> Path | None:
-    """Every place a command writes, checked before any work: the MLflow store, the teacher cache, and --output,
-    which must not be or hold what the run reads (`reads`, the store, the cache), since --overwrite deletes it."""
-    from compress.infra.tracking import check_tracking, resolve_tracking, sqlite_file
-
-    store = None
-    if tracking is not None:
-        uri = resolve_tracking(tracking)
-        check_tracking(uri)
-        store = sqlite_file(uri)
-    if cache is not None:
-        check_folder(cache, "--teacher_cache")
-    local = [r for r in reads if r is not None and Path(r).exists()]  # a hub name is no folder to protect
-    return None if output is None else check_output(output, keep=(*local, store, cache))
-
-
 def share_like_open(*files: Path) -> None:
     """Give files the mode open() would have (0666 less the umask). safetensors >= 0.8.1 writes through a 0600
     temporary file (safetensors issue 782), so model.safetensors alone would be readable only by whoever trained it,

@@ -69,7 +69,7 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         check_encoder(load_config(student_path, "--student"), "--student")
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
     from compress.engine import logit_cache
-    from compress.infra.paths import check_run_paths
+    from compress.infra.writes import check_run_paths
     from compress.engine.state import RunState
     from compress.engine.trainer import quiet_libraries, teacher_runs_bf16
 

@@ -60,7 +60,8 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
 
     from compress.data.tasks import load_task
     from compress.models.loading import resolve_model
-    from compress.infra.paths import check_overwrite, check_run_paths
+    from compress.infra.paths import check_overwrite
+    from compress.infra.writes import check_run_paths
     from compress.engine.trainer import quiet_libraries
     from compress.infra.lineage import read_lineage
 

@@ -20,7 +20,7 @@ def finetune(step: FinetuneConfig, data: DataConfig | None = None, training: Tra
     from compress.engine.teacher import finetune_model
     from compress.engine.trainer import quiet_libraries
     from compress.infra.identity import slug
-    from compress.infra.paths import check_run_paths
+    from compress.infra.writes import check_run_paths
     from compress.models.loading import check_encoder, load_config, resolve_model
     from compress.options.commands import with_defaults
 

@@ -37,7 +37,7 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     from compress.data.tasks import load_task
     from compress.engine.state import RunState
     from compress.engine.trainer import resolve_accelerator
-    from compress.infra.paths import check_run_paths
+    from compress.infra.writes import check_run_paths
     from compress.models.loading import check_encoder, load_config, require_task_head, resolve_model
     from compress.options.bounds import check_all
     from compress.options.commands import with_defaults

@@ -34,7 +34,7 @@ def share(step: ShareConfig, data: DataConfig | None = None, loss: LossConfig | 
     """
     from compress.data.tasks import load_task
     from compress.engine.state import RunState
-    from compress.infra.paths import check_run_paths
+    from compress.infra.writes import check_run_paths
     from compress.models.loading import check_encoder, load_config, require_task_head, resolve_model
     from compress.options.bounds import check_all
     from compress.options.commands import with_defaults
