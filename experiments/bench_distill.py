@@ -108,7 +108,7 @@ def main() -> None:
     work = Path(args.workdir)
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import save_tiny_bert, write_tsv
+        from helpers import save_tiny_bert, write_tsv
 
         work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
         args.teacher = str(save_tiny_bert(work / "encoder", head=False))

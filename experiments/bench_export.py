@@ -35,7 +35,7 @@ def build_tiny(folder: Path) -> tuple[list[tuple[str, Path]], Path]:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_bert, write_tsv
+    from helpers import save_tiny_bert, write_tsv
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from compress.models.compress_bert import from_bert

@@ -29,7 +29,7 @@ def build_tiny(folder: Path) -> tuple[Path, Path]:
     """A small random BERT without a classifier (so the search fine-tunes it first, as it does MiniLM) and
     synthetic sentiment rows it can learn in seconds."""
     sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
-    from conftest import save_tiny_bert, write_tsv
+    from helpers import save_tiny_bert, write_tsv
 
     data = write_tsv(folder / "data", train=512, dev=128)
     raw = save_tiny_bert(folder / "encoder", hidden=64, heads=4, intermediate=256, head=False)

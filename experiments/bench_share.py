@@ -34,7 +34,7 @@ SST2 = ROOT / ".." / "shared" / "data" / "sst2"
 def build_tiny(folder: Path) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on synthetic sentiment rows, and those rows."""
     sys.path.insert(0, str(ROOT / "tests"))  # the test suite's tiny-model and toy-data helpers
-    from conftest import save_finetuned_tiny_bert
+    from helpers import save_finetuned_tiny_bert
 
     return save_finetuned_tiny_bert(folder, layers=6, hidden=64, heads=4, intermediate=256)
 

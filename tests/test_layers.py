@@ -41,3 +41,14 @@ def test_an_upward_import_inside_a_function_breaks_the_contract(copy) -> None:
     assert proc.returncode != 0 and "BROKEN" in proc.stdout
     assert "compress.infra is not allowed to import compress.cli" in proc.stdout
     assert "compress.infra.errors -> compress.cli.main" in proc.stdout
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No import cycles inside a layer either (the contract sees only imports between layers): no module reaches,
+    through its imports, a module that imports it."""
+    import grimp
+
+    graph = grimp.build_graph("compress")
+    cycles = sorted({tuple(sorted((a, b))) for a in graph.modules for b in graph.find_modules_directly_imported_by(a)
+                     if graph.chain_exists(importer=b, imported=a)})
+    assert cycles == []

@@ -19,10 +19,6 @@ def t(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def test_hand_constant_is_what_we_think() -> None:
-    assert KL_QUARTER_VS_HALF == pytest.approx(0.1308120359, abs=1e-9)
-
-
 # --- soft_target_kl ---------------------------------------------------------------------------------------------------
 
 

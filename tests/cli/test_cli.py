@@ -7,9 +7,7 @@ Most runs call `compress.__main__.main` in-process; a subprocess is used only wh
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import math
 import os
@@ -23,50 +21,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_bert
+from helpers import FAST, error_lines, mlflow_runs, run_main, save_tiny_bert, sqlite_uri, track
 
-from compress.cli.main import COMMANDS, main
+from compress.cli.main import COMMANDS
 
 COMPRESS = Path(sys.executable).with_name("compress")  # the console script of this venv
-FAST = ["--latency_reps", "1"]
-
-
-def run_main(args: list) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr). Bugs (non-SystemExit exceptions) propagate."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def ok(args: list) -> tuple[str, str]:
     code, out, err = run_main(args)
     assert code == 0, f"exit {code}\n--- stderr ---\n{err[-4000:]}"
     return out, err
-
-
-def sqlite_uri(folder: Path) -> str:
-    return f"sqlite:///{folder.resolve() / 'mlruns' / 'mlflow.db'}"
-
-
-def track(folder: Path) -> list[str]:
-    # Always an absolute URI in-process: MLflow keeps one SQLAlchemy engine per URI string
-    # (SqlAlchemyStore._engine_map), so the relative default sqlite:///mlruns/mlflow.db would keep writing to the
-    # first test's folder.
-    return ["--tracking", sqlite_uri(folder)]
-
-
-def mlflow_runs(uri: str, experiment: str = "compress"):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs([exp.experiment_id])
-    return client, runs
 
 
 def runs_of(runs, command: str) -> list:
@@ -87,10 +52,6 @@ def leftovers(output: Path) -> list[str]:
     name = output.name
     return sorted(p.name for p in output.parent.iterdir()
                   if p.name == name or p.name.startswith((name + ".", "." + name + ".")))
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("compress: error:")]
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -225,10 +186,6 @@ def test_version_is_one_line_with_the_libraries_a_result_depends_on() -> None:
     assert (code, err) == (0, "")
     assert out.startswith(f"compress {compress.__version__} (torch {version('torch')}, transformers ")
     assert out.count("\n") == 1 and "mlflow" in out
-
-
-def test_the_three_core_commands_exist() -> None:
-    assert {"distill", "finetune", "evaluate"} <= set(COMMANDS)
 
 
 # --- --print_config / --config ----------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from compress.infra import hub
 from compress.data.tasks import GLUE_TASKS, load_task
 from compress.infra.errors import CompressError
 
-SST2 = Path(__file__).parents[1] / ".." / "shared" / "data" / "sst2"
+SST2 = ROOT / ".." / "shared" / "data" / "sst2"
 
 
 def make_folder(tmp_path: Path, files: dict[str, str | bytes], name: str = "mytask") -> Path:

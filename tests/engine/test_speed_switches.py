@@ -1,4 +1,7 @@
-"""The GPU-speed switches, checked on a CPU: teacher-logit caching is exact, and bf16/fused are off here."""
+"""The training-speed switches, checked on a CPU: the teacher-logit cache is exact and keyed right, a bf16 teacher
+runs in bf16 and gets its exact weights back, torch.compile trains as eager does, fused kernels are off here, a
+teacher spread over devices and disk trains as a plain one, checkpoints go by training time; and the GPU
+benchmark's CPU smoke mode."""
 
 from dataclasses import replace
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import ROOT
 
 from compress.engine import logit_cache
 from compress.data.tasks import load_task
@@ -24,7 +28,7 @@ from compress.options.groups import LossConfig, RuntimeConfig, TrainingConfig
 from compress.engine.trainer import build_trainer, resolve_precision, teacher_runs_bf16
 
 
-BENCH_GPU = Path(__file__).resolve().parents[1] / "experiments" / "bench_distill_gpu.py"
+BENCH_GPU = ROOT / "experiments" / "bench_distill_gpu.py"
 
 
 class StepLosses(pl.Callback):

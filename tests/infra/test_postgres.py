@@ -9,9 +9,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_cli import error_lines, run_main
 
-from helpers import run_search
+from helpers import error_lines, run_main, run_search
 from compress.search.study import check_storage
 from compress.infra.tracking import check_tracking, shown, where_to_look
 

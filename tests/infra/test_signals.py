@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from contextlib import contextmanager
 
 import pytest
-from helpers import callbacks_for_runs
+from helpers import FAST, callbacks_for_runs, mlflow_runs, run_main, sqlite_uri, track
 
 from compress.infra.errors import Terminated
 from compress.infra.signals import CtrlC, lightning_fit, sigterm_raises, stops_held_between_trials, stops_raise
 
 
 def _deliver(sig: int) -> None:
-    os.kill(os.getpid(), sig)
-    time.sleep(0.05)  # the handler runs here, in the main thread
+    signal.raise_signal(sig)  # the handler has run (in this, the main thread) when it returns, or raised from it
 
 
 def test_sigterm_raises_terminated_outside_a_fit_and_leaves_a_fit_to_lightning() -> None:
@@ -84,7 +82,6 @@ def test_a_stop_or_error_after_fit_closes_the_run_as_killed_or_failed(stop, code
                                                                      workdir, monkeypatch) -> None:
     """Lightning marks the MLflow run FINISHED when fit ends; a Ctrl-C or a crash while the student was then scored,
     timed or saved left a FINISHED run with no model."""
-    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
     def latency_ms(*args, **kwargs):
         raise stop
@@ -127,7 +124,6 @@ def test_a_ctrl_c_inside_an_mlflow_query_leaves_no_lock_for_closing_the_run(wher
     RUNNING (in fit, Lightning's own close as FAILED waited first)."""
     import lightning.pytorch as pl
     from mlflow import MlflowClient
-    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
     def query_cut_short(*args, **kwargs):
         with ctrl_c_inside_the_next_query():
@@ -172,13 +168,17 @@ def test_a_third_ctrl_c_or_a_second_sigterm_quits_a_stop_that_does_not_finish(tm
             assert proc.stdout.readline().strip() == "ready"
             proc.send_signal(first)
             assert proc.stdout.readline().split()[0] == "stopping"
-            for sig in then:
+            heard = []
+            for sig in then[:-1]:
                 proc.send_signal(sig)
-                time.sleep(0.3)
+                heard.append(proc.stderr.readline())
+                while heard[-1] and "still stopping" not in heard[-1]:  # the handler took it: now the next press
+                    heard.append(proc.stderr.readline())
+            proc.send_signal(then[-1])
             proc.wait(timeout=10)
         finally:
             proc.kill()
-        err = proc.stderr.read()
+        err = "".join(heard) + proc.stderr.read()
         assert proc.returncode == code and said in err and "Traceback" not in err, err
 
 
@@ -254,11 +254,11 @@ def test_a_second_sigterm_in_a_fit_with_other_ranks_is_not_quit_now() -> None:
     import sys
 
     script = (
-        "import os, signal, time\n"
+        "import signal\n"
         "from compress.infra.signals import lightning_fit, sigterm_raises, sigterm_received\n"
         "with sigterm_raises(), lightning_fit(alone=False):\n"
-        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "    signal.raise_signal(signal.SIGTERM)  # the handler has run when it returns\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
         "    print('stopping with Lightning', sigterm_received())\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
@@ -270,7 +270,6 @@ def test_a_stop_after_fit_resumes_from_the_end_of_fit(tiny_teacher, tiny_data, w
     been written yet (a short fit): --resume trained again from the start. Now it resumes from the checkpoint taken
     when fit ended, trains no step, and writes the model an uninterrupted run writes."""
     import compress.models.measure
-    from test_cli import FAST, run_main, track
 
     real = compress.models.measure.latency_ms
 
@@ -297,7 +296,6 @@ def test_a_sigterm_anywhere_in_fit_stops_the_command(hook, tiny_teacher, tiny_da
     down was dropped: the fit ran all its epochs, and the command exited 0 as if never stopped (a search worker
     went on to its next trial, and its parent killed it with the trial left running)."""
     import lightning.pytorch as pl
-    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
     batches = []
 
@@ -337,7 +335,6 @@ def test_a_ctrl_c_dropped_during_a_fit_stops_the_command_as_the_fit_ends(tiny_te
     """Python drops a KeyboardInterrupt raised in a __del__ (Lightning's loop frees objects with them each batch):
     the fit trained on, and the command finished and exited 0, the Ctrl-C forgotten."""
     import lightning.pytorch as pl
-    from test_cli import FAST, mlflow_runs, run_main, sqlite_uri, track
 
     class Freed:
         def __del__(self) -> None:

@@ -11,10 +11,11 @@ import json
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import error_lines, run_main, sqlite_uri
+from helpers import error_lines, run_main, sqlite_uri
 
 from compress.cli import main as cli
 from compress.infra.errors import CompressError
@@ -25,14 +26,17 @@ from compress.cli.ui import ui
 
 
 @pytest.fixture(scope="module")
-def optuna_db(tmp_path_factory) -> Path:
+def optuna_db(tmp_path_factory) -> Iterator[Path]:
     """A study database as `compress search` leaves it."""
     import optuna
 
+    # quiet for this module, and put back after it: search's tests read Optuna's INFO lines ("Trial 0 finished")
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = tmp_path_factory.mktemp("optuna") / "optuna.db"
     optuna.create_study(study_name="s", storage=f"sqlite:///{db}")
-    return db
+    yield db
+    optuna.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture(scope="module")

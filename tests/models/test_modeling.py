@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
+from helpers import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification
 
 from compress.models.compress_bert import CompressBertConfig, CompressBertForSequenceClassification, from_bert

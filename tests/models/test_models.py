@@ -12,7 +12,7 @@ from compress.infra.errors import CompressError
 from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
     load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
 
-from conftest import save_tiny_bert
+from helpers import save_tiny_bert
 
 # --- teacher_layer_map ------------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 import pytest
-from test_cli import error_lines, run_main
+from helpers import error_lines, run_main
 
 from compress.cli.main import COMMANDS
 from compress.infra.errors import CompressError

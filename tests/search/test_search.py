@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_bert
+from helpers import ROOT, run_search, save_tiny_bert
 
 from compress.cli.main import main
 from compress.infra.errors import CompressError, Terminated
 from compress.search.report import pareto
-from helpers import run_search
 from compress.search.space import parse_space, plan, step_flags
 from compress.search.trial import trial_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 # one epoch, one latency round, few rows: a trial takes a few seconds
 QUICK = {"epochs": 1, "latency_reps": 1, "max_train": 64, "batch_size": 32, "importance_batches": 1}
 
@@ -440,31 +438,62 @@ def test_two_workers_share_one_study(workdir, tiny_teacher, tiny_data):
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]) == 2
 
 
+def wait_until_stale(storage: str, study: str, heartbeat: int, timeout: float = 60) -> None:
+    """Until Optuna finds a trial of `study` stale, by the check (and the database clock) the next run of the study
+    makes: no heartbeat for 2 x `heartbeat` s, as compress sets the grace period. sqlite's CURRENT_TIMESTAMP has 1 s
+    resolution and a loaded machine writes the last heartbeat late, so a fixed wait would need a wide margin."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeat_interval is "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        checker = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    study_id = checker.get_study_id_from_name(study)
+    deadline = time.monotonic() + timeout
+    while not checker._get_stale_trial_ids(study_id):
+        assert time.monotonic() < deadline, f"no stale trial after {timeout} s"
+        time.sleep(0.2)
+
+
 def test_a_killed_workers_trial_is_retried(workdir, tiny_teacher, tiny_data):
     """kill -9 mid-trial; the next run of the study finds the trial's heartbeat stale, fails it and runs it again."""
     paths = store(workdir)
-    # 40 epochs of 2 steps: a window of seconds in which the kill lands mid-training, even on a loaded machine
-    # (with 3 epochs the step could finish between the poll and the kill, leaving a FINISHED run)
-    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK, "epochs": 40}
+    space = {"layers": [2], "temperature": [2.0, 4.0], **QUICK}
     args = ["search", "--teacher", str(tiny_teacher), "--data", str(tiny_data), "--trials", "1", "--study", "kill",
             "--heartbeat", "1", "--space", json.dumps(space), "--tracking", paths["tracking"],
             "--storage", paths["storage"]]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], env=env, stdout=subprocess.DEVNULL,
+    # The first run holds its training after the first batch, so the kill lands mid-training however loaded the
+    # machine is (the step's MLflow run exists, Optuna's heartbeat thread goes on), and the retry trains one epoch.
+    training = workdir / "training"
+    script = (
+        "import sys, time\n"
+        "import lightning.pytorch as pl\n"
+        "from helpers import callbacks_for_runs\n"
+        "from compress.cli.main import main\n"
+        "class Hold(pl.Callback):\n"
+        "    def on_train_batch_end(self, *args):\n"
+        f"        open({str(training)!r}, 'w').close()\n"
+        "        time.sleep(600)\n"
+        "with callbacks_for_runs(Hold()):\n"
+        "    main(sys.argv[1:])\n"
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    partial = workdir / "outputs" / "search-kill" / "trial-000" / "trial0-distill.partial"
     deadline = time.monotonic() + 120
-    while not partial.exists():  # the step's MLflow run exists and training has started
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not training.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert (workdir / "outputs" / "search-kill" / "trial-000" / "trial0-distill.partial").is_dir()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     killed = trials_of(paths["storage"], "kill")[0]
     assert killed.state.name == "RUNNING"
-    # the grace period is 2 x --heartbeat = 2 s, but sqlite's CURRENT_TIMESTAMP (Optuna's clock for staleness) has
-    # 1 s resolution, and a loaded machine writes the last heartbeat late: 4 s leaves a margin for both
-    time.sleep(4)
+    wait_until_stale(paths["storage"], "kill", heartbeat=1)
 
     run_search(teacher=str(tiny_teacher), data=str(tiny_data), trials=1, study="kill", heartbeat=1, space=space,
                **paths)
@@ -583,8 +612,7 @@ def test_a_ctrl_c_that_python_drops_in_a_del_still_stops_the_study():
             self.cycle = self  # only gc.collect() frees it, as after a trial
 
         def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # the handler runs here, inside __del__, and its KeyboardInterrupt is dropped
+            signal.raise_signal(signal.SIGINT)  # the handler runs in it, in __del__: its KeyboardInterrupt is dropped
 
     def objective(trial) -> float:
         SignalsWhenCollected()
@@ -664,8 +692,7 @@ def test_a_stop_while_optuna_opens_or_closes_a_trial_leaves_none_running(sig, co
         result = real(*args, **kwargs)
         if not sent:
             sent.append(sig)
-            os.kill(os.getpid(), sig)
-            time.sleep(0.05)  # the handler runs here
+            signal.raise_signal(sig)  # the handler has run when it returns
         return result
 
     monkeypatch.setattr(owner, where, then_stop)

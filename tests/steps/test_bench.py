@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_error, save_tiny_bert
 
 from compress.cli.main import _normalise_flags, main
 from compress.steps.bench import _label, metric_key, percentile
@@ -26,7 +27,6 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
     """A second, shallower PyTorch model, and the teacher as fp32 and int8 ONNX files beside its config."""
-    from conftest import save_tiny_bert
     from transformers import AutoTokenizer
 
     from compress.exporting.onnx import export_onnx, load_for_export, quantize_int8
@@ -45,15 +45,6 @@ def models(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
 
 def run_bench(*args) -> None:
     main(["bench", *map(str, args)])
-
-
-def cli_error(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as info:
-        run_bench(*args)
-    assert info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("compress: error: ") and "Traceback" not in "\n".join(lines)
-    return lines[-1]
 
 
 FAST = ["--seq", "16", "--warmup", "1", "--reps", "3", "--threads", "1"]
@@ -125,7 +116,7 @@ def test_log_to_mlflow_run(models, tmp_path, capsys) -> None:
             assert metric_key(label, 2, what) in metrics
     assert metrics[metric_key("teacher", 2, "speedup")] == 1.0
     assert "bench/bench.json" in {a.path for a in client.list_artifacts(run_id, "bench")}
-    message = cli_error(capsys, "--model", models["teacher"], *FAST, "--run", "0" * 32, "--tracking", store)
+    message = cli_error(capsys, "bench", "--model", models["teacher"], *FAST, "--run", "0" * 32, "--tracking", store)
     assert "no such MLflow run" in message
 
 
@@ -175,4 +166,4 @@ def test_bad_input_is_one_line(case, models, tmp_path, capsys) -> None:
         "weightless-folder": (["--model", weightless], "model.onnx"),
         "cuda": (["--model", teacher, "--device", "cuda"], "--device cuda"),
     }[case]
-    assert expected in cli_error(capsys, *args, "--reps", "1", "--warmup", "0", "--threads", "1")
+    assert expected in cli_error(capsys, "bench", *args, "--reps", "1", "--warmup", "0", "--threads", "1")

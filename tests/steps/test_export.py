@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error, save_tiny_bert
 
 from compress.cli.main import main
 from compress.exporting.onnx import INT8_FILE, ONNX_FILE, onnx_session, random_inputs
@@ -39,16 +40,6 @@ def run_cli(*args: str) -> dict:
     with contextlib.redirect_stdout(out):
         main([str(a) for a in args])
     return json.loads(out.getvalue().strip().splitlines()[-1])
-
-
-def cli_error(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("compress: error: "), err
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def logits(model, batch: dict) -> torch.Tensor:
@@ -277,7 +268,6 @@ def test_run_id_falls_back_to_the_model_artifact(tmp_path, trained, store) -> No
 def test_parity_failure_is_loud_and_writes_nothing(tmp_path, monkeypatch, capsys, exported) -> None:
     """An ONNX graph that computes something else (here: another model's weights) must stop the export."""
     import compress.steps.export as export_module
-    from conftest import save_tiny_bert
 
     other = save_tiny_bert(tmp_path / "other", seed=1)  # same shapes as the exported tiny teacher, other weights
 

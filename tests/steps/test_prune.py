@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits_without_compress, save_tiny_bert, save_tiny_roberta
+from helpers import logits_without_compress, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from compress.cli.main import main
