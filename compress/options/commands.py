@@ -237,6 +237,7 @@ def default_group(command: str, group: str):
     return cls(**changes)
 
 
-def with_defaults(command: str, groups: dict[str, Any]) -> dict[str, Any]:
-    """`groups` with each one left None replaced by `command`'s default for it (`default_group`)."""
-    return {name: value if value is not None else default_group(command, name) for name, value in groups.items()}
+def with_defaults(command: str, **groups: Any) -> tuple:
+    """The groups given, in order, each one left None replaced by `command`'s default for it (`default_group`):
+    `data, training = with_defaults("finetune", data=data, training=training)`."""
+    return tuple(value if value is not None else default_group(command, name) for name, value in groups.items())

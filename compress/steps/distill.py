@@ -35,10 +35,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                                          teacher_layer_map)
     from compress.options.commands import with_defaults
 
-    g = with_defaults("distill", dict(data=data, loss=loss, training=training, runtime=runtime, tracking=tracking,
-                                      output=output))
-    data, loss, training, runtime = g["data"], g["loss"], g["training"], g["runtime"]
-    tracking, output = g["tracking"], g["output"]
+    data, loss, training, runtime, tracking, output = with_defaults(
+        "distill", data=data, loss=loss, training=training, runtime=runtime, tracking=tracking, output=output)
     teacher, student, layers = step.teacher, step.student, step.layers
     loss.validate()
     if step.teacher_device_map is not None:

@@ -23,8 +23,7 @@ def evaluate(step: EvaluateConfig, data: DataConfig | None = None, runtime: Runt
     from compress.options.bounds import check_all
     from compress.infra.paths import check_file_output, write_json
 
-    g = with_defaults("evaluate", dict(data=data, runtime=runtime))
-    data, runtime = g["data"], g["runtime"]
+    data, runtime = with_defaults("evaluate", data=data, runtime=runtime)
     model, batch_size, max_length = step.model, step.batch_size, data.max_length
     latency_batch, latency_seq, latency_reps = step.latency_batch, step.latency_seq, runtime.latency_reps
     # input checks first: a bad flag should not wait for Lightning's import

@@ -46,8 +46,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
     from compress.infra.identity import slug
     from compress.options.commands import with_defaults
 
-    g = with_defaults("export", dict(data=data, tracking=tracking, output=output))
-    data, tracking, output = g["data"], g["tracking"], g["output"]
+    data, tracking, output = with_defaults("export", data=data, tracking=tracking, output=output)
     model, run, register_name = step.model, step.run, step.register
     formats = parse_formats(step.format)
     if "onnx" in formats or "int8" in formats:

@@ -24,8 +24,8 @@ def finetune(step: FinetuneConfig, data: DataConfig | None = None, training: Tra
     from compress.models.loading import check_encoder, load_config, resolve_model
     from compress.options.commands import with_defaults
 
-    g = with_defaults("finetune", dict(data=data, training=training, runtime=runtime, tracking=tracking, output=output))
-    data, training, runtime, tracking, output = g["data"], g["training"], g["runtime"], g["tracking"], g["output"]
+    data, training, runtime, tracking, output = with_defaults(
+        "finetune", data=data, training=training, runtime=runtime, tracking=tracking, output=output)
     quiet_libraries()
     cfg = TrainConfig(training, runtime, data.max_length)
     cfg.validate()

@@ -43,10 +43,8 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     from compress.options.commands import with_defaults
     from compress.pruning import parse_drop_layers
 
-    g = with_defaults("prune", dict(data=data, loss=loss, training=training, runtime=runtime, tracking=tracking,
-                                    output=output))
-    data, loss, training, runtime = g["data"], g["loss"], g["training"], g["runtime"]
-    tracking, output = g["tracking"], g["output"]
+    data, loss, training, runtime, tracking, output = with_defaults(
+        "prune", data=data, loss=loss, training=training, runtime=runtime, tracking=tracking, output=output)
     # --- everything the user typed is checked before anything is loaded or written
     check_all(recover_epochs=training.epochs)
     step.validate()

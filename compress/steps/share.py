@@ -39,10 +39,8 @@ def share(step: ShareConfig, data: DataConfig | None = None, loss: LossConfig | 
     from compress.options.bounds import check_all
     from compress.options.commands import with_defaults
 
-    g = with_defaults("share", dict(data=data, loss=loss, training=training, runtime=runtime, tracking=tracking,
-                                    output=output))
-    data, loss, training, runtime = g["data"], g["loss"], g["training"], g["runtime"]
-    tracking, output = g["tracking"], g["output"]
+    data, loss, training, runtime, tracking, output = with_defaults(
+        "share", data=data, loss=loss, training=training, runtime=runtime, tracking=tracking, output=output)
     model, groups, share, embedding = step.model, step.groups, step.share, step.embedding
     # --- everything the user typed is checked before anything is loaded or written
     step.validate()
