@@ -32,14 +32,13 @@ class TrainConfig:
     loss: LossConfig | None = None
 
     def validate(self, training: bool = True) -> None:
-        """training=False: 0 epochs scores, measures and saves the model as given (prune or share without recovery)."""
+        """training=False: 0 epochs scores, measures and saves the model as given (prune or share without recovery).
+        The loss is the step's to check (LossConfig.validate), which knows whether it trains at all."""
         from compress.options.bounds import check_all
 
         self.training.validate(training)
         self.runtime.validate()
         check_all(max_length=self.max_length)
-        if self.loss is not None:
-            self.loss.validate(training)
 
     def params(self) -> dict[str, Any]:
         """The flat params every run logs to MLflow and compares on --resume, by flag name."""

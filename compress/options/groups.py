@@ -52,9 +52,6 @@ class DataConfig:
     """use a seeded random subset of this many training rows (for every use of them: importance, calibration,
     training)."""
 
-    def validate(self) -> None:
-        check_all(max_length=self.max_length, max_train=self.max_train)
-
 
 @dataclass
 class TrainingConfig:

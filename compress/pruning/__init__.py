@@ -13,9 +13,9 @@ from compress.pruning.importance import (CRITERIA, Importance, Scores, magnitude
 from compress.pruning.plan import choose_kept, parse_drop_layers
 from compress.pruning.slicing import drop_layers, slice_heads, slice_neurons
 from compress.pruning.sparsity import apply_sparsity, make_permanent, sparsifiable, sparsity_of
-from compress.pruning.vocab import count_tokens, dropped_rate, kept_ids, prune_vocabulary, unk_rate
+from compress.pruning.vocab import count_tokens, dropped_rate, kept_ids, prune_vocabulary, pruned_order, unk_rate
 
 __all__ = ["CRITERIA", "Importance", "Scores", "apply_sparsity", "choose_kept", "count_tokens", "drop_layers",
            "dropped_rate", "flops_per_token", "kept_ids", "magnitude_importance", "make_permanent", "masked",
-           "parse_drop_layers", "prune_vocabulary", "random_importance", "slice_heads", "slice_neurons", "sparsifiable",
-           "sparsity_of", "taylor_importance", "unk_rate"]
+           "parse_drop_layers", "prune_vocabulary", "pruned_order", "random_importance", "slice_heads",
+           "slice_neurons", "sparsifiable", "sparsity_of", "taylor_importance", "unk_rate"]

@@ -250,6 +250,31 @@ def _config_token_ids(config) -> dict[str, int]:
     return {k: v for k, v in config.to_dict().items() if k.endswith("_token_id") and isinstance(v, int)}
 
 
+def pruned_order(model, tokenizer, kept: Iterable[int], data: dict | None = None) -> list[int]:
+    """The old ids the pruned vocabulary keeps, in their new order, without changing anything: every refusal of
+    `prune_vocabulary` comes from here, so a command can ask before it trains (prune --vocab cuts after recovery).
+    `data`: the tokenizer's backend JSON, when the caller has it already."""
+    data = data if data is not None else _backend_json(tokenizer)
+    if model.get_output_embeddings() is not None:
+        raise CompressError(f"vocabulary pruning: {type(model).__name__} predicts over the vocabulary (a "
+                            "language-model head); prune an encoder or a classifier")
+    rows = _word_embedding(model)[0].num_embeddings
+    known = set(tokenizer.get_vocab().values())
+    if len(tokenizer) > rows:
+        raise CompressError(f"vocabulary pruning: the tokenizer has {len(tokenizer):,} tokens but the model's "
+                            f"embedding table {rows:,} rows; the tokenizer is not the model's own")
+    config_ids = _config_token_ids(model.config)
+    # RoBERTa numbers positions from config.pad_token_id, so its row stays whatever the tokenizer calls padding
+    pad = {config_ids["pad_token_id"]} & known if "pad_token_id" in config_ids else set()
+    order = sorted(_complete(tokenizer, data, kept) | pad)
+    if unknown := [i for i in order if i not in known]:
+        raise ValueError(f"kept ids {unknown[:5]} are not ids of the tokenizer")
+    if len(order) == rows:
+        raise CompressError(f"vocabulary pruning: the texts use all {rows:,} tokens of the vocabulary, so there is "
+                            "nothing to drop")
+    return order
+
+
 def prune_vocabulary(model, tokenizer, kept: Iterable[int]):
     """Keep only the ids `kept` (with every special token and, for BPE, what its merges need; see kept_ids).
 
@@ -265,24 +290,9 @@ def prune_vocabulary(model, tokenizer, kept: Iterable[int]):
     the same model under a new name, so the caller learns instead that the texts use the whole vocabulary.
     """
     data = _backend_json(tokenizer)
-    if model.get_output_embeddings() is not None:
-        raise CompressError(f"vocabulary pruning: {type(model).__name__} predicts over the vocabulary (a "
-                            "language-model head); prune an encoder or a classifier")
+    order = pruned_order(model, tokenizer, kept, data)
     table, owner, name = _word_embedding(model)
-    rows = table.num_embeddings
-    known = set(tokenizer.get_vocab().values())
-    if len(tokenizer) > rows:
-        raise CompressError(f"vocabulary pruning: the tokenizer has {len(tokenizer):,} tokens but the model's "
-                            f"embedding table {rows:,} rows; the tokenizer is not the model's own")
     config_ids = _config_token_ids(model.config)
-    # RoBERTa numbers positions from config.pad_token_id, so its row stays whatever the tokenizer calls padding
-    pad = {config_ids["pad_token_id"]} & known if "pad_token_id" in config_ids else set()
-    order = sorted(_complete(tokenizer, data, kept) | pad)
-    if unknown := [i for i in order if i not in known]:
-        raise ValueError(f"kept ids {unknown[:5]} are not ids of the tokenizer")
-    if len(order) == rows:
-        raise CompressError(f"vocabulary pruning: the texts use all {rows:,} tokens of the vocabulary, so there is "
-                            "nothing to drop")
     mapping = {old: new for new, old in enumerate(order)}
 
     pruned_tokenizer = _rewrite_tokenizer(tokenizer, data, mapping)

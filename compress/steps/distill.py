@@ -49,7 +49,6 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     cfg = TrainConfig(training, runtime, data.max_length, loss)
     cfg.validate()
     step.validate()
-    data.validate()
     # a head-less teacher's fine-tuning: its own epochs and lr, the student's batches and runtime (never compiled)
     teacher_cfg = TrainConfig(replace(training, epochs=step.teacher_epochs, lr=step.teacher_lr, warmup=0.1,
                                       weight_decay=0.01), replace(runtime, compile=False), data.max_length)

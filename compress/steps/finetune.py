@@ -29,7 +29,6 @@ def finetune(step: FinetuneConfig, data: DataConfig | None = None, training: Tra
     quiet_libraries()
     cfg = TrainConfig(training, runtime, data.max_length)
     cfg.validate()
-    data.validate()
     task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
                           max_train=data.max_train, seed=training.seed)
     path = resolve_model(step.model, "--model")

@@ -201,15 +201,12 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
 
 
 def _vocab_kept(parent, tokenizer, task_data, corpus: list[str], top: int | None) -> list[int]:
-    """The ids --vocab keeps (the training texts', the corpus's), refused now if they are the whole vocabulary."""
-    from compress.pruning import kept_ids
+    """The ids --vocab keeps (the training texts', the corpus's), refused now, not after recovery, if the cut cannot
+    be made (a tokenizer it cannot rewrite, texts that use every token)."""
+    from compress.pruning import kept_ids, pruned_order
 
     kept = kept_ids(tokenizer, task_data.train_texts, corpus_texts=corpus, top_n=top)
-    rows = parent.get_input_embeddings().num_embeddings
-    pad = parent.config.pad_token_id
-    if len(set(kept) | ({pad} if pad is not None else set())) >= rows:
-        raise CompressError(f"--vocab: the training texts{' and --vocab_corpus' if corpus else ''} use all {rows:,} "
-                            "tokens of the vocabulary, so there is nothing to drop")
+    pruned_order(parent, tokenizer, kept)
     return kept
 
 
