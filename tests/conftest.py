@@ -36,6 +36,14 @@ def tiny_encoder(tiny_root) -> Path:
     return save_tiny_bert(tiny_root / "encoder", head=False)
 
 
+@pytest.fixture(scope="module")
+def bert(tiny_teacher):
+    """The tiny teacher loaded as transformers' own BertForSequenceClassification, in eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tiny_root) -> Path:
     return write_tsv(tiny_root / "data")

@@ -228,3 +228,13 @@ def callbacks_for_runs(*callbacks):
         yield
     finally:
         run.run_training = real
+
+
+def padded_batch() -> dict:
+    """Three rows of ten ids with the first row padded after six: masking must carry over a conversion."""
+    import torch
+
+    ids = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

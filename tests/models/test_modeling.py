@@ -2,27 +2,15 @@
 
 import pytest
 import torch
-from helpers import logits_without_compress, save_tiny_bert, save_tiny_roberta
+from helpers import logits_without_compress, padded_batch, save_tiny_bert, save_tiny_roberta
 from transformers import AutoModelForSequenceClassification
 
 from compress.models.compress_bert import CompressBertConfig, CompressBertForSequenceClassification, from_bert
 
 
-@pytest.fixture(scope="module")
-def bert(tiny_teacher):
-    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
-
-
-def batch():
-    ids = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0  # padding must be masked the same way as in BERT
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def test_from_bert_keeps_logits_hidden_states_and_attentions(bert):
     converted = from_bert(bert).eval()
-    b = batch()
+    b = padded_batch()
     ref = bert(**b, output_hidden_states=True)
     out = converted(**b, output_hidden_states=True, output_attentions=True)
     assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in bert.parameters())
@@ -38,7 +26,7 @@ def test_both_load_paths_give_the_same_logits(bert, tmp_path):
     converted = from_bert(bert).eval()
     converted.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "modeling_compress_bert.py").exists()
-    b = batch()
+    b = padded_batch()
     expected = converted(**b).logits
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert isinstance(reloaded, CompressBertForSequenceClassification)
@@ -80,7 +68,7 @@ def test_from_bert_converts_roberta_family_exactly(model_type, tmp_path):
     converted = from_bert(roberta).eval()
     assert converted.config.roberta_positions and converted.config.pad_token_id == 1
     assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in roberta.parameters())
-    b = batch()
+    b = padded_batch()
     b["input_ids"][0, 6:] = 1  # RoBERTa's pad id: those positions get position id 1, the real tokens 2, 3, ...
     ref = roberta(**b, output_hidden_states=True)
     out = converted(**b, output_hidden_states=True)
@@ -105,7 +93,7 @@ def test_roberta_position_ids_by_hand():
 def test_converted_roberta_reloads_without_compress(tmp_path):
     roberta = AutoModelForSequenceClassification.from_pretrained(save_tiny_roberta(tmp_path / "r")).eval()
     from_bert(roberta).save_pretrained(tmp_path / "m")
-    b = batch()
+    b = padded_batch()
     b["input_ids"][0, 6:] = 1
     expected = roberta(**b).logits
     elsewhere, _ = logits_without_compress(tmp_path / "m", b, tmp_path)
@@ -135,7 +123,7 @@ def test_from_bert_converts_electra_ernie_and_distilbert_exactly(model_type, ext
     assert c.projected_embedding_size == (16 if extra.get("embedding_size") == 16 else None)
     n_parent, n_converted = (sum(p.numel() for p in m.parameters()) for m in (parent, converted))
     assert n_parent - n_converted == folded
-    b = batch()
+    b = padded_batch()
     ref = parent(**b, output_hidden_states=True)
     out = converted(**b, output_hidden_states=True)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
@@ -147,7 +135,7 @@ def test_converted_electra_small_reloads_without_compress(tmp_path):
     electra = AutoModelForSequenceClassification.from_pretrained(
         save_tiny_bert(tmp_path / "e", model_type="electra", embedding_size=16)).eval()
     from_bert(electra).save_pretrained(tmp_path / "m")
-    b = batch()
+    b = padded_batch()
     elsewhere, name = logits_without_compress(tmp_path / "m", b, tmp_path)
     assert name == "CompressBertForSequenceClassification"
     torch.testing.assert_close(elsewhere, electra(**b).logits, atol=1e-6, rtol=0)

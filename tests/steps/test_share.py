@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits_without_compress, save_tiny_bert, save_tiny_roberta
+from helpers import logits_without_compress, padded_batch, save_tiny_bert, save_tiny_roberta
 from transformers import AlbertForSequenceClassification, AutoModelForSequenceClassification
 
 from compress.cli.main import main
@@ -18,21 +18,9 @@ from compress.sharing.convert import (albert_param_count, compress_shared_param_
     merge_layers, pad_layers, regmean, to_albert, to_compress_shared, truncated_svd)
 
 
-@pytest.fixture(scope="module")
-def bert(tiny_teacher):
-    return AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
-
-
-def batch():
-    ids = torch.randint(5, 20, (3, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0  # padded row: masking must carry over
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(**batch()).logits
+        return model.eval()(**padded_batch()).logits
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -99,11 +87,11 @@ def test_regmean_beats_the_mean_on_its_own_objective_and_keeps_equal_layers():
 
 @pytest.mark.parametrize("init", ["mean", "first", "regmean"])
 def test_a_group_per_layer_is_the_teacher_itself(bert, init):
-    batches = [batch()] if init == "regmean" else None
-    expected = bert(**batch(), output_hidden_states=True)
+    batches = [padded_batch()] if init == "regmean" else None
+    expected = bert(**padded_batch(), output_hidden_states=True)
     albert, error = convert(bert, share="all", groups=4, embedding=None, init=init, batches=batches)
     assert isinstance(albert, AlbertForSequenceClassification) and error == 0.0
-    out = albert.eval()(**batch(), output_hidden_states=True)
+    out = albert.eval()(**padded_batch(), output_hidden_states=True)
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=0)
     assert len(out.hidden_states) == len(expected.hidden_states)  # distillation pairs them layer by layer
     for mine, theirs in zip(out.hidden_states[1:], expected.hidden_states[1:], strict=True):
@@ -179,8 +167,8 @@ def test_parameter_count_matches_the_formula(bert, kind, groups, embedding):
 # --- saved models load without compress ------------------------------------------------------------------------
 
 def load_elsewhere(folder: Path, tmp: Path, trust: bool = False) -> tuple[torch.Tensor, str]:
-    """Logits of `folder` on batch() loaded by transformers in a fresh interpreter that never imports compress."""
-    return logits_without_compress(folder, batch(), tmp, trust)
+    """Logits of `folder` on padded_batch(), loaded by transformers in a fresh interpreter without compress."""
+    return logits_without_compress(folder, padded_batch(), tmp, trust)
 
 
 def test_cli_share_all_writes_an_albert_that_transformers_loads_alone(tiny_teacher, tiny_data, workdir, capsys):
@@ -302,7 +290,7 @@ def roberta_folder(tiny_root) -> Path:
 
 
 def roberta_batch() -> dict:
-    b = batch()
+    b = padded_batch()
     b["input_ids"][0, 6:] = 1  # RoBERTa's pad id on the padded positions, as its tokenizer writes them
     return b
 
@@ -397,7 +385,7 @@ def test_a_group_per_layer_is_the_electra_ernie_or_distilbert_itself(electra_fol
     """An ELECTRA (its projection and gelu head kept) and a DistilBERT (its ReLU head) map onto CompressBert exactly,
     an ERNIE onto ALBERT and CompressBert (its task embedding folded into the token types); neither ELECTRA nor
     DistilBERT can be an ALBERT (tanh head). regmean records DistilBERT's Linears under its own names."""
-    b = batch()
+    b = padded_batch()
     electra, ernie, distilbert = (AutoModelForSequenceClassification.from_pretrained(f).eval()
                                   for f in (electra_folder, ernie_folder, distilbert_folder))
     for parent, kinds in ((electra, ("attention", "ffn")), (ernie, ("all", "attention", "ffn")),
@@ -417,7 +405,7 @@ def test_distilbert_grams_are_those_of_its_converted_self(distilbert_folder):
     from compress.models.compress_bert import from_bert
 
     distilbert = AutoModelForSequenceClassification.from_pretrained(distilbert_folder).eval()
-    theirs, ours = input_grams(distilbert, [batch()]), input_grams(from_bert(distilbert), [batch()])
+    theirs, ours = input_grams(distilbert, [padded_batch()]), input_grams(from_bert(distilbert), [padded_batch()])
     for mine, expected in zip(ours, theirs, strict=True):
         for key in expected:
             torch.testing.assert_close(mine[key], expected[key])
@@ -428,7 +416,7 @@ def test_cli_shares_an_electra_an_ernie_and_a_distilbert(parent, kind, electra_f
                                                          distilbert_folder, tiny_data, workdir, capsys):
     folder = {"electra": electra_folder, "ernie": ernie_folder, "distilbert": distilbert_folder}[parent]
     embedding = ["--embedding", "12"] if parent == "ernie" else []
-    config = share_and_reload(folder, ["--share", kind, *embedding], batch(), tiny_data, workdir, capsys)
+    config = share_and_reload(folder, ["--share", kind, *embedding], padded_batch(), tiny_data, workdir, capsys)
     model = AutoModelForSequenceClassification.from_pretrained(workdir / "out")
     if parent == "electra":
         assert (config["projected_embedding_size"], config["pooler_act"]) == (16, "gelu")
@@ -500,13 +488,13 @@ def test_zero_heads_and_neurons_pad_a_pruned_layer_without_changing_it(pruned):
     weights |= {rename_key(f"bert.encoder.layer.{i}.{k}"): v
                 for i, layer in enumerate(layers) for k, v in layer.items()}
     assert not [k for k in padded.load_state_dict(weights, strict=False).missing_keys if "_ids" not in k]
-    torch.testing.assert_close(padded(**batch()).logits, pruned(**batch()).logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded(**padded_batch()).logits, pruned(**padded_batch()).logits, atol=1e-6, rtol=0)
 
 
 def test_a_converted_bert_records_the_same_grams_as_the_bert(bert):
     from compress.models.compress_bert import from_bert
 
-    theirs, ours = input_grams(bert, [batch()]), input_grams(from_bert(bert), [batch()])
+    theirs, ours = input_grams(bert, [padded_batch()]), input_grams(from_bert(bert), [padded_batch()])
     for mine, expected in zip(ours, theirs, strict=True):
         assert mine.keys() == expected.keys()
         for key in expected:
@@ -518,9 +506,9 @@ def test_a_converted_bert_records_the_same_grams_as_the_bert(bert):
 def test_a_pruned_model_shares_its_layers(pruned, kind, init):
     """A group per layer is the pruned model itself; two groups share modules as large as their largest layer,
     started from the padded layers (mean: their average, counting a missing head or neuron as zero)."""
-    grams = input_grams(pruned, [batch()]) if init == "regmean" else None
+    grams = input_grams(pruned, [padded_batch()]) if init == "regmean" else None
     same, _ = to_compress_shared(pruned, kind, 4, None, init, grams)
-    torch.testing.assert_close(same.eval()(**batch()).logits, pruned(**batch()).logits, atol=0, rtol=0)
+    torch.testing.assert_close(same.eval()(**padded_batch()).logits, pruned(**padded_batch()).logits, atol=0, rtol=0)
     shared, _ = to_compress_shared(pruned, kind, 2, None, init, grams)
     c = shared.config
     attention, ffn = kind in ("attention", "all"), kind in ("ffn", "all")
@@ -532,7 +520,7 @@ def test_a_pruned_model_shares_its_layers(pruned, kind, init):
         q0, q1 = (pruned.bert.encoder.attention[i].query.weight for i in (0, 1))
         expected = torch.cat([(q0[:8] + q1) / 2, q0[8:] / 2])
         torch.testing.assert_close(shared.bert.encoder.attention[0].query.weight, expected, atol=0, rtol=0)
-    assert torch.isfinite(shared.eval()(**batch()).logits).all()
+    assert torch.isfinite(shared.eval()(**padded_batch()).logits).all()
 
 
 def test_cli_shares_a_pruned_model(pruned, tiny_teacher, tiny_data, workdir, capsys):
@@ -543,7 +531,7 @@ def test_cli_shares_a_pruned_model(pruned, tiny_teacher, tiny_data, workdir, cap
     pruned.save_pretrained(workdir / "pruned")
     AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(workdir / "pruned")
     said = []
-    config = share_and_reload(workdir / "pruned", [], batch(), tiny_data, workdir, capsys, said)  # --share all
+    config = share_and_reload(workdir / "pruned", [], padded_batch(), tiny_data, workdir, capsys, said)  # --share all
     assert config["model_type"] == "compress_bert" and config["attention_map"] == config["ffn_map"] == [0, 0, 1, 1]
     assert (config["attention_heads"], config["intermediate_sizes"]) == ([3, 2], [40, 64])
     metrics = json.loads((workdir / "out" / "compress.json").read_text())["metrics"]
