@@ -32,7 +32,7 @@ _WEIGHT = Bound(lambda v: v >= 0, ">= 0", "a loss weight")
 
 BOUNDS: dict[str, Bound] = {
     # fractions
-    **dict.fromkeys(("heads", "ffn", "sparsity"), _fraction("the fraction to remove")),
+    **dict.fromkeys(("heads", "ffn", "hidden", "sparsity"), _fraction("the fraction to remove")),
     "warmup": _fraction("a fraction of the training steps"),
     # training
     "epochs": _at_least(1),
