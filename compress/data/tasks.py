@@ -10,8 +10,11 @@ Three sources, picked by :func:`load_task`:
   dev and the rest in train.
 * ``task=<GLUE name>``: ``nyu-mll/glue`` through ``datasets``, from the local cache when it is there, else from the hub
   after a quick reachability check, so an offline machine gets an error in seconds instead of a hang.
-* ``data=DIR``: a folder with ``train.{tsv,csv,jsonl}`` and ``dev.{tsv,csv,jsonl}`` (or ``validation.*``). TSV files
-  follow GLUE: a header line and no quoting, so quote characters are literal text.
+* ``data=DIR``: a folder with ``train.{tsv,csv,jsonl}`` and ``dev.{tsv,csv,jsonl}`` (or ``validation.*``), each with a
+  header line. ``quoting`` says how quote characters in .tsv and .csv files are read: ``csv`` (a field wrapped in
+  quotes, inner quotes doubled, as pandas' ``to_csv`` and Python's csv module write), ``none`` (every quote is text, as
+  in GLUE's TSVs, where a sentence may begin with one), or ``auto``: a .csv is csv, and a .tsv is whichever
+  :func:`detect_quoting` finds.
 """
 
 import csv
@@ -20,6 +23,7 @@ import importlib.util
 import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +58,7 @@ BBC_NEWS = "bbc-news"
 _VALID_TASKS = ", ".join([*GLUE_TASKS, BBC_NEWS])
 
 _FORMATS = ("tsv", "csv", "jsonl")
+QUOTINGS = ("auto", "csv", "none")
 # Pairs are tried before single columns so that QNLI-style files (question, sentence) are read as pairs.
 _TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("sentence1", "sentence2"),
@@ -93,25 +98,32 @@ def load_task(
     label_column: str = "label",
     max_train: int | None = None,
     seed: int = 0,
+    quoting: str = "auto",
 ) -> TaskData:
     """Load a GLUE task or ``bbc-news`` (``task``), or a folder of train/dev files (``data``), into memory.
 
     ``max_train`` keeps a random subset of that many train rows (drawn with ``random.Random(seed)``, original order
-    kept). Every user mistake raises :class:`CompressError` with one line naming the flag or file.
+    kept). ``quoting`` (auto, csv or none) says how the folder's .tsv and .csv files quote; the one used goes into
+    ``flags``. Every user mistake raises :class:`CompressError` with one line naming the flag or file.
     """
+    if quoting not in QUOTINGS:
+        raise CompressError(f"--quoting {quoting}: use auto, csv or none")
     if (task is None) == (data is None):
         raise CompressError(
             "give exactly one of --task (a GLUE task or bbc-news) and --data (a folder of train/dev files)"
         )
     check_all(max_train=max_train)
+    used = ""  # the quoting our files were read with; a task's rows come from no file of ours
     if data is not None:
         name, metric = Path(data).resolve().name, "accuracy"
-        train_texts, train_labels, dev_texts, dev_labels, label_names = _load_folder(
-            Path(data), text_column, label_column
+        (train_texts, train_labels, dev_texts, dev_labels, label_names), used = _load_folder(
+            Path(data), text_column, label_column, quoting
         )
     else:
         if text_column is not None:
             raise CompressError(f"--text_column only applies to --data; --task {task} has fixed columns")
+        if quoting != "auto":
+            raise CompressError(f"--quoting only applies to --data; --task {task} is not read from a file")
         name = task
         if task == BBC_NEWS:
             train_texts, train_labels, dev_texts, dev_labels, label_names = _load_bbc_news()
@@ -139,7 +151,7 @@ def load_task(
         metric=metric,
         fingerprint=_fingerprint(name, label_names, train_texts, train_labels, dev_texts, dev_labels),
         flags={"data": data or "", "text_column": text_column or "", "label_column": label_column,
-               "max_train": max_train},
+               "max_train": max_train, "quoting": used},
     )
 
 
@@ -251,7 +263,8 @@ def _glue_splits(task: str) -> Any:
 # --- --data DIR ------------------------------------------------------------------------------------------------------
 
 
-def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _Split:
+def _load_folder(folder: Path, text_column: str | None, label_column: str, quoting: str) -> tuple[_Split, str]:
+    """The folder's rows, and the quoting they were read with (see _quoting_used)."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise CompressError(
@@ -259,8 +272,8 @@ def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _S
         )
     train_path = _find_file(folder, ("train",))
     dev_path = _find_file(folder, ("dev", "validation"))
-    train_columns, train_records = _read_table(train_path)
-    dev_columns, dev_records = _read_table(dev_path)
+    train_columns, train_records, train_quoting = _read_table(train_path, quoting)
+    dev_columns, dev_records, dev_quoting = _read_table(dev_path, quoting)
 
     text_columns = _text_columns(train_path, train_columns, text_column)
     _require_column(train_path, train_columns, label_column, "--label_column")
@@ -300,7 +313,17 @@ def _load_folder(folder: Path, text_column: str | None, label_column: str) -> _S
     index = {name: i for i, name in enumerate(label_names)}
     train_labels = _label_ids(train_path, train_rows, index, numeric)
     dev_labels = _label_ids(dev_path, dev_rows, index, numeric)
-    return [t for _, t, _ in train_rows], train_labels, [t for _, t, _ in dev_rows], dev_labels, label_names
+    split = [t for _, t, _ in train_rows], train_labels, [t for _, t, _ in dev_rows], dev_labels, label_names
+    return split, _quoting_used(train_quoting, dev_quoting)
+
+
+def _quoting_used(train: str | None, dev: str | None) -> str:
+    """The quoting for the run's params: csv or none, or each file's when they differ; "" for .jsonl files, which
+    have no quoting. A .tsv without a quote character (None) reads alike either way, so it takes the other file's."""
+    known = [q for q in (train, dev) if q]
+    if not known:
+        return "none" if None in (train, dev) else ""
+    return known[0] if len(set(known)) == 1 else f"train {train}, dev {dev}"
 
 
 def _find_file(folder: Path, stems: tuple[str, ...]) -> Path:
@@ -313,8 +336,9 @@ def _find_file(folder: Path, stems: tuple[str, ...]) -> Path:
     return found[0]
 
 
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    """The file's column names and its records, each with its 1-based line number (the header is line 1)."""
+def _read_table(path: Path, quoting: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]], str | None]:
+    """The file's column names, its records, each with its 1-based line number (the header is line 1), and the quoting
+    it was read with: csv or none, None for a .tsv that --quoting auto found no quote in, "" for a .jsonl."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -327,13 +351,50 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]
         line = raw[: e.start].count(b"\n") + 1
         raise CompressError(f"--data: {path} line {line}: not valid UTF-8") from None
     if path.suffix == ".jsonl":
-        return _read_jsonl(path, text)
-    return _read_delimited(path, text, tsv=path.suffix == ".tsv")
+        return *_read_jsonl(path, text), ""
+    tsv = path.suffix == ".tsv"
+    # a .csv is csv-quoted by its format's own rule; a .tsv may be either (GLUE's are raw, pandas' are quoted)
+    found = (detect_quoting(text) if tsv else "csv") if quoting == "auto" else quoting
+    return *_read_delimited(path, text, tsv=tsv, quoted=found == "csv"), found
 
 
-def _read_delimited(path: Path, text: str, *, tsv: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    # GLUE TSVs are unquoted: a '"' in a sentence is literal text, not the start of a quoted field.
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+# A field written with csv quoting: wrapped in quotes, every inner quote doubled (the unrolled form never backtracks)
+_WRAPPED = re.compile(r'"[^"]*(?:""[^"]*)*"')
+# The same, where a field may start and end: after a tab or a line break (or at the start), before one (or the end)
+_WRAPPED_FIELD = re.compile(r'(?<![^\t\r\n])"[^"]*(?:""[^"]*)*"(?![^\t\r\n])')
+
+
+def detect_quoting(text: str) -> str | None:
+    """Whether a .tsv's quote characters are csv quoting ("csv") or text ("none"); None when it has none, so both
+    read alike.
+
+    csv writers wrap every field that holds a quote, a tab or a line break, and double its inner quotes; raw files
+    (GLUE's) put quotes anywhere, a sentence may begin with one. The file is csv when every quote in it belongs to a
+    wrapped field and the wrapping is not just a sentence in quotes:
+    * each tab-separated field holding a quote is wrapped whole, and some field doubles a quote inside (what a raw
+      sentence almost never does) or the header's names are wrapped too (csv.QUOTE_ALL and QUOTE_NONNUMERIC); else
+      it is a raw file of quoted sentences;
+    * or, where quoted fields hold tabs or line breaks, the wrapped fields found across them account for every quote,
+      and the file read raw does not keep the header's number of fields on every line (it would if it were raw).
+    Anything else (a quote inside an unwrapped field, a wrapped field glued to more text) is raw. --quoting csv or
+    none overrides this.
+    """
+    if '"' not in text:
+        return None
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip("\r")]
+    header = lines[0].split("\t")
+    quoted = [field for line in lines if '"' in line for field in line.split("\t") if '"' in field]
+    if all(_WRAPPED.fullmatch(field) for field in quoted):
+        doubled = any('""' in field[1:-1] for field in quoted)
+        return "csv" if doubled or all(_WRAPPED.fullmatch(name) for name in header) else "none"
+    ragged = any(line.count("\t") != len(header) - 1 for line in lines)
+    return "csv" if ragged and '"' not in _WRAPPED_FIELD.sub("", text) else "none"
+
+
+def _read_delimited(path: Path, text: str, *, tsv: bool, quoted: bool
+                    ) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    # Unquoted, a '"' in a sentence is literal text, not the start of a quoted field (GLUE's TSVs).
+    dialect = {"delimiter": "\t" if tsv else ",", **({} if quoted else {"quoting": csv.QUOTE_NONE})}
     # csv refuses a field past 131,072 characters ("field larger than field limit"); a long document is an example
     # like any other, which the tokenizer cuts to --max_length
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))

@@ -258,6 +258,18 @@ def max_tokens(config) -> int | None:
     return positions
 
 
+DEFAULT_MAX_LENGTH = 128
+
+
+def resolve_max_length(requested: int | None, configs: list) -> int:
+    """The tokens per example a run uses: --max_length as given (load_tokenizer refuses one past a model's
+    positions), or, left out, the smaller of 128 and the fewest tokens any of the run's models takes (`configs`; None
+    entries are skipped), so a model with a short position table is not refused at a length nobody typed."""
+    if requested is not None:
+        return requested
+    return min([DEFAULT_MAX_LENGTH, *(n for config in configs if config is not None and (n := max_tokens(config)))])
+
+
 def load_tokenizer(path: str, flag: str = "--model", config=None, max_length: int | None = None
                    ) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model, checked against the model's `config` when given: every id it makes must

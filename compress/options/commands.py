@@ -35,7 +35,7 @@ class Command:
 
 
 _DATA = ("task", "data")
-_COLUMNS = ("text_column", "label_column")
+_COLUMNS = ("text_column", "label_column", "quoting")
 _TRAINING = ("batch_size", "lr", "warmup", "weight_decay")
 _LOSS = ("temperature", "alpha_kd", "alpha_ce", "alpha_hidden")
 _RUN = ("seed", "precision", "accelerator", "devices", "strategy", "num_workers", "checkpoint_every",
@@ -118,7 +118,8 @@ COMMANDS: dict[str, Command] = {
                        "or bbc-news. Exclusive with --data.",
                "data": "score on the dev file of this folder of train and dev files (.tsv, .csv or .jsonl).",
                "text_column": "column(s) holding the text, \"a\" or \"a,b\" for pairs.",
-               "max_length": "tokens per example when scoring; longer inputs are truncated.",
+               "max_length": "tokens per example when scoring; longer inputs are truncated (default: the smaller of "
+                             "128 and the model's positions).",
                "tracking": "MLflow tracking URI, for --run, --register and the model card's metrics.",
                "experiment": "MLflow experiment for the export run when the model's own run is not in this store."},
     ),

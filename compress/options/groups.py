@@ -46,8 +46,14 @@ class DataConfig:
     """column(s) holding the text, "a" or "a,b" for pairs (default: sentence or text, or a known pair)."""
     label_column: str = "label"
     """column holding the label."""
-    max_length: int = 128
-    """tokens per example; longer inputs are truncated."""
+    quoting: str = "auto"
+    """how quote characters in .tsv and .csv files are read: csv (a field holding one is wrapped in quotes and doubles
+    them, as pandas' to_csv and Python's csv module write), none (quotes are text, as in GLUE's TSVs) or auto (a .csv
+    is csv; a .tsv is csv when every quote belongs to such a wrapped field and some field doubles a quote, the header
+    is quoted or a quoted field spans tabs or lines, else none). The one used is logged as a param."""
+    max_length: int | None = None
+    """tokens per example; longer inputs are truncated (default: the smaller of 128 and the fewest positions any
+    model in the run takes)."""
     max_train: int | None = None
     """use a seeded random subset of this many training rows (for every use of them: importance, calibration,
     training)."""

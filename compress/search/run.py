@@ -43,7 +43,7 @@ def search(step: SearchConfig, data: DataConfig | None = None, tracking: Trackin
     teacher, space, objectives, trials, workers = step.teacher, step.space, step.objectives, step.trials, step.workers
     storage, sampler, pruner, sampler_seed = step.storage, step.sampler, step.pruner, step.sampler_seed
     heartbeat, retries, study = step.heartbeat, step.retries, step.study
-    task, text_column, label_column = data.task, data.text_column, data.label_column
+    task, text_column, label_column, quoting = data.task, data.text_column, data.label_column, data.quoting
     experiment, output, data = tracking.experiment, output.output, data.data
     tracking = tracking.tracking
     objs = [o.strip() for o in (objectives.split(",") if isinstance(objectives, str) else objectives) if o.strip()]
@@ -84,7 +84,7 @@ def search(step: SearchConfig, data: DataConfig | None = None, tracking: Trackin
               "trials train; use --workers 1 when latency is an objective and the numbers matter", file=sys.stderr)
     if workers > 1 and storage.startswith("sqlite:") and ":memory:" in storage:
         raise CompressError("--storage: an in-memory sqlite database cannot be shared by workers")
-    teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags)
+    teacher_for = resolve_teacher(teacher, task, data, text_column, label_column, dims, flags, quoting)
     # after every check, so a refused study leaves no mlruns/ behind
     db = check_storage(storage)
     _prepare_store(resolve_tracking(tracking))  # a bad --tracking fails here once, not in every trial
@@ -97,7 +97,7 @@ def search(step: SearchConfig, data: DataConfig | None = None, tracking: Trackin
                   sampler_seed=sampler_seed, heartbeat=heartbeat, retries=retries, teacher=teacher, teacher_path="",
                   task=task, data=data, text_column=text_column, label_column=label_column, output=out,
                   tracking=tracking, experiment=experiment, experiment_id="", parent_run_id="",
-                  progress=workers == 1 and sys.stderr.isatty(), trials=trials)
+                  progress=workers == 1 and sys.stderr.isatty(), trials=trials, quoting=quoting)
     opened = open_study(ctx, config)
     before = len(opened.trials)
     requeued = requeue_interrupted(opened)

@@ -14,8 +14,8 @@ OBJECTIVES = {"score": ("student_score", "maximize"), "params": ("student_params
               "latency_ms": ("latency_ms", "minimize")}
 STEPS = ("distill", "prune", "share")
 # Flags search sets on every step itself (from its own flags or the chain); never searchable.
-MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_column", "output", "tracking",
-           "experiment", "resume", "overwrite")
+MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_column", "quoting", "output",
+           "tracking", "experiment", "resume", "overwrite")
 # Flags of the one-off teacher fine-tuning: the teacher is shared by every trial, so these are fixed per study.
 STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
 PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers", "vocab")

@@ -345,12 +345,12 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
 
 
 def resolve_teacher(teacher: str, task: str | None, data: str | None, text_column: str | None, label_column: str,
-                    dims: dict[str, Dimension], flags: dict):
+                    dims: dict[str, Dimension], flags: dict, quoting: str = "auto"):
     """Check the teacher and the data (seconds, before anything is written). Returns a function giving the teacher
     every trial starts from: as given when it has a classifier for the task, else fine-tuned once (distill's own
     fine-tuning and cache, with the study's fixed values), its run nested under the study's parent run."""
     from compress.data.tasks import load_task
-    from compress.models.loading import check_encoder, has_task_head, load_config, resolve_model
+    from compress.models.loading import check_encoder, has_task_head, load_config, resolve_max_length, resolve_model
 
     fixed = {k.rpartition(".")[2]: d.value for k, d in dims.items()
              if d.kind == "fixed" and k.rpartition(".")[0] in ("", "distill")}
@@ -360,7 +360,7 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
         return fixed.get(key, defaults[key])
 
     task_data = load_task(task, data, text_column=text_column, label_column=label_column, max_train=get("max_train"),
-                          seed=get("seed"))
+                          seed=get("seed"), quoting=quoting)
     path = resolve_model(teacher, "--teacher")
     config = load_config(path, "--teacher")
     check_encoder(config, "--teacher")
@@ -381,7 +381,8 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
                             strategy=get("strategy"), num_workers=get("num_workers"),
                             checkpoint_every=get("checkpoint_every"), checkpoint_minutes=get("checkpoint_minutes"),
                             latency_reps=get("latency_reps"))
-    cfg = TrainConfig(training, runtime, get("max_length"))
+    # left out, the teacher's positions may cap it, as in distill
+    cfg = TrainConfig(training, runtime, resolve_max_length(get("max_length"), [config]))
     cfg.validate()
 
     def finetuned(parent_run_id: str, tracking: str, experiment: str, progress: bool | None = None) -> str:

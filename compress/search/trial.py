@@ -45,6 +45,7 @@ class Context:
     experiment_id: str
     parent_run_id: str
     progress: bool = False
+    quoting: str = "auto"
     trials: int = 10  # this run's trials: sizes the samplers' random start
 
 
@@ -174,8 +175,9 @@ def run_trial(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
                 kwargs = with_logit_cache(step, kwargs, values, flags)
             tags = {"mlflow.parentRunId": run_id, "optuna.study": ctx.study, "optuna.trial": str(trial.number)}
             groups = to_groups(step, {**source, "task": ctx.task, "data": ctx.data, "text_column": ctx.text_column,
-                                      "label_column": ctx.label_column, "output": str(out), "tracking": ctx.tracking,
-                                      "experiment": ctx.experiment, "overwrite": True, **kwargs})
+                                      "label_column": ctx.label_column, "quoting": ctx.quoting, "output": str(out),
+                                      "tracking": ctx.tracking, "experiment": ctx.experiment, "overwrite": True,
+                                      **kwargs})
             groups["runtime"] = replace(groups["runtime"], progress=ctx.progress)
             result = functions[step](**groups, hooks=RunHooks(callbacks=callbacks, tags=tags))
             first, last = first or result.metrics, result.metrics

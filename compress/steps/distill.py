@@ -31,8 +31,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     from compress.engine.run import RunModels, RunPlan, TrainConfig, run_training
     from compress.engine.teacher import ensure_task_teacher
     from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier,
-                                         load_config, load_tokenizer, resolve_model, student_from_teacher,
-                                         teacher_layer_map)
+                                         load_config, load_tokenizer, resolve_max_length, resolve_model,
+                                         student_from_teacher, teacher_layer_map)
     from compress.options.commands import with_defaults
 
     data, loss, training, runtime, tracking, output = with_defaults(
@@ -54,16 +54,19 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                                       weight_decay=0.01), replace(runtime, compile=False), data.max_length)
 
     task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
-                          max_train=data.max_train, seed=training.seed)
+                          max_train=data.max_train, seed=training.seed, quoting=data.quoting)
     teacher_path = resolve_model(teacher, "--teacher")
     teacher_config = load_config(teacher_path, "--teacher")
     check_encoder(teacher_config, "--teacher")
     if layers is not None:  # check before any fine-tuning is spent
         teacher_layer_map(teacher_config.num_hidden_layers, layers)
-    student_path = None
+    student_path = student_config = None
     if student is not None:
         student_path = resolve_model(student, "--student")
-        check_encoder(load_config(student_path, "--student"), "--student")
+        student_config = load_config(student_path, "--student")
+        check_encoder(student_config, "--student")
+    # before a head-less teacher is fine-tuned: its cached copy is keyed by the length too
+    cfg.max_length = teacher_cfg.max_length = resolve_max_length(data.max_length, [teacher_config, student_config])
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
     from compress.engine import logit_cache
     from compress.infra.writes import check_run_paths
@@ -103,7 +106,6 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_model.config, cfg.max_length)
     n_teacher = teacher_model.config.num_hidden_layers
     if student_path is not None:
-        student_config = load_config(student_path, "--student")
         check_same_vocab(tokenizer, load_tokenizer(student_path, "--student", student_config, cfg.max_length),
                          student_config, teacher_model.config)
         student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn,

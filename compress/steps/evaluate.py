@@ -16,7 +16,7 @@ def evaluate(step: EvaluateConfig, data: DataConfig | None = None, runtime: Runt
     """
     from compress.data.tasks import load_task
     from compress.models.loading import (load_classifier, load_config, load_tokenizer, max_tokens, require_task_head,
-        resolve_model)
+        resolve_max_length, resolve_model)
 
     from compress.infra.errors import CompressError
     from compress.options.commands import with_defaults
@@ -30,11 +30,16 @@ def evaluate(step: EvaluateConfig, data: DataConfig | None = None, runtime: Runt
     check_all(batch_size=batch_size, latency_batch=latency_batch, latency_seq=latency_seq,
               latency_reps=latency_reps, max_length=max_length)
     json_file = check_file_output(step.json_out, "--json_out") if step.json_out else None
-    task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column)
+    task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
+                          quoting=data.quoting)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
     require_task_head(config, task_data, model)
-    if (positions := max_tokens(config)) and latency_seq > positions:
+    max_length = resolve_max_length(max_length, [config])
+    positions = max_tokens(config)
+    if positions and latency_seq > positions and latency_seq == EvaluateConfig.latency_seq:
+        latency_seq = positions  # the default, not typed: time the longest input the model takes
+    if positions and latency_seq > positions:
         raise CompressError(f"--latency_seq {latency_seq}: {model} takes at most {positions} tokens")
 
     from compress.data.datamodule import TaskDataModule

@@ -58,15 +58,15 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
     check_all(max_length=data.max_length, batch_size=step.batch_size)
 
     from compress.data.tasks import load_task
-    from compress.models.loading import resolve_model
+    from compress.models.loading import resolve_max_length, resolve_model
     from compress.infra.paths import check_overwrite
     from compress.infra.writes import check_run_paths
     from compress.engine.trainer import quiet_libraries
     from compress.infra.lineage import read_lineage
 
     quiet_libraries()
-    task_data = (load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column)
-                 if data.task or data.data else None)
+    task_data = (load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
+                           quoting=data.quoting) if data.task or data.data else None)
     scratch = Path(tempfile.mkdtemp(prefix="compress-export-"))
     try:
         if run:
@@ -78,6 +78,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
                               reads=(path, data.data), tracking=tracking.tracking)  # --run, the card, --register
         check_overwrite(out, output.overwrite)
         net, tokenizer = load_for_export(path, "--run" if run else "--model", data.max_length)
+        max_length = resolve_max_length(data.max_length, [net.config])
         if task_data is not None and task_data.num_labels != net.config.num_labels:
             raise CompressError(f"--{'task' if data.task else 'data'}: {task_data.name} has {task_data.num_labels} "
                                 f"labels but the model's head has {net.config.num_labels}")
@@ -85,7 +86,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
         source = source_run_info(run or lineage.get("mlflow_run_id"), [tracking.tracking, lineage.get("tracking")])
         job = _Job(out=out, overwrite=output.overwrite, formats=formats, lineage=lineage, source=source,
                    origin=f"run {run}" if run else str(model), register_name=register_name,
-                   max_length=data.max_length, batch_size=step.batch_size, tracking=tracking)
+                   max_length=max_length, batch_size=step.batch_size, tracking=tracking)
         result = _write(job, net, tokenizer, task_data, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -38,7 +38,8 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     from compress.engine.state import RunState
     from compress.engine.trainer import resolve_accelerator
     from compress.infra.writes import check_run_paths
-    from compress.models.loading import check_encoder, load_config, require_task_head, resolve_model
+    from compress.models.loading import (check_encoder, load_config, require_task_head, resolve_max_length,
+                                         resolve_model)
     from compress.options.bounds import check_all
     from compress.options.commands import with_defaults
     from compress.pruning import parse_drop_layers
@@ -61,9 +62,10 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
     task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
-                          max_train=data.max_train, seed=training.seed)
+                          max_train=data.max_train, seed=training.seed, quoting=data.quoting)
     path = resolve_model(step.model, "--model")
     config = load_config(path, "--model")
+    cfg.max_length = resolve_max_length(data.max_length, [config])
     check_encoder(config, "--model")  # every encoder distill takes converts to CompressBert (test_prune checks)
     require_task_head(config, task_data, step.model)
     dropped = parse_drop_layers(step.drop_layers, config.num_hidden_layers)

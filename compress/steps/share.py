@@ -35,7 +35,8 @@ def share(step: ShareConfig, data: DataConfig | None = None, loss: LossConfig | 
     from compress.data.tasks import load_task
     from compress.engine.state import RunState
     from compress.infra.writes import check_run_paths
-    from compress.models.loading import check_encoder, load_config, require_task_head, resolve_model
+    from compress.models.loading import (check_encoder, load_config, require_task_head, resolve_max_length,
+                                         resolve_model)
     from compress.options.bounds import check_all
     from compress.options.commands import with_defaults
 
@@ -50,9 +51,10 @@ def share(step: ShareConfig, data: DataConfig | None = None, loss: LossConfig | 
     cfg.validate(training=False)  # recover_epochs 0 skips recovery
 
     task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
-                          max_train=data.max_train, seed=training.seed)
+                          max_train=data.max_train, seed=training.seed, quoting=data.quoting)
     path = resolve_model(model, "--model")
     config = load_config(path, "--model")
+    cfg.max_length = resolve_max_length(data.max_length, [config])
     check_encoder(config, "--model")
     from compress.models.compress_bert.convert import HEAD_ACT, is_unshared, to_compress_config
 
