@@ -105,15 +105,16 @@ def save_tiny_roberta(folder: Path, model_type: str = "roberta", *, layers: int 
     return folder
 
 
-def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int
-                             ) -> tuple[Path, Path]:
+def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int,
+                             extra_vocab: list[str] | None = None) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and
     share benchmarks' --tiny modes compress), and the folder of those rows."""
     from compress.api import (DataConfig, FinetuneConfig, OutputConfig, RuntimeConfig, TrackingConfig,
                               TrainingConfig, finetune)
 
     data = write_tsv(folder / "data", train=512, dev=128)
-    raw = save_tiny_bert(folder / "raw", layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
+    raw = save_tiny_bert(folder / "raw", layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
+                         extra_vocab=extra_vocab)
     parent = folder / "parent"
     finetune(FinetuneConfig(model=str(raw)), DataConfig(data=str(data)), TrainingConfig(epochs=3, lr=1e-3),
              RuntimeConfig(latency_reps=1), TrackingConfig(tracking=f"sqlite:///{folder}/mlruns/mlflow.db"),

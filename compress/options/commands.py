@@ -70,7 +70,7 @@ COMMANDS: dict[str, Command] = {
                 "faster; it loads with\nAutoModelForSequenceClassification (after `import compress`) or anywhere "
                 "with trust_remote_code=True.",
         groups={"step": PruneConfig, "loss": LossConfig, **_TRAINING_GROUPS},
-        flags=("model", *_DATA, "heads", "ffn", "drop_layers", "criterion", "scope", "sparsity", "vocab",
+        flags=("model", *_DATA, "heads", "ffn", "hidden", "drop_layers", "criterion", "scope", "sparsity", "vocab",
                "vocab_corpus", "vocab_top", "recover_epochs", "importance_batches", "output", *_TRAINING, *_LOSS,
                "cache_teacher", "teacher_cache", "max_length", "max_train", *_COLUMNS, *_RUN, "tracking",
                "experiment", "resume", "overwrite"),

@@ -230,6 +230,12 @@ class PruneConfig:
     """fraction of the attention heads to remove, in [0, 1)."""
     ffn: float = 0.0
     """fraction of the FFN neurons to remove, in [0, 1)."""
+    hidden: float = 0.0
+    """fraction of the residual-stream (hidden-size) dimensions to remove, in [0, 1): the same dimensions from the
+    embeddings, every layer's projections and LayerNorms, the pooler and the classifier's input, chosen by
+    --criterion. The kept width is rounded up to a multiple of 8. Dimensions also take part in every LayerNorm's
+    statistics, so this cut changes the function: recovery (--recover_epochs) matters, and the hidden-state loss
+    learns through a projection to the parent's width."""
     drop_layers: int | list[int] | str | None = None
     """whole layers to remove: a count N (the top N layers, nearest the classifier) or a list of 0-based layer
     indices such as 0,3."""
@@ -258,8 +264,8 @@ class PruneConfig:
     def validate(self) -> None:
         check_choice("criterion", self.criterion)
         check_choice("scope", self.scope)
-        check_all(heads=self.heads, ffn=self.ffn, sparsity=self.sparsity, importance_batches=self.importance_batches,
-                  vocab_top=self.vocab_top)
+        check_all(heads=self.heads, ffn=self.ffn, hidden=self.hidden, sparsity=self.sparsity,
+                  importance_batches=self.importance_batches, vocab_top=self.vocab_top)
 
 
 @dataclass

@@ -18,7 +18,7 @@ MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_
            "tracking", "experiment", "resume", "overwrite")
 # Flags of the one-off teacher fine-tuning: the teacher is shared by every trial, so these are fixed per study.
 STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
-PRUNE_SWITCHES = ("heads", "ffn", "sparsity", "drop_layers", "vocab")
+PRUNE_SWITCHES = ("heads", "ffn", "hidden", "sparsity", "drop_layers", "vocab")
 
 
 # --- the search space -------------------------------------------------------------------------------------------
@@ -314,8 +314,9 @@ def describe(step: str, kwargs: dict, flags: dict[str, dict[str, Any]]) -> str:
     if step == "distill":
         return f"distill L{get('layers')} T={get('temperature'):.3g}"
     if step == "prune":
-        dropped, sparsity = get("drop_layers"), get("sparsity")
-        return (f"prune h{get('heads'):.3g}-f{get('ffn'):.3g}" + (f"-d{dropped}" if dropped else "")
+        dropped, sparsity, hidden = get("drop_layers"), get("sparsity"), get("hidden")
+        return (f"prune h{get('heads'):.3g}-f{get('ffn'):.3g}" + (f"-w{hidden:.3g}" if hidden else "")
+                + (f"-d{dropped}" if dropped else "")
                 + (f"-s{sparsity:.3g}" if sparsity else "") + ("-v" if get("vocab") else ""))
     embedding = get("embedding")
     return f"share {get('share')}-g{get('groups')}" + (f"-e{embedding}" if embedding else "")

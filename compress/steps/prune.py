@@ -53,7 +53,7 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     if not step.vocab and (step.vocab_corpus is not None or step.vocab_top is not None):
         raise CompressError("--vocab_corpus and --vocab_top choose what --vocab keeps: give --vocab with them")
     if not _structural(step) and not step.vocab:
-        raise CompressError("nothing to prune: give --heads, --ffn, --drop_layers, --sparsity or --vocab")
+        raise CompressError("nothing to prune: give --heads, --ffn, --hidden, --drop_layers, --sparsity or --vocab")
     if step.vocab_top is not None and step.vocab_corpus is None:
         raise CompressError(f"--vocab_top {step.vocab_top}: it keeps the most frequent tokens of --vocab_corpus; "
                             "give that file too")
@@ -69,7 +69,8 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     check_encoder(config, "--model")  # every encoder distill takes converts to CompressBert (test_prune checks)
     require_task_head(config, task_data, step.model)
     dropped = parse_drop_layers(step.drop_layers, config.num_hidden_layers)
-    desc = (f"h{step.heads:g}-f{step.ffn:g}" + (f"-d{len(dropped)}" if dropped else "")
+    desc = (f"h{step.heads:g}-f{step.ffn:g}" + (f"-w{step.hidden:g}" if step.hidden else "")
+            + (f"-d{len(dropped)}" if dropped else "")
             + (f"-s{step.sparsity:g}" if step.sparsity else "") + ("-v" if step.vocab else ""))
     default = f"outputs/prune-{slug(step.model)}-{slug(task_data.name)}-{desc}"
     out = check_run_paths(output.output if output.output is not None else default, reads=(path, data.data),
@@ -83,8 +84,9 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
 
 
 def _structural(step: PruneConfig) -> bool:
-    """Whether the step cuts heads, neurons, layers or weights (else only the vocabulary)."""
-    return not (step.heads == step.ffn == step.sparsity == 0 and step.drop_layers in (None, 0, [], ""))
+    """Whether the step cuts heads, neurons, hidden dimensions, layers or weights (else only the vocabulary)."""
+    return not (step.heads == step.ffn == step.hidden == step.sparsity == 0
+                and step.drop_layers in (None, 0, [], ""))
 
 
 def _read_corpus(path: str) -> list[str]:
@@ -118,8 +120,9 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     from compress.engine.trainer import quiet_libraries, resolve_precision
     from compress.models.compress_bert import from_bert, to_compress_config
     from compress.models.loading import load_classifier, load_tokenizer
-    from compress.pruning import (CRITERIA, apply_sparsity, choose_kept, drop_layers, flops_per_token, make_permanent,
-                                  slice_heads, slice_neurons, sparsity_of)
+    from compress.pruning import (CRITERIA, HIDDEN_CRITERIA, apply_sparsity, choose_kept, drop_layers, flops_per_token,
+                                  kept_dimensions, make_permanent, slice_heads, slice_hidden, slice_neurons,
+                                  sparsity_of)
 
     heads, ffn, sparsity, criterion, scope = step.heads, step.ffn, step.sparsity, step.criterion, step.scope
     seed, batch_size, loss = cfg.training.seed, cfg.training.batch_size, cfg.loss
@@ -140,21 +143,28 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     # a layer may lose all its heads only when the user is removing layers anyway
     minimum = 0 if dropped else 1
     datamodule = TaskDataModule(task_data, tokenizer, batch_size=batch_size, max_length=cfg.max_length, seed=seed)
-    if heads or ffn:
-        device = "cuda" if accelerator == "cuda" else "cpu"
-        importance = CRITERIA[criterion]
-        if criterion == "random":
-            importance = functools.partial(importance, seed=seed)
+    device = "cuda" if accelerator == "cuda" else "cpu"
+    what = f"{step.importance_batches} batches of {batch_size} on {device}" if criterion == "taylor" else "weights"
+
+    def scored(criteria: dict, kind: str):
+        importance = functools.partial(criteria[criterion], seed=seed) if criterion == "random" else criteria[criterion]
         datamodule.setup()
-        batches = itertools.islice(datamodule.train_dataloader(), step.importance_batches)
-        what = f"{step.importance_batches} batches of {batch_size} on {device}" if criterion == "taylor" else "weights"
-        print(f"scoring heads and neurons by {criterion} ({what})", file=sys.stderr)
-        scores = importance(student.to(device), batches)
+        print(f"scoring {kind} by {criterion} ({what})", file=sys.stderr)
+        scores = importance(student.to(device), itertools.islice(datamodule.train_dataloader(),
+                                                                 step.importance_batches))
         student.cpu()
+        return scores
+
+    if heads or ffn:
+        scores = scored(CRITERIA, "heads and neurons")
         if heads:
             slice_heads(student, choose_kept(scores.heads, heads, scope, minimum))
         if ffn:
             slice_neurons(student, choose_kept(scores.neurons, ffn, scope, minimum))
+    if step.hidden:
+        # scored after the heads and neurons go, so each dimension is judged by the model that will keep it
+        slice_hidden(student, kept_dimensions(scored(HIDDEN_CRITERIA, "hidden dimensions"), step.hidden,
+                                              multiple=8))
     apply_sparsity(student, sparsity, scope)
 
     p_config, s_config = parent.config, student.config
@@ -162,7 +172,8 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     parent_heads, parent_ffn = (sum(x) for x in _sizes_per_layer(to_compress_config(p_config)))
     flops_ratio = flops_per_token(s_config) / flops_per_token(p_config)
     print(f"pruned: {len(head_layers)} of {p_config.num_hidden_layers} layers, heads per layer {head_layers}, "
-          f"FFN width per layer {ffn_layers}, FLOPs/token x{flops_ratio:.3f}"
+          f"FFN width per layer {ffn_layers}, hidden size {s_config.hidden_size} of {p_config.hidden_size}, "
+          f"FLOPs/token x{flops_ratio:.3f}"
           + (f", {sparsity_of(student):.1%} of encoder weights zeroed" if sparsity else ""), file=sys.stderr)
 
     precision = resolve_precision(cfg.runtime.precision, accelerator)
@@ -173,9 +184,10 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     measured_sparsity = sparsity_of(student) if _structural(step) else 0.0
     extra = {"heads_kept": sum(head_layers), "ffn_kept": sum(ffn_layers), "layers_kept": len(head_layers),
              "heads_kept_fraction": sum(head_layers) / parent_heads, "ffn_kept_fraction": sum(ffn_layers) / parent_ffn,
+             "hidden_size": s_config.hidden_size, "hidden_kept_fraction": s_config.hidden_size / p_config.hidden_size,
              "sparsity": measured_sparsity, "flops_ratio": flops_ratio, "score_before_recovery": before}
-    pruning = {"heads": heads, "ffn": ffn, "drop_layers": str(dropped), "criterion": criterion, "scope": scope,
-               "sparsity_requested": sparsity, "importance_batches": step.importance_batches,
+    pruning = {"heads": heads, "ffn": ffn, "hidden": step.hidden, "drop_layers": str(dropped), "criterion": criterion,
+               "scope": scope, "sparsity_requested": sparsity, "importance_batches": step.importance_batches,
                "heads_per_layer": str(head_layers), "ffn_per_layer": str(ffn_layers)}
     if step.vocab:
         pruning |= {"vocab": True, "vocab_corpus": step.vocab_corpus or "", "vocab_top": step.vocab_top}
