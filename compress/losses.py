@@ -21,9 +21,19 @@ def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
 
 
-def hard_label_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the gold labels. student_logits: (B, C), labels: (B,) int64."""
-    return F.cross_entropy(student_logits.float(), labels)
+def hard_label_ce(student_logits: torch.Tensor, labels: torch.Tensor,
+                  labelled: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against the gold labels, averaged over the rows that have one.
+
+    student_logits: (B, C), labels: (B,) int64; labelled: (B,) bool, False where a row trains on soft targets only
+    (unlabelled text, augmented copies) and its label is a placeholder (None: every row is labelled). The mean is over
+    labelled rows, so --alpha_ce weighs the labels alike however much soft-only text a batch holds; none gives 0.
+    """
+    if labelled is None:
+        return F.cross_entropy(student_logits.float(), labels)
+    per_row = F.cross_entropy(student_logits.float(), labels, reduction="none")  # (B,)
+    mask = labelled.to(per_row.dtype)  # (B,)
+    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

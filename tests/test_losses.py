@@ -89,6 +89,17 @@ def test_hard_label_ce_wrong_label_costs_more() -> None:
     assert losses.hard_label_ce(logits, torch.tensor([1])).item() == pytest.approx(-math.log(0.25), rel=1e-6)
 
 
+def test_hard_label_ce_averages_over_labelled_rows_only() -> None:
+    # rows 0 and 2 are labelled: -log(3/4) and -log(1/2), mean over those two; row 1 (soft-only) is not read at all
+    logits = t([[LN3, 0.0], [5.0, -5.0], [0.0, 0.0]])
+    labelled = torch.tensor([True, False, True])
+    value = losses.hard_label_ce(logits, torch.tensor([0, 1, 1]), labelled)
+    assert value.item() == pytest.approx((-math.log(0.75) - math.log(0.5)) / 2, rel=1e-6)
+    assert losses.hard_label_ce(logits, torch.tensor([0, 0, 1]), labelled).item() == value.item()
+    none = losses.hard_label_ce(logits, torch.tensor([0, 1, 1]), torch.tensor([False, False, False]))
+    assert none.item() == 0.0  # a batch of soft-only rows: no cross-entropy, and no nan
+
+
 # --- hidden_cosine ----------------------------------------------------------------------------------------------------
 
 

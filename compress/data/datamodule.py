@@ -95,18 +95,29 @@ class PadCollator:
         lengths = [len(r["input_ids"]) for r in rows]
         batch["attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
         batch["labels"] = torch.tensor([r["label"] for r in rows])
+        labelled = [r.get("labelled", True) for r in rows]
+        if not all(labelled):  # a soft-only row's label (unlabelled text, an augmented copy) is a placeholder no loss
+            # reads; a batch of labelled rows goes without the mask, and trains exactly as it did before there was one
+            batch["labelled"] = torch.tensor(labelled)
         batch["idx"] = torch.tensor([r["idx"] for r in rows])  # row ids: the key for cached teacher outputs
         # Known here for free; on a GPU, transformers would ask the mask itself, a host sync (compress.masks)
         batch["padded"] = min(lengths) < width
         return batch
 
 
-def tokenize(tokenizer, texts: list[tuple[str, ...]], labels: list[int], max_length: int) -> list[dict]:
+def tokenize(tokenizer, texts: list[tuple[str, ...]], labels: list[int] | None, max_length: int,
+             start: int = 0) -> list[dict]:
+    """One dict a row: its token ids, label and row id (`start` + its index: the teacher-logit cache's key).
+    labels=None: soft-only rows, marked unlabelled, with the placeholder label 0."""
+    if not texts:
+        return []
     first = [t[0] for t in texts]
-    second = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
+    second = [t[1] for t in texts] if len(texts[0]) > 1 else None
     enc = tokenizer(first, second, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "label": labels[i], "idx": i} for i in range(len(labels))]
+    marks = {"labelled": False} if labels is None else {}
+    return [{**{k: enc[k][i] for k in keys}, "label": 0 if labels is None else labels[i], "idx": start + i, **marks}
+            for i in range(len(texts))]
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -131,7 +142,10 @@ class TaskDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is None:  # tokenize once, even when Lightning calls setup for fit and validate
-            self.train_rows = tokenize(self.tokenizer, self.task.train_texts, self.task.train_labels, self.max_length)
+            labelled = tokenize(self.tokenizer, self.task.train_texts, self.task.train_labels, self.max_length)
+            # soft-only rows after the labelled ones, drawn into the same shuffled epochs
+            soft = tokenize(self.tokenizer, self.task.soft_texts, None, self.max_length, start=len(labelled))
+            self.train_rows = labelled + soft
             self.dev_rows = tokenize(self.tokenizer, self.task.dev_texts, self.task.dev_labels, self.max_length)
 
     def _loader_kwargs(self) -> dict:

@@ -26,7 +26,7 @@ import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -84,10 +84,20 @@ class TaskData:
     metric: str
     fingerprint: str
     flags: dict = field(default_factory=dict)  # the flags that chose these rows, logged with each run's params
+    soft_texts: list[tuple[str, ...]] = field(default_factory=list)
+    """texts with no label that train on the teacher's soft targets only (distill's --unlabeled, --augment), after
+    the labelled rows"""
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def with_soft_texts(self, texts: list[tuple[str, ...]]) -> "TaskData":
+        """These rows and `texts` added as soft-only rows. The fingerprint covers them, so the teacher-logit cache and
+        a resume tell a run with them from one without."""
+        digest = hashlib.sha256(self.fingerprint.encode())
+        digest.update(json.dumps(texts, ensure_ascii=False).encode())
+        return replace(self, soft_texts=[*self.soft_texts, *texts], fingerprint=digest.hexdigest())
 
 
 def load_task(
@@ -336,26 +346,28 @@ def _find_file(folder: Path, stems: tuple[str, ...]) -> Path:
     return found[0]
 
 
-def _read_table(path: Path, quoting: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]], str | None]:
+def _read_table(path: Path, quoting: str, flag: str = "--data"
+                ) -> tuple[list[str], list[tuple[int, dict[str, Any]]], str | None]:
     """The file's column names, its records, each with its 1-based line number (the header is line 1), and the quoting
-    it was read with: csv or none, None for a .tsv that --quoting auto found no quote in, "" for a .jsonl."""
+    it was read with: csv or none, None for a .tsv that --quoting auto found no quote in, "" for a .jsonl. `flag` names
+    the file in errors (--data, or --unlabeled, which reads its .tsv, .csv and .jsonl files here too)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise CompressError(f"--data: cannot read {path}: {e.strerror}") from None
+        raise CompressError(f"{flag}: cannot read {path}: {e.strerror}") from None
     try:
         # utf-8-sig drops the byte-order mark spreadsheet programs write, which would otherwise glue onto the first
         # column name.
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise CompressError(f"--data: {path} line {line}: not valid UTF-8") from None
+        raise CompressError(f"{flag}: {path} line {line}: not valid UTF-8") from None
     if path.suffix == ".jsonl":
-        return *_read_jsonl(path, text), ""
+        return *_read_jsonl(path, text, flag), ""
     tsv = path.suffix == ".tsv"
     # a .csv is csv-quoted by its format's own rule; a .tsv may be either (GLUE's are raw, pandas' are quoted)
     found = (detect_quoting(text) if tsv else "csv") if quoting == "auto" else quoting
-    return *_read_delimited(path, text, tsv=tsv, quoted=found == "csv"), found
+    return *_read_delimited(path, text, tsv=tsv, quoted=found == "csv", flag=flag), found
 
 
 # A field written with csv quoting: wrapped in quotes, every inner quote doubled (the unrolled form never backtracks)
@@ -391,7 +403,7 @@ def detect_quoting(text: str) -> str | None:
     return "csv" if ragged and '"' not in _WRAPPED_FIELD.sub("", text) else "none"
 
 
-def _read_delimited(path: Path, text: str, *, tsv: bool, quoted: bool
+def _read_delimited(path: Path, text: str, *, tsv: bool, quoted: bool, flag: str = "--data"
                     ) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     # Unquoted, a '"' in a sentence is literal text, not the start of a quoted field (GLUE's TSVs).
     dialect = {"delimiter": "\t" if tsv else ",", **({} if quoted else {"quoting": csv.QUOTE_NONE})}
@@ -413,20 +425,20 @@ def _read_delimited(path: Path, text: str, *, tsv: bool, quoted: bool
                 continue
             if len(row) != len(header):
                 raise CompressError(
-                    f"--data: {path} line {line}: expected {len(header)} {kind} fields ({', '.join(header)}), "
+                    f"{flag}: {path} line {line}: expected {len(header)} {kind} fields ({', '.join(header)}), "
                     f"found {len(row)}"
                 )
             records.append((line, dict(zip(header, row))))
     except csv.Error as e:
-        raise CompressError(f"--data: {path} line {reader.line_num}: {e}") from None
+        raise CompressError(f"{flag}: {path} line {reader.line_num}: {e}") from None
     if header is None:
-        raise CompressError(f"--data: {path} is empty (expected a header line, then one row per example)")
+        raise CompressError(f"{flag}: {path} is empty (expected a header line, then one row per example)")
     if not records:
-        raise CompressError(f"--data: {path} has a header line but no rows")
+        raise CompressError(f"{flag}: {path} has a header line but no rows")
     return header, records
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def _read_jsonl(path: Path, text: str, flag: str = "--data") -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     records = []
     # split("\n") rather than splitlines(): JSON strings may legally hold U+2028 and friends unescaped.
     for line, raw in enumerate(text.split("\n"), start=1):
@@ -435,19 +447,20 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise CompressError(f"--data: {path} line {line}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise CompressError(f"{flag}: {path} line {line}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
-            raise CompressError(f"--data: {path} line {line}: JSON nested too deeply to be an example") from None
+            raise CompressError(f"{flag}: {path} line {line}: JSON nested too deeply to be an example") from None
         if not isinstance(record, dict):
-            raise CompressError(f"--data: {path} line {line}: expected a JSON object, found {_json_type(record)}")
+            raise CompressError(f"{flag}: {path} line {line}: expected a JSON object, found {_json_type(record)}")
         records.append((line, record))
     if not records:
-        raise CompressError(f"--data: {path} is empty (expected one JSON object per line)")
+        raise CompressError(f"{flag}: {path} is empty (expected one JSON object per line)")
     # The first object names the columns; later lines missing one are reported where they are read.
     return list(records[0][1]), records
 
 
-def _text_columns(path: Path, columns: list[str], text_column: str | None) -> tuple[str, ...]:
+def _text_columns(path: Path, columns: list[str], text_column: str | None, flag: str = "--data"
+                  ) -> tuple[str, ...]:
     if text_column is not None:
         wanted = tuple(name.strip() for name in text_column.split(","))
         if len(wanted) > 2 or not all(wanted):
@@ -459,7 +472,7 @@ def _text_columns(path: Path, columns: list[str], text_column: str | None) -> tu
         if all(name in columns for name in candidate):
             return candidate
     raise CompressError(
-        f"--data: {path} has no text column (columns: {', '.join(columns)}); expected sentence or text, or a pair "
+        f"{flag}: {path} has no text column (columns: {', '.join(columns)}); expected sentence or text, or a pair "
         "sentence1+sentence2, question1+question2, question+sentence or premise+hypothesis; "
         "name yours with --text_column"
     )

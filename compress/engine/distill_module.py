@@ -200,7 +200,7 @@ class DistillModule(pl.LightningModule):
                            output_attentions=want_attn)
         terms: dict[str, torch.Tensor] = {}
         if not distilling or w.alpha_ce:
-            terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"])
+            terms["ce"] = losses.hard_label_ce(out.logits, batch["labels"], batch.get("labelled"))
         if distilling:
             t_out, t_logits = self.teacher_logits(batch, want_hidden, want_attn)
             if w.alpha_kd:

@@ -201,6 +201,10 @@ class DistillConfig:
     (accelerate fills the visible GPUs, then CPU memory, then disk, layer by layer) or a JSON file mapping module names
     to a GPU index, "cpu" or "disk". The student trains on one device (--devices 1). The teacher must already have its
     task head. Its latency and the speedup are not measured."""
+    unlabeled: str | None = None
+    """unlabelled in-domain text: a .txt with one text a line, or a .tsv, .csv or .jsonl with the text column (read as
+    --data's files are). Its rows learn from the teacher's soft targets only (no cross-entropy), mixed into every epoch
+    with the labelled rows; texts that are dev texts are dropped and counted. --cache_teacher covers them."""
     teacher_epochs: int = 2
     """epochs when a head-less teacher must be fine-tuned first."""
     teacher_lr: float = 5e-5

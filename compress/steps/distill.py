@@ -28,6 +28,7 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     from dataclasses import replace
 
     from compress.data.tasks import load_task
+    from compress.data.unlabeled import read_unlabeled
     from compress.engine.run import RunModels, RunPlan, TrainConfig, run_training
     from compress.engine.teacher import ensure_task_teacher
     from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier,
@@ -39,6 +40,9 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         "distill", data=data, loss=loss, training=training, runtime=runtime, tracking=tracking, output=output)
     teacher, student, layers = step.teacher, step.student, step.layers
     loss.validate()
+    if step.unlabeled is not None and not (loss.alpha_kd or loss.alpha_hidden or loss.alpha_attn):
+        raise CompressError(f"--unlabeled {step.unlabeled}: its texts learn from the teacher alone, and every teacher "
+                            "loss is off; set --alpha_kd above 0")
     if step.teacher_device_map is not None:
         if str(runtime.devices) not in ("auto", "1") or runtime.strategy != "auto":
             raise CompressError(f"--teacher_device_map {step.teacher_device_map}: the teacher takes the devices "
@@ -55,6 +59,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
 
     task_data = load_task(data.task, data.data, text_column=data.text_column, label_column=data.label_column,
                           max_train=data.max_train, seed=training.seed, quoting=data.quoting)
+    unlabeled = (read_unlabeled(step.unlabeled, task_data, data.text_column, data.quoting)
+                 if step.unlabeled is not None else None)
     teacher_path = resolve_model(teacher, "--teacher")
     teacher_config = load_config(teacher_path, "--teacher")
     check_encoder(teacher_config, "--teacher")
@@ -76,8 +82,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     quiet_libraries()
     teacher_runs_bf16(runtime.accelerator, runtime.precision)  # refuses an unknown --accelerator or --precision now
     # before a teacher is fine-tuned for minutes (--output's default name needs the student)
-    checked = check_run_paths(output.output, reads=(teacher_path, student_path, data.data), tracking=tracking.tracking,
-                              cache=loss.teacher_cache)
+    checked = check_run_paths(output.output, reads=(teacher_path, student_path, data.data, step.unlabeled),
+                              tracking=tracking.tracking, cache=loss.teacher_cache)
     if checked is not None:
         RunState(checked, output.resume, output.overwrite)  # an existing folder without --overwrite, or none to resume
     if not has_task_head(teacher_config, task_data.label_names):
@@ -126,6 +132,16 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
           + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
 
     out = checked if checked is not None else Path(f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
+    soft_params = {}
+    if unlabeled is not None:  # after the teacher's fine-tuning, which learns from labelled rows alone
+        task_data = task_data.with_soft_texts(unlabeled.texts)
+        ratio = unlabeled.ratio(len(task_data.train_labels))
+        print(f"unlabeled: {len(unlabeled.texts):,} texts from {step.unlabeled} ({unlabeled.dev_duplicates:,} dev "
+              f"texts dropped), {ratio:.2f} per labelled row; they learn from the teacher's soft targets only",
+              file=sys.stderr)
+        soft_params = {"unlabeled_rows": len(unlabeled.texts), "unlabeled_dev_duplicates": unlabeled.dev_duplicates,
+                       "unlabeled_ratio": round(ratio, 4)}
+    # keyed by the rows, unlabelled ones included: the teacher scores each of them once per key
     cache_file = (logit_cache.file_for_run(Path(loss.teacher_cache), teacher_path, task_data, tokenizer, cfg)
                   if loss.cache_teacher else None)
     plan = RunPlan(
@@ -136,7 +152,7 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                 "alpha_ce": loss.alpha_ce, "alpha_hidden": loss.alpha_hidden, "alpha_attn": loss.alpha_attn,
                 "cache_teacher": loss.cache_teacher, "teacher_device_map": step.teacher_device_map or "",
                 "teacher_epochs": step.teacher_epochs, "teacher_lr": step.teacher_lr,
-                "teacher_cache": loss.teacher_cache},
+                "teacher_cache": loss.teacher_cache, "unlabeled": step.unlabeled or "", **soft_params},
         lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
     )
     models = RunModels(student=student_model, tokenizer=tokenizer, teacher=teacher_model, cache_file=cache_file)
