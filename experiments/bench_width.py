@@ -7,6 +7,8 @@
 Per seed, real compress runs from the fine-tuned TEACHER, each its own MLflow run under OUT/mlruns:
   student        distill --layers L (or --student FOLDER, one model for every seed)
   + vocab        prune --vocab of the student, no recovery (logits are unchanged on text whose tokens were kept)
+  + vocab min    the same keeping only tokens the training texts produce --vocab-min-count times (5), as every
+                 row after it does
   + heads/FFN    prune --heads R --ffn R --vocab of the student, recovered by distilling from it
   + hidden 0.25  the same with --hidden 0.25
   + hidden 0.5   the same with --hidden 0.5 (the whole chain)
@@ -29,10 +31,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("student", "+ vocab", "+ heads/FFN", "+ hidden 0.25", "+ hidden 0.5", "chain int8")
-# each prune row of the chain: (row, the flags beyond --vocab); the ratio of heads and FFN comes from --ratio
-CUTS = (("+ vocab", {}), ("+ heads/FFN", {"hf": True}), ("+ hidden 0.25", {"hf": True, "hidden": 0.25}),
-        ("+ hidden 0.5", {"hf": True, "hidden": 0.5}))
+ROWS = ("student", "+ vocab", "+ vocab min", "+ heads/FFN", "+ hidden 0.25", "+ hidden 0.5", "chain int8")
+# each prune row of the chain: (row, the flags beyond --vocab); the ratio of heads and FFN comes from --ratio, and
+# every row after "+ vocab" keeps only the tokens the training texts produce --vocab-min-count times
+CUTS = (("+ vocab", {}), ("+ vocab min", {"min": True}), ("+ heads/FFN", {"hf": True, "min": True}),
+        ("+ hidden 0.25", {"hf": True, "min": True, "hidden": 0.25}),
+        ("+ hidden 0.5", {"hf": True, "min": True, "hidden": 0.5}))
 
 
 def run_seed(teacher: str, source: dict, out: Path, args, seed: int) -> dict[str, dict]:
@@ -62,8 +66,9 @@ def run_seed(teacher: str, source: dict, out: Path, args, seed: int) -> dict[str
             output=OutputConfig(output=student, overwrite=True)))
     for name, cut in CUTS:
         ratio = args.ratio if cut.get("hf") else 0.0
-        step = PruneConfig(model=student, heads=ratio, ffn=ratio, hidden=cut.get("hidden", 0.0), vocab=True)
-        epochs = args.recover_epochs if cut else 0  # the vocabulary alone needs no recovery
+        step = PruneConfig(model=student, heads=ratio, ffn=ratio, hidden=cut.get("hidden", 0.0), vocab=True,
+                           vocab_min_count=args.vocab_min_count if cut.get("min") else 1)
+        epochs = args.recover_epochs if cut.get("hf") else 0  # the vocabulary alone needs no recovery
         folder = out / name.strip("+ ").replace(" ", "-").replace("/", "-")
         timed(name, lambda step=step, epochs=epochs, folder=folder: compress.prune(
             step, data, training=TrainingConfig(epochs=epochs, seed=seed), **common,
@@ -143,6 +148,8 @@ def main() -> None:
                                                                  "distill's)")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of heads and of FFN neurons pruned")
     parser.add_argument("--recover-epochs", type=int, default=2)
+    parser.add_argument("--vocab-min-count", type=int, default=5, help="the '+ vocab min' row and every row after it "
+                                                                       "keep only training tokens seen this often")
     parser.add_argument("--max-train", type=int, default=None, help="train rows (default: all)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence in the timing")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds; more than one prints mean and sd")

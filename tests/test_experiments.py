@@ -90,17 +90,19 @@ def test_bench_width_tiny_cuts_each_row_further_and_times_them_with_the_teacher(
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_width.py"), "--tiny"],
                           capture_output=True, text=True, env=env, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")][-7:] == [
-        "teacher", "student", "+ vocab", "+ heads/FFN", "+ hidden 0.25", "+ hidden 0.5", "chain int8"]
+    assert [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")][-8:] == [
+        "teacher", "student", "+ vocab", "+ vocab min", "+ heads/FFN", "+ hidden 0.25", "+ hidden 0.5", "chain int8"]
     written = Path(re.search(r"written: (\S+)", done.stderr).group(1))
     result = json.loads(written.read_text())
     params = [result["sizes"][name]["params"] for name in ("teacher", "student", "+ vocab", "+ heads/FFN",
                                                            "+ hidden 0.25", "+ hidden 0.5")]
     assert params == sorted(params, reverse=True) and len(set(params)) == len(params)
     runs = result["runs"]["42"]
-    # the tiny teacher is 64 wide; the vocabulary loses exactly the 4 words the rows never use, 64 values each
+    # the tiny teacher is 64 wide; the vocabulary loses exactly the 4 words the rows never use, 64 values each, and
+    # every word of the synthetic rows occurs more than --vocab-min-count times, so the min-count cut is the same
     assert params[1] - params[2] == 4 * 64 and runs["+ vocab"]["unk_rate"] == 0.0
+    assert result["sizes"]["+ vocab min"]["params"] == params[2]
     assert [runs[name]["hidden_size"] for name in ("+ heads/FFN", "+ hidden 0.25", "+ hidden 0.5")] == [64, 48, 32]
     assert runs["chain int8"]["parity_max_abs_diff"] <= 1e-4 and "int8_score" in runs["chain int8"]
-    assert set(result["latency"]) == {"teacher", "student", "+ vocab", "+ heads/FFN", "+ hidden 0.25",
-                                      "+ hidden 0.5", "chain onnx", "chain int8"}
+    assert set(result["latency"]) == {"teacher", "student", "+ vocab", "+ vocab min", "+ heads/FFN",
+                                      "+ hidden 0.25", "+ hidden 0.5", "chain onnx", "chain int8"}

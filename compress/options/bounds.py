@@ -57,6 +57,7 @@ BOUNDS: dict[str, Bound] = {
     "calibration": _at_least(1, "training rows that fit the shared weights"),
     "importance_batches": _at_least(1),
     "vocab_top": _at_least(0, "corpus tokens kept beyond the training texts'"),
+    "vocab_min_count": _at_least(1, "times a training token must occur to be kept"),
     # measurement
     **dict.fromkeys(("latency_reps", "latency_batch", "latency_seq"), _at_least(1)),
     # NumPy's generator, which Lightning seeds, takes 0 to 2**32 - 1; a search offsets its sampler's seed per worker

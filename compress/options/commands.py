@@ -71,9 +71,9 @@ COMMANDS: dict[str, Command] = {
                 "with trust_remote_code=True.",
         groups={"step": PruneConfig, "loss": LossConfig, **_TRAINING_GROUPS},
         flags=("model", *_DATA, "heads", "ffn", "hidden", "drop_layers", "criterion", "scope", "sparsity", "vocab",
-               "vocab_corpus", "vocab_top", "recover_epochs", "importance_batches", "output", *_TRAINING, *_LOSS,
-               "cache_teacher", "teacher_cache", "max_length", "max_train", *_COLUMNS, *_RUN, "tracking",
-               "experiment", "resume", "overwrite"),
+               "vocab_corpus", "vocab_top", "vocab_min_count", "recover_epochs", "importance_batches", "output",
+               *_TRAINING, *_LOSS, "cache_teacher", "teacher_cache", "max_length", "max_train", *_COLUMNS, *_RUN,
+               "tracking", "experiment", "resume", "overwrite"),
         defaults={"recover_epochs": 2},
         helps={"recover_epochs": "epochs of distillation from the parent after pruning; 0 saves the pruned model as "
                                  "is.",

@@ -264,12 +264,17 @@ class PruneConfig:
     rows)."""
     vocab_top: int | None = None
     """with --vocab_corpus: keep only its N most frequent tokens beyond those the training texts produce."""
+    vocab_min_count: int = 1
+    """with --vocab: keep only the tokens the training texts produce at least N times (1: all of them). A rarer word
+    is then spelled from smaller kept pieces (every single-character piece of the training texts is kept), so its
+    text no longer gets exactly the parent's logits; unk_rate and dropped_rate say how much dev text that touches."""
 
     def validate(self) -> None:
         check_choice("criterion", self.criterion)
         check_choice("scope", self.scope)
         check_all(heads=self.heads, ffn=self.ffn, hidden=self.hidden, sparsity=self.sparsity,
-                  importance_batches=self.importance_batches, vocab_top=self.vocab_top)
+                  importance_batches=self.importance_batches, vocab_top=self.vocab_top,
+                  vocab_min_count=self.vocab_min_count)
 
 
 @dataclass

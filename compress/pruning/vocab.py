@@ -146,8 +146,22 @@ def _complete(tokenizer, data: dict, kept: Iterable[int]) -> set[int]:
     return _bpe_closure(data, done) if data["model"]["type"] == "BPE" else done
 
 
+def _character_pieces(tokenizer, data: dict, texts: list[Text]) -> set[int]:
+    """The ids of the one-character WordPiece pieces (`x`, and `##x` with the model's prefix) of every character
+    the texts hold after the tokenizer's normalizer (lower-casing, accent stripping), so any word of those
+    characters can still be spelled."""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    chars = set()
+    for text in texts:
+        for part in ((text,) if isinstance(text, str) else text):
+            chars |= set(normalizer.normalize_str(part) if normalizer is not None else part)
+    prefix = data["model"].get("continuing_subword_prefix", "##")
+    vocab = data["model"]["vocab"]
+    return {vocab[piece] for c in chars if not c.isspace() for piece in (c, prefix + c) if piece in vocab}
+
+
 def kept_ids(tokenizer, train_texts: Iterable[Text], *, corpus_texts: Iterable[Text] = (),
-             top_n: int | None = None) -> list[int]:
+             top_n: int | None = None, min_count: int = 1) -> list[int]:
     """The ids a pruned vocabulary keeps, ascending (so [PAD] = 0 stays 0).
 
     Kept: every special token of the tokenizer; every id the training texts produce; and the ids of `corpus_texts`
@@ -157,9 +171,20 @@ def kept_ids(tokenizer, train_texts: Iterable[Text], *, corpus_texts: Iterable[T
     tokens, so it needs a non-empty corpus. For byte-level BPE the list also holds what `prune_vocabulary` needs to
     keep the merges consistent (the parts of each kept token's merges and the 256-byte alphabet), so
     len(result) is the pruned vocabulary's size in every case.
+
+    `min_count` (--vocab_min_count N) keeps only the training ids produced at least N times. A rarer word is then
+    spelled from smaller kept pieces: for WordPiece the single-character pieces (`x` and `##x`) of every character
+    in the training texts are kept for that, so it falls back to [UNK] only where a character itself is missing;
+    byte-level BPE always keeps its byte alphabet. A text whose tokens were all kept still tokenizes as before.
     """
+    if min_count < 1:
+        raise CompressError(f"--vocab_min_count {min_count}: give 1 (every training token) or more")
     data = _backend_json(tokenizer)
-    kept = set(tokenizer.all_special_ids) | set(count_tokens(tokenizer, train_texts))
+    train_texts = list(train_texts)
+    counts = count_tokens(tokenizer, train_texts)
+    kept = set(tokenizer.all_special_ids) | {i for i, n in counts.items() if n >= min_count}
+    if min_count > 1 and data["model"]["type"] == "WordPiece":
+        kept |= _character_pieces(tokenizer, data, train_texts)
     corpus = count_tokens(tokenizer, corpus_texts)
     extra = [i for i in corpus if i not in kept]
     if top_n is not None:

@@ -50,8 +50,9 @@ def prune(step: PruneConfig, data: DataConfig | None = None, loss: LossConfig | 
     check_all(recover_epochs=training.epochs)
     step.validate()
     loss.validate(training=training.epochs > 0)
-    if not step.vocab and (step.vocab_corpus is not None or step.vocab_top is not None):
-        raise CompressError("--vocab_corpus and --vocab_top choose what --vocab keeps: give --vocab with them")
+    if not step.vocab and (step.vocab_corpus is not None or step.vocab_top is not None or step.vocab_min_count != 1):
+        raise CompressError("--vocab_corpus, --vocab_top and --vocab_min_count choose what --vocab keeps: give --vocab "
+                            "with them")
     if not _structural(step) and not step.vocab:
         raise CompressError("nothing to prune: give --heads, --ffn, --hidden, --drop_layers, --sparsity or --vocab")
     if step.vocab_top is not None and step.vocab_corpus is None:
@@ -132,7 +133,7 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     parent = load_classifier(path, task_data.label_names, "--model").eval()
     tokenizer = load_tokenizer(path, "--model", parent.config, cfg.max_length)
     # what --vocab keeps, now: a tokenizer it cannot rewrite, or texts that use every token, fail before any work
-    kept = _vocab_kept(parent, tokenizer, task_data, corpus, step.vocab_top) if step.vocab else None
+    kept = _vocab_kept(parent, tokenizer, task_data, corpus, step) if step.vocab else None
     # a vocabulary cut alone keeps the parent's class (a BERT stays a BERT, loaded without compress)
     student = from_bert(parent) if _structural(step) else parent
     if student is parent:  # already a CompressBert, or nothing structural: prune a copy, the parent stays the teacher
@@ -190,7 +191,8 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
                "scope": scope, "sparsity_requested": sparsity, "importance_batches": step.importance_batches,
                "heads_per_layer": str(head_layers), "ffn_per_layer": str(ffn_layers)}
     if step.vocab:
-        pruning |= {"vocab": True, "vocab_corpus": step.vocab_corpus or "", "vocab_top": step.vocab_top}
+        pruning |= {"vocab": True, "vocab_corpus": step.vocab_corpus or "", "vocab_top": step.vocab_top,
+                    "vocab_min_count": step.vocab_min_count}
         if not _structural(step) and cfg.training.epochs:
             print(f"note: --vocab alone leaves the logits of kept text as they were, so it needs no recovery; the "
                   f"{cfg.training.epochs} recovery epoch(s) train the copy on its parent (--recover_epochs 0 skips "
@@ -214,12 +216,13 @@ def _prune(step: PruneConfig, path: str, cuts: tuple[list[int], list[str]], acce
     return result
 
 
-def _vocab_kept(parent, tokenizer, task_data, corpus: list[str], top: int | None) -> list[int]:
+def _vocab_kept(parent, tokenizer, task_data, corpus: list[str], step: PruneConfig) -> list[int]:
     """The ids --vocab keeps (the training texts', the corpus's), refused now, not after recovery, if the cut cannot
     be made (a tokenizer it cannot rewrite, texts that use every token)."""
     from compress.pruning import kept_ids, pruned_order
 
-    kept = kept_ids(tokenizer, task_data.train_texts, corpus_texts=corpus, top_n=top)
+    kept = kept_ids(tokenizer, task_data.train_texts, corpus_texts=corpus, top_n=step.vocab_top,
+                    min_count=step.vocab_min_count)
     pruned_order(parent, tokenizer, kept)
     return kept
 

@@ -338,3 +338,34 @@ def test_minilm_pruned_to_bbc_news_training_texts_keeps_its_logits(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(**after).logits, parent(**before).logits)
     assert unk_rate(pruned, dev, tokenizer) < 1e-3
+
+
+def test_min_count_keeps_frequent_tokens_and_the_pieces_that_spell_the_rest():
+    """--vocab_min_count 2: "movie" (twice) stays, "film" (once) goes and is spelled from the kept one-character
+    pieces of the training texts' characters; a text of kept tokens tokenizes exactly as before."""
+    from transformers import BertTokenizerFast
+
+    chars = sorted(set("the movie film"))
+    pieces = [c for c in chars if c != " "] + [f"##{c}" for c in chars if c != " "]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film", "good", *pieces, "q", "##q"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    ids = {w: i for i, w in enumerate(vocab)}
+    kept = kept_ids(tokenizer, ["The movie", "the MOVIE film"], min_count=2)
+    assert {ids["the"], ids["movie"]} <= set(kept) and ids["film"] not in kept and ids["good"] not in kept
+    assert ids["q"] not in kept and ids["##q"] not in kept  # no training text holds a q
+    assert {ids["f"], ids["##i"], ids["##l"], ids["##m"]} <= set(kept)
+    new, pruned, _ = prune_vocabulary(_tiny_model_for(tokenizer), tokenizer, kept)
+    assert pruned.convert_ids_to_tokens(pruned("film")["input_ids"]) == ["[CLS]", "f", "##i", "##l", "##m", "[SEP]"]
+    assert pruned.convert_ids_to_tokens(pruned("the movie")["input_ids"]) == ["[CLS]", "the", "movie", "[SEP]"]
+    assert kept_ids(tokenizer, ["The movie", "the MOVIE film"], min_count=1) == sorted(
+        {ids[w] for w in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "film")})
+    with pytest.raises(CompressError, match="--vocab_min_count 0"):
+        kept_ids(tokenizer, ["the movie"], min_count=0)
+
+
+def _tiny_model_for(tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16)
+    return BertForSequenceClassification(config)

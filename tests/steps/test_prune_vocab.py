@@ -88,7 +88,9 @@ def test_a_search_step_with_vocab_alone_runs_prune() -> None:
 
 @pytest.mark.parametrize(("extra", "says"), [
     (["--vocab", "--vocab_corpus", "missing.txt"], "--vocab_corpus missing.txt: no such file"),
-    (["--vocab_top", "5"], "--vocab_corpus and --vocab_top choose what --vocab keeps"),
+    (["--vocab_top", "5"], "--vocab_corpus, --vocab_top and --vocab_min_count choose what --vocab keeps"),
+    (["--vocab_min_count", "3"], "--vocab_corpus, --vocab_top and --vocab_min_count choose what --vocab keeps"),
+    (["--vocab", "--vocab_min_count", "0"], "--vocab_min_count 0: must be at least 1"),
     (["--vocab", "--vocab_top", "5"], "--vocab_top 5: it keeps the most frequent tokens of --vocab_corpus"),
     (["--vocab", "--vocab_top", "-1"], "--vocab_top -1: must be at least 0"),
 ])
