@@ -19,7 +19,7 @@ from pathlib import Path
 from compress.infra.errors import CompressError
 from compress.infra.tracking import DEFAULT_STORAGE
 from compress.search.study import check_storage
-from compress.infra.tracking import DEFAULT_TRACKING, check_tracking, shown, sqlite_file
+from compress.infra.tracking import DEFAULT_TRACKING, check_tracking, experiment_link, shown, sqlite_file
 
 HOST = "127.0.0.1"  # local only: reach it from elsewhere through an SSH tunnel, not by opening the port
 START_TIMEOUT_S = 180  # MLflow answers after about 13 s on an idle machine; a busy one takes longer
@@ -92,14 +92,15 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _experiments(base: str) -> list[tuple[str, str]]:
-    """(name, id) of the store's experiments, through the server's REST API."""
+def _experiments(base: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, id, tags) of the store's experiments, through the server's REST API."""
     import json
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=50", timeout=10) as r:
-            return [(e["name"], e["experiment_id"]) for e in json.load(r).get("experiments", [])]
+            return [(e["name"], e["experiment_id"], {t["key"]: t.get("value", "") for t in e.get("tags", [])})
+                    for e in json.load(r).get("experiments", [])]
     except (OSError, ValueError, KeyError):
         return []
 
@@ -112,8 +113,9 @@ def ui(
 ) -> None:
     """Open the MLflow UI on compress's runs, or optuna-dashboard on its search studies, until Ctrl-C.
 
-    Binds to 127.0.0.1 only. Search studies read best in MLflow as a parent run per study with one nested run per
-    trial; compare them by student_score, student_params and latency_ms, and open the parent's pareto_front.png.
+    Binds to 127.0.0.1 only. The link printed for each experiment opens its runs table in MLflow's Model training
+    view, with the student's score, retention, parameters, MB, latency and speed-up as its columns. Search studies
+    read best there as a parent run per study with one nested run per trial; open the parent's pareto_front.png.
 
     Args:
         tracking: MLflow tracking URI whose runs to show (default: sqlite under ./mlruns, where every command logs).
@@ -184,9 +186,10 @@ def ui(
             time.sleep(0.5)
         print(f"{what}: {base}  (Ctrl-C stops it)", flush=True)
         if not dashboard:
-            for name, exp_id in _experiments(base):
-                # the runs table: MLflow 3's experiment landing page is its GenAI overview (traces), empty here
-                print(f"  experiment {name}: {base}/#/experiments/{exp_id}/runs", flush=True)
+            for name, exp_id, tags in _experiments(base):
+                # the runs table in the Model training view: MLflow 3's experiment landing page is its GenAI
+                # overview (traces), empty here
+                print(f"  experiment {name}: {experiment_link(base, exp_id, tags)}", flush=True)
         proc.wait()
         raise CompressError(f"{cmd[0]} stopped by itself (exit code {proc.returncode}): {_tail(log)}")
     except KeyboardInterrupt:

@@ -170,7 +170,7 @@ class _Run:
         from compress.data.datamodule import TaskDataModule
         from compress.engine.distill_module import DistillModule
         from compress.engine.trainer import build_trainer, resolve_accelerator, resolve_precision
-        from compress.infra.tracking import make_logger, run_tags
+        from compress.infra.tracking import log_task_data, make_logger, run_tags
 
         training, runtime = cfg.training, cfg.runtime
         accelerator = resolve_accelerator(runtime.accelerator)
@@ -199,6 +199,7 @@ class _Run:
                                compile=runtime.compile)
         logger = make_logger(tracking.tracking, tracking.experiment, plan.name,
                              run_tags(accelerator, plan.command) | hooks.tags, run_id=saved.get("run_id"))
+        log_task_data(logger, task)  # the run's page lists the train and dev rows it was given
         state.write(run_id=logger.run_id, params=all_params, inputs=inputs)
         if not saved.get("params_logged"):  # MLflow refuses to log a param twice with another value; once is enough
             logger.log_hyperparams(all_params)
@@ -299,7 +300,8 @@ def _save(plan: RunPlan, student, teacher, tokenizer, task, metrics: dict, logge
         lineage = {"command": plan.command, "task": task.name, "metric": task.metric, "label_names": task.label_names,
                    "mlflow_run_id": logger.run_id, "tracking": shown(tracking), "metrics": metrics, **plan.lineage}
         write_lineage(tmp, lineage)
-        log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model")
+        log_final(logger, metrics, artifact_dir=str(tmp), artifact_path="model", model=(plan.output.name, plan.command),
+                  task=task)
     return lineage
 
 

@@ -1,5 +1,8 @@
 """MLflow: where runs go, what every run is tagged with, and the final metrics every command logs.
 
+What each run logs beside them (its data as dataset inputs, its model as a logged model) and how its experiment is
+tagged are what MLflow 3's UI needs to open on training runs, with compress's metrics as the runs table's columns.
+
 The store defaults to sqlite under ./mlruns (MLflow 3 refuses the bare file store), with artifacts beside it.
 """
 
@@ -351,15 +354,152 @@ def make_logger(uri: str, experiment: str, run_name: str, tags: dict[str, str], 
         artifact_location=artifacts, log_model=False,
     )
     _ = logger.experiment  # create the run now, so its id exists before training starts
+    client = _client_of(logger)
+    if client is not None:
+        tag_experiment(client, logger.experiment_id)
     return logger
 
 
 def log_final(logger, metrics: dict[str, float], params: dict[str, object] | None = None,
-              artifact_dir: str | None = None, artifact_path: str = "model") -> None:
-    client, run_id = logger.experiment, logger.run_id
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value))
+              artifact_dir: str | None = None, artifact_path: str = "model", model: tuple[str, str] | None = None,
+              task=None) -> str | None:
+    """Log a run's final metrics, params and model folder; return the id of its logged model.
+
+    `model` (name, type: the output folder and the command) makes the folder an MLflow 3 logged model, the run's
+    output, so the run's page lists it and its metrics attach to it; the scores measured on `task`'s dev rows are
+    tied to that dataset. The logged model is external: its weights are the run's `artifact_path` folder, uploaded
+    once, which export --run reads, not a second copy hundreds of MB large."""
+    client, run_id = _client_of(logger), logger.run_id
+    if client is None:  # a DDP rank other than 0: Lightning's stand-in logs nothing
+        return None
+    model_id = _logged_model(client, run_id, *model, artifact_path) if model else None
+    dev = task_dataset(task, "dev") if task is not None else None
+    client.log_batch(run_id, metrics=[_metric(key, value, model_id, dev) for key, value in metrics.items()])
     for key, value in (params or {}).items():
         client.log_param(run_id, key, value)
     if artifact_dir:
         client.log_artifacts(run_id, artifact_dir, artifact_path)
+    if model_id:
+        from mlflow.entities import LoggedModelOutput
+
+        client.finalize_logged_model(model_id, "READY")  # its weights are uploaded: it can be used now
+        outputs = client.get_run(run_id).outputs
+        if model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:  # MLflow refuses twice
+            client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    return model_id
+
+
+def _client_of(logger):
+    """The MlflowClient of a Lightning MLFlowLogger, or None on a DDP rank other than 0, where Lightning hands out a
+    stand-in whose every method returns None (and, on --resume, a run id all the same)."""
+    from mlflow import MlflowClient
+
+    return logger.experiment if isinstance(logger.experiment, MlflowClient) else None
+
+
+# MLflow 3 opens an experiment on its GenAI pages (traces, an assistant), where a training run's metrics are nowhere.
+# MLflow 3 UIs without a GenAI / Model training switch choose by the experiment's kind tag. 3.18's has the switch
+# and ignores the tag; the switch is per browser and starts on GenAI, and a link sets it with
+# ?workflowType=machine_learning (experiment_link).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# What a compression user compares runs by: the student's score and its retention of the teacher's, its size, and its
+# latency (p50) and speed-up over the teacher. The runs table shows no metric until it is chosen, and the chosen
+# columns live in each browser; a shared view (a tag the link names with ?viewStateShareKey) is the one place a store
+# can choose them.
+REVIEW_METRICS = ("student_score", "retention", "student_params", "student_mb", "latency_ms", "speedup")
+VIEW_KEY = "compress"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+# The metrics scored on the dev rows, tied to that dataset on the logged model; sizes and latencies depend on no data.
+SCORED_ON_DEV = ("student_score", "teacher_score", "retention")
+
+
+def review_view() -> str:
+    """The shared view compress's experiments open in: the review metrics first, then the model and the datasets
+    (columns as the UI names them, attributes.`Models` and metrics.`student_score`)."""
+    import json
+
+    columns = [f"metrics.`{key}`" for key in REVIEW_METRICS] + ["attributes.`Models`", "attributes.`Dataset`"]
+    # the default width cuts "student_params" short
+    return json.dumps({"selectedColumns": columns, "columnOrder": columns,
+                       "columnWidths": {"metrics.`student_params`": 140}})
+
+
+def tag_experiment(client, experiment_id: str) -> None:
+    """Mark an experiment as model training, unless its owner chose a kind, and give it compress's runs-table view."""
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    if tags.get(VIEW_TAG) != review_view():
+        client.set_experiment_tag(experiment_id, VIEW_TAG, review_view())
+
+
+def experiment_link(base: str, experiment_id: str, tags: dict[str, str]) -> str:
+    """The URL of an experiment's runs table in the Model training view, in compress's columns where the experiment
+    has them: a link naming a view it lacks makes the UI fall back to its GenAI overview, with an error."""
+    view = f"&viewStateShareKey={VIEW_KEY}" if VIEW_TAG in tags else ""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning{view}"
+
+
+def task_dataset(task, split: str):
+    """One split ("train" or "dev") of a task (compress.data's TaskData) as an MLflow dataset: named for the task
+    and split, with a digest of its rows and labels, the folder it was read from (else the task's name), its
+    columns, and its row and label counts."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset
+
+    texts, labels = (task.train_texts, task.train_labels) if split == "train" else (task.dev_texts, task.dev_labels)
+    digest = hashlib.sha256(json.dumps([texts, labels], ensure_ascii=False).encode()).hexdigest()[:12]
+    folder = task.flags.get("data")
+    source_type, source = ("local", {"uri": str(Path(folder).resolve())}) if folder else (
+        "code", {"tags": {"compress.task": task.name}})
+    fields = len(texts[0]) if texts else 1
+    text = ["text"] if fields == 1 else [f"text_{i + 1}" for i in range(fields)]
+    schema = [{"type": "string", "name": name, "required": True} for name in text]
+    schema.append({"type": "long", "name": "label", "required": True})
+    return Dataset(name=f"{task.name} {split}", digest=digest, source_type=source_type, source=json.dumps(source),
+                   schema=json.dumps({"mlflow_colspec": schema}),
+                   profile=json.dumps({"num_rows": len(labels), "num_labels": task.num_labels}))
+
+
+def log_task_data(logger, task) -> None:
+    """Log a task's train and dev rows as the run's dataset inputs (contexts training and eval). MLflow keeps one of
+    each per run, so a resumed run logs them again harmlessly."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client = _client_of(logger)
+    if client is None:
+        return
+    inputs = [DatasetInput(task_dataset(task, split), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+              for split, context in (("train", "training"), ("dev", "eval"))]
+    client.log_inputs(logger.run_id, datasets=inputs)
+
+
+def _logged_model(client, run_id: str, name: str, model_type: str, artifact_path: str) -> str:
+    """The id of the run's logged model, created (PENDING until its weights are uploaded) unless a resumed run made
+    it already. MLflow refuses / : . % and quotes in its name."""
+    import re
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    made = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1)
+    if made:
+        return made[0].model_id
+    name = re.sub(r"[/:.%\"']+", "-", name).strip("-") or "model"
+    tags = {MLFLOW_MODEL_IS_EXTERNAL: "true", "compress.weights": f"runs:/{run_id}/{artifact_path}"}
+    return client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags,
+                                      model_type=model_type).model_id
+
+
+def _metric(key: str, value: float, model_id: str | None, dev):
+    import time
+
+    from mlflow.entities import Metric
+
+    scored = dev is not None and key in SCORED_ON_DEV
+    return Metric(key, float(value), int(time.time() * 1000), 0, model_id=model_id,
+                  dataset_name=dev.name if scored else None, dataset_digest=dev.digest if scored else None)

@@ -17,6 +17,7 @@ import pytest
 from helpers import ROOT
 
 from compress.cli.main import main
+from compress.infra.tracking import REVIEW_METRICS
 
 
 def free_port() -> int:
@@ -64,48 +65,80 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return code, proc.stderr.read()
 
 
+# A distill run's final metrics, as engine.run logs them
+FINAL = {"student_score": 0.9, "teacher_score": 0.95, "retention": 0.947, "student_params": 1_234_567,
+         "student_mb": 4.7, "latency_ms": 2.5, "teacher_latency_ms": 7.5, "speedup": 3.0}
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    """A compress-layout MLflow store (sqlite + artifacts beside it) with one experiment, one run, one artifact."""
+    """A compress-layout MLflow store (sqlite + artifacts beside it) with one experiment, tagged as compress tags
+    its own, and one distill run logged as engine.run logs it: the task's data, its final metrics, its model folder
+    as a logged model; and one more artifact."""
+    from types import SimpleNamespace
+
     from mlflow import MlflowClient
 
-    from compress.infra.tracking import _prepare_store
+    from compress.data.tasks import TaskData
+    from compress.infra.tracking import _prepare_store, log_final, log_task_data, tag_experiment
 
     root = tmp_path_factory.mktemp("ui")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("compress-ui-test", artifact_location=_prepare_store(uri))
+    tag_experiment(client, exp)
     run = client.create_run(exp, run_name="distill L3 T=4")
-    client.log_metric(run.info.run_id, "student_score", 0.9)
+    logger = SimpleNamespace(experiment=client, run_id=run.info.run_id)  # what tracking reads of Lightning's logger
+    task = TaskData(name="tiny-news", train_texts=[("a",), ("b",), ("c",)], train_labels=[0, 1, 0],
+                    dev_texts=[("d",), ("e",)], dev_labels=[1, 0], label_names=["x", "y"], metric="accuracy",
+                    fingerprint="f", flags={"data": str(root)})
+    log_task_data(logger, task)
+    (root / "student").mkdir()
+    (root / "student" / "config.json").write_text("{}")
+    log_final(logger, FINAL, artifact_dir=str(root / "student"), model=("student-L3", "distill"), task=task)
     (root / "pareto_front.csv").write_text("trial,score\n0,0.9\n")
     client.log_artifact(run.info.run_id, str(root / "pareto_front.csv"))
     client.set_terminated(run.info.run_id)
     return root
 
 
-def test_ui_answers_health_lists_the_experiment_and_stops_on_ctrl_c(store):
+@pytest.fixture(scope="module")
+def mlflow_ui(store):
+    """`compress ui` on the store, started once for the module's tests (MLflow takes 10-20 s to answer), with what
+    it printed (its URL line, then one line per experiment); stopped with Ctrl-C after them, which must stop it and
+    its workers cleanly."""
     port = free_port()
     proc, lines = start_ui(["--port", str(port)], cwd=store)  # the default --tracking: ./mlruns/mlflow.db
     base = f"http://127.0.0.1:{port}"
     try:
-        assert f"MLflow UI on sqlite:///mlruns/mlflow.db: {base}  (Ctrl-C stops it)" in lines
-        assert get(base + "/health") == b"OK"
-        found = json.loads(get(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=compress-ui-test"))
-        exp_id = found["experiment"]["experiment_id"]
-        printed = lines + [proc.stdout.readline().strip() for _ in range(2)]  # compress-ui-test and Default
-        assert f"experiment compress-ui-test: {base}/#/experiments/{exp_id}/runs" in printed
-        runs = json.loads(urllib.request.urlopen(urllib.request.Request(
-            base + "/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp_id]}).encode(),
-            headers={"Content-Type": "application/json"}), timeout=10).read())["runs"]
-        run_id = runs[0]["info"]["run_id"]
-        # the artifact is served to the UI from the store's artifact folder
-        assert get(f"{base}/get-artifact?path=pareto_front.csv&run_uuid={run_id}") == b"trial,score\n0,0.9\n"
-        assert get(base + "/").startswith(b"<!doctype html>") or b"<html" in get(base + "/")[:200].lower()
+        lines += [proc.stdout.readline().strip() for _ in range(2)]  # compress-ui-test and Default
+        yield base, lines
     finally:
         code, err = stop(proc)
     assert code == 0, err
     assert "stopped" in err and "Traceback" not in err
     assert not answers(base + "/health")
+
+
+def search_runs(base: str, exp_id: str) -> list[dict]:
+    return json.loads(urllib.request.urlopen(urllib.request.Request(
+        base + "/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+        headers={"Content-Type": "application/json"}), timeout=10).read())["runs"]
+
+
+def test_ui_answers_health_and_lists_the_experiment(mlflow_ui):
+    base, printed = mlflow_ui
+    assert f"MLflow UI on sqlite:///mlruns/mlflow.db: {base}  (Ctrl-C stops it)" in printed
+    assert get(base + "/health") == b"OK"
+    found = json.loads(get(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=compress-ui-test"))
+    exp_id = found["experiment"]["experiment_id"]
+    # the runs table in the Model training view, in compress's columns (test_the_pages_a_user_reviews_...)
+    assert (f"experiment compress-ui-test: {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=compress") in printed
+    run_id = search_runs(base, exp_id)[0]["info"]["run_id"]
+    # the artifact is served to the UI from the store's artifact folder
+    assert get(f"{base}/get-artifact?path=pareto_front.csv&run_uuid={run_id}") == b"trial,score\n0,0.9\n"
+    assert get(base + "/").startswith(b"<!doctype html>") or b"<html" in get(base + "/")[:200].lower()
 
 
 def test_ui_dashboard_serves_the_studies(tmp_path):
@@ -180,22 +213,49 @@ def chromium() -> str:
     return found
 
 
-def test_the_experiment_page_renders_in_headless_chromium(chromium, store, tmp_path):
-    """The page a user opens from `compress ui`'s printed link lists the run by name, and screenshots non-blank."""
-    port = free_port()
-    proc, lines = start_ui(["--port", str(port)], cwd=store)
-    shot = tmp_path / "experiment.png"
-    # the background-networking flags stop Chromium reaching for Google's hosts, which this machine refuses
+def page_text(dom: str) -> str:
+    """The text a user reads on a page Chromium rendered: its markup, scripts and styles dropped, spaces collapsed."""
+    import html
+    import re
+
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.DOTALL)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def test_the_pages_a_user_reviews_render_in_headless_chromium(chromium, mlflow_ui, tmp_path):
+    """The link `compress ui` prints opens the runs table in the Model training view (not MLflow 3's GenAI overview
+    of traces), with the review metrics as columns, first; the run's page lists its logged model and its datasets.
+    Both screenshots stay in the test's tmp_path (pytest keeps the last three sessions'), for a person to look at."""
+    base, printed = mlflow_ui
+    # the background-networking flags stop Chromium reaching for Google's hosts, which this machine refuses; wide
+    # enough that the metric columns are drawn beside the assistant panel MLflow opens on a first visit
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900", "--virtual-time-budget=15000"]
-    try:
-        printed = lines + [proc.stdout.readline().strip() for _ in range(2)]
-        url = next(line.split(": ", 1)[1] for line in printed if line.startswith("experiment compress-ui-test"))
-        dom = subprocess.run([*browser, "--dump-dom", url], check=True, timeout=120, capture_output=True,
-                             text=True).stdout
-        subprocess.run([*browser, f"--screenshot={shot}", url], check=True, timeout=120, capture_output=True)
-    finally:
-        stop(proc)
-    assert "distill L3 T=4" in dom  # the runs table, rendered by the UI's JavaScript
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000  # not a blank page
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1920,1080", "--virtual-time-budget=15000"]
+
+    def render(url: str, shot: Path) -> str:
+        """The page's DOM once its JavaScript has run, and its screenshot, from one Chromium run."""
+        dom = subprocess.run([*browser, f"--screenshot={shot}", "--dump-dom", url], check=True, timeout=120,
+                             capture_output=True, text=True).stdout
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000  # not a blank page
+        return dom
+
+    url = next(line.split(": ", 1)[1] for line in printed if line.startswith("experiment compress-ui-test"))
+    exp_id = url.split("/experiments/")[1].split("/")[0]
+    table = render(url, tmp_path / "runs-table.png")
+    text = page_text(table)
+    # the Model training view: its page is Runs and its side bar has the Model registry; not the GenAI overview
+    assert "<title>Runs - Experiment" in table and "Model registry" in text, text[:600]
+    assert "Send your first trace" not in text and "Overview" not in text
+    assert "You're viewing a shared view" in text  # compress's columns, from the experiment's view tag
+    # the review metrics are drawn as columns (the grid writes its headers in no set order), and the run's row holds
+    # their values first, in REVIEW_METRICS' order
+    header = text.split("Run Name Created Metrics", 1)[1].split("Hide run", 1)[0].split()
+    assert set(REVIEW_METRICS) <= set(header), header
+    assert "distill L3 T=4 " in text and "0.9 0.947 1234567 4.7 2.5 3 student-L3" in text, text[:1500]
+    assert "tiny-news train" in text and "tiny-news dev" in text  # the Dataset column
+
+    run_id = search_runs(base, exp_id)[0]["info"]["run_id"]
+    page = page_text(render(f"{base}/#/experiments/{exp_id}/runs/{run_id}", tmp_path / "run-page.png"))
+    assert "Logged models (1)" in page and "student-L3" in page and "Ready" in page, page[:1500]
+    assert "Datasets tiny-news train" in page
