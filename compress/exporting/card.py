@@ -12,7 +12,7 @@ def _fmt(value) -> str:
 
 
 def model_card(*, name: str, folder: str, model, lineage: dict, run: dict, files: dict[str, dict],
-               parity_diffs: dict | None, scores: dict, metric: str | None) -> str:
+               parity_diffs: dict | None, scores: dict, metric: str | None, fusion: dict | None = None) -> str:
     """README.md: what the model is, where it came from (teacher, steps, data), its run's metrics, its files."""
     from compress.infra.version import __version__
 
@@ -62,6 +62,10 @@ def model_card(*, name: str, folder: str, model, lineage: dict, run: dict, files
         lines += ["", f"ONNX parity: max abs logit difference to PyTorch {worst:.2e} (limit {PARITY_TOL:g}) on "
                   f"shapes {', '.join(parity_diffs)}, none of them the traced {EXAMPLE_SHAPE[0]}x{EXAMPLE_SHAPE[1]}; "
                   "batch and sequence axes are dynamic."]
+    if fusion and fusion["fused"]:
+        ops = ", ".join(f"{op} x{n}" for op, n in fusion["ops"].items())
+        lines += ["", f"Graph fusions by onnxruntime's transformer optimizer: {ops}. The ONNX files hold com.microsoft "
+                  "operators, so they run on onnxruntime only."]
     # compress's own class: its code is beside the weights. AutoTokenizer reads the config too (transformers 5), so
     # without the flag it asks whether to run that code, though the tokenizer is BERT's.
     remote = ", trust_remote_code=True" if getattr(cfg, "auto_map", None) else ""

@@ -111,7 +111,7 @@ COMMANDS: dict[str, Command] = {
                 "when\neverything succeeded. The table goes to stderr; stdout gets the same result as one JSON line, "
                 "for scripts\n(`compress export ... > export.json`).",
         groups={"step": ExportConfig, "data": DataConfig, "tracking": TrackingConfig, "output": OutputConfig},
-        flags=("model", "run", "format", "output", "register", *_DATA, *_COLUMNS, "max_length", "batch_size",
+        flags=("model", "run", "format", "fuse", "output", "register", *_DATA, *_COLUMNS, "max_length", "batch_size",
                "tracking", "experiment", "overwrite"),
         helps={"output": "folder to write (default: outputs/export-MODEL).",
                "task": "score the export on this task's dev split (fp32, and int8 beside it when made): a GLUE task "

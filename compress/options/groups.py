@@ -337,6 +337,11 @@ class ExportConfig:
     format: str = "hf,onnx,int8"
     """comma-separated formats: hf (safetensors, tokenizer, config, README.md model card), onnx (fp32, dynamic batch
     and sequence), int8 (onnxruntime dynamic quantization of the ONNX)."""
+    fuse: str = "auto"
+    """onnxruntime's transformer fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu) in the
+    ONNX file and in the int8 one made from it: auto (fuse when attention fuses and the fused graph passes the same
+    parity check, else say why and export the unfused graph), on (the same, but fail instead) or off. A fused graph
+    runs on onnxruntime only."""
     register: str | None = None
     """also register the export in the MLflow model registry under this name (a new version each time), logged as
     the 'model' artifact of a new export run."""

@@ -1,5 +1,5 @@
-"""compress export: a trained classifier as safetensors + model card, ONNX (parity-checked) and int8 ONNX, and
-optionally a version in the MLflow model registry."""
+"""compress export: a trained classifier as safetensors + model card, ONNX (parity-checked, with onnxruntime's
+transformer fusions where they apply) and int8 ONNX, and optionally a version in the MLflow model registry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.exporting.card import model_card
+from compress.exporting.fusion import Fusion, check_fuse, fused_onnx, ops_text
 from compress.exporting.onnx import (INT8_FILE, ONNX_FILE, PARITY_TOL, export_onnx, input_names, load_for_export,
                                      parity, quantize_int8, require_onnx)
 from compress.exporting.predict import metric_value, onnx_logits_fn, predict_dev, torch_logits_fn
@@ -49,6 +50,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
     data, tracking, output = with_defaults("export", data=data, tracking=tracking, output=output)
     model, run, register_name = step.model, step.run, step.register
     formats = parse_formats(step.format)
+    fuse = check_fuse(step.fuse)
     if "onnx" in formats or "int8" in formats:
         require_onnx(f"--format {','.join(formats)}")
     if (model is None) == (run is None):
@@ -84,7 +86,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
                                 f"labels but the model's head has {net.config.num_labels}")
         lineage = read_lineage(path)
         source = source_run_info(run or lineage.get("mlflow_run_id"), [tracking.tracking, lineage.get("tracking")])
-        job = _Job(out=out, overwrite=output.overwrite, formats=formats, lineage=lineage, source=source,
+        job = _Job(out=out, overwrite=output.overwrite, formats=formats, fuse=fuse, lineage=lineage, source=source,
                    origin=f"run {run}" if run else str(model), register_name=register_name,
                    max_length=max_length, batch_size=step.batch_size, tracking=tracking)
         result = _write(job, net, tokenizer, task_data, scratch)
@@ -95,6 +97,7 @@ def export(step: ExportConfig, data: DataConfig | None = None, tracking: Trackin
     metrics |= {f"{k}_score": v for k, v in (result["scores"] or {}).items() if isinstance(v, float)}
     if result["parity_max_abs_diff"]:
         metrics["parity_max_abs_diff"] = max(result["parity_max_abs_diff"].values())
+    metrics |= _fusion_metrics(result)
     registered = result.get("registered") or {}
     return StepResult(str(out), metrics, registered.get("run_id") or result.get("source_run"),
                       {**lineage, "export": {k: v for k, v in result.items() if k != "output"}}, report=result)
@@ -107,6 +110,7 @@ class _Job:
     out: Path
     overwrite: bool
     formats: list[str]
+    fuse: str
     lineage: dict
     source: dict
     origin: str
@@ -126,6 +130,8 @@ def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
     files: dict[str, dict] = {}
     scores: dict[str, float] = {}
     diffs: dict[str, float] | None = None
+    int8_diffs: dict[str, float] | None = None
+    fusion: dict | None = None
     names = input_names(net, tokenizer)
     metric = task_data.metric if task_data is not None else None
     with atomic_output(out, job.overwrite) as tmp:
@@ -141,22 +147,31 @@ def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
         fp32 = None
         if "onnx" in formats or "int8" in formats:
             fp32 = (tmp if "onnx" in formats else scratch) / ONNX_FILE
-            print(f"exporting ONNX (dynamo, dynamic batch and sequence) -> {fp32.name}", file=sys.stderr)
-            export_onnx(net, tokenizer, fp32)
-            diffs = parity(net, fp32, names)
-            worst = max(diffs.values())
-            if not worst <= PARITY_TOL:
-                raise CompressError(
-                    f"--format onnx: onnxruntime differs from PyTorch by {worst:.3g} in the logits (limit "
-                    f"{PARITY_TOL:g}) at shapes {', '.join(f'{k}: {v:.3g}' for k, v in diffs.items())}; "
-                    "nothing was written"
-                )
+            fused, note = (_try_fusion(job.fuse, net, tokenizer, fp32, scratch / "fusion") if job.fuse != "off"
+                           else (None, None))
+            if fused is not None:
+                diffs = fused.diffs
+            else:
+                print(f"exporting ONNX (dynamo, dynamic batch and sequence) -> {fp32.name}", file=sys.stderr)
+                export_onnx(net, tokenizer, fp32)
+                diffs = parity(net, fp32, names)
+                worst = max(diffs.values())
+                if not worst <= PARITY_TOL:
+                    raise CompressError(
+                        f"--format onnx: onnxruntime differs from PyTorch by {worst:.3g} in the logits (limit "
+                        f"{PARITY_TOL:g}) at shapes {', '.join(f'{k}: {v:.3g}' for k, v in diffs.items())}; "
+                        "nothing was written"
+                    )
+            fusion = {"mode": job.fuse, "fused": fused is not None, "exporter": "torchscript" if fused else "dynamo",
+                      "ops": fused.ops if fused else {}, "note": note}
             if "onnx" in formats:
                 files["onnx"] = {"file": ONNX_FILE, "mb": _onnx_mb(fp32)}
         if "int8" in formats:
             print(f"quantizing to int8 (onnxruntime dynamic) -> {INT8_FILE}", file=sys.stderr)
             quantize_int8(fp32, tmp / INT8_FILE)
             files["int8"] = {"file": INT8_FILE, "mb": _onnx_mb(tmp / INT8_FILE)}
+            # not held to PARITY_TOL: int8 moves logits by design; the dev score is the judge, this shows how far
+            int8_diffs = parity(net, tmp / INT8_FILE, names)
         if task_data is not None:
             print(f"scoring on {task_data.name} dev ({len(task_data.dev_labels)} rows)", file=sys.stderr)
             kw = dict(max_length=job.max_length, batch_size=job.batch_size)
@@ -168,12 +183,13 @@ def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
                                                                   task_data, names, **kw), task_data.dev_labels)
         summary = {
             "output": str(out), "source": origin, "formats": formats, "files": files, "params": count_params(net),
-            "parity_max_abs_diff": diffs, "parity_limit": PARITY_TOL,
+            "parity_max_abs_diff": diffs, "parity_limit": PARITY_TOL, "int8_max_abs_diff": int8_diffs,
+            "fusion": fusion,
             "scores": {"task": task_data.name, "metric": metric, **scores} if task_data is not None else None,
             "source_run": source.get("run_id"),
         }
         card = model_card(name=job.register_name or out.name, folder=out.name, model=net, lineage=lineage, run=source,
-                          files=files, parity_diffs=diffs, scores=scores, metric=metric)
+                          files=files, parity_diffs=diffs, scores=scores, metric=metric, fusion=fusion)
         (tmp / "README.md").write_text(card)
         write_lineage(tmp, {**lineage, "label_names": lineage.get("label_names") or
                             [net.config.id2label[i] for i in range(net.config.num_labels)],
@@ -183,7 +199,11 @@ def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
             metrics |= {f"{k}_score": v for k, v in scores.items()}
             if diffs:
                 metrics["parity_max_abs_diff"] = max(diffs.values())
+            metrics |= _fusion_metrics(summary)
             params = {"formats": ",".join(formats), "source": origin, "source_run": source.get("run_id") or ""}
+            if fusion:
+                params |= {"fuse": fusion["mode"], "onnx_exporter": fusion["exporter"],
+                           "fused_ops": ops_text(fusion["ops"])}
             if task_data is not None:
                 params |= {"task": task_data.name, "metric": metric}
             summary["registered"] = register(
@@ -191,6 +211,32 @@ def _write(job: _Job, net, tokenizer, task_data, scratch: Path) -> dict:
                 source=source,
                 summary={"params": params, "metrics": metrics, "files": sorted(p.name for p in tmp.iterdir())})
     return summary
+
+
+def _try_fusion(mode: str, net, tokenizer, path: Path, work: Path) -> tuple[Fusion | None, str | None]:
+    """The fused graph at `path`, or None and why when --fuse auto cannot fuse (--fuse on raises instead)."""
+    print(f"exporting ONNX with onnxruntime's transformer fusions (TorchScript exporter) -> {path.name}",
+          file=sys.stderr)
+    try:
+        fused = fused_onnx(net, tokenizer, path, work)
+    except CompressError as err:
+        if mode == "on":
+            raise CompressError(f"--fuse on: {err}; nothing was written") from None
+        print(f"note: graph fusion skipped ({err}); exporting the unfused dynamo graph instead", file=sys.stderr)
+        return None, str(err)
+    print(f"  fused: {ops_text(fused.ops)}", file=sys.stderr)
+    return fused, None
+
+
+def _fusion_metrics(summary: dict) -> dict[str, float]:
+    """fused_<operator> counts, and the int8 graph's max logit difference to PyTorch, for MLflow and the result."""
+    fusion = summary.get("fusion") or {}
+    metrics = {f"fused_{op}": float(n) for op, n in (fusion.get("ops") or {}).items()}
+    if fusion:
+        metrics["onnx_fused"] = float(fusion["fused"])
+    if summary.get("int8_max_abs_diff"):
+        metrics["int8_max_abs_diff"] = max(summary["int8_max_abs_diff"].values())
+    return metrics
 
 
 def _onnx_mb(path: Path) -> float:
@@ -211,6 +257,9 @@ def _print_summary(out: Path, result: dict) -> None:
         worst = max(result["parity_max_abs_diff"].values())
         print(f"  ONNX parity: max abs logit diff {worst:.2e} (limit {PARITY_TOL:g}) at "
               f"{', '.join(result['parity_max_abs_diff'])}", file=sys.stderr)
+    if (fusion := result.get("fusion")) is not None:
+        print(f"  ONNX graph: {'fused (' + ops_text(fusion['ops']) + ')' if fusion['fused'] else 'unfused'}, "
+              f"{fusion['exporter']} exporter (--fuse {fusion['mode']})", file=sys.stderr)
     if reg := result.get("registered"):
         print(f"  registered as {reg['name']} version {reg['version']} (MLflow run {reg['run_id']} in "
               f"{reg['tracking']})", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""compress export: round trips for every model kind compress makes, ONNX parity on new shapes, int8 that scores,
-the model card, the MLflow registry, --run lookups, and a clean one-line error for each bad input."""
+"""compress export: round trips for every model kind compress makes, ONNX parity on new shapes, onnxruntime's graph
+fusions and their fallback, int8 that scores, the model card, the MLflow registry, --run lookups, and a clean one-line
+error for each bad input."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import cli_error, save_tiny_bert
@@ -111,6 +113,8 @@ def test_export_writes_every_format_atomically(exported) -> None:
     assert sorted(p.name for p in out.parent.iterdir() if out.name in p.name) == [out.name]  # no temporary left
     assert len({p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}) == 1  # weights as readable as all
     assert exported["summary"]["formats"] == ["hf", "onnx", "int8"]
+    assert exported["summary"]["fusion"] == {"mode": "auto", "fused": True, "exporter": "torchscript", "ops": {
+        "EmbedLayerNormalization": 1, "Attention": 4, "BiasGelu": 4, "SkipLayerNormalization": 8}, "note": None}
     lineage = json.loads((out / "compress.json").read_text())
     assert lineage["command"] == "distill" and lineage["export"]["formats"] == ["hf", "onnx", "int8"]
 
@@ -150,6 +154,9 @@ def test_int8_loads_scores_and_is_smaller(exported, tiny_data) -> None:
     assert metric_value("accuracy", preds, task.dev_labels) == pytest.approx(scores["int8"])
     files = exported["summary"]["files"]
     assert files["int8"]["mb"] < files["onnx"]["mb"]
+    # quantized from the fused graph: its attention is onnxruntime's int8 QAttention
+    assert "QAttention" in {n.op_type for n in onnx.load(str(out / INT8_FILE)).graph.node}
+    assert max(exported["summary"]["int8_max_abs_diff"].values()) < 0.05
 
 
 def test_model_card_has_lineage_and_run_metrics(exported, trained) -> None:
@@ -174,6 +181,10 @@ def test_register_creates_a_model_version(exported, trained, store) -> None:
     export_run = client.get_run(version.run_id)
     assert export_run.data.tags["mlflow.parentRunId"] == trained["run_id"]
     assert "int8_score" in export_run.data.metrics and "parity_max_abs_diff" in export_run.data.metrics
+    assert export_run.data.params["fuse"] == "auto" and export_run.data.params["onnx_exporter"] == "torchscript"
+    assert export_run.data.params["fused_ops"] == ("EmbedLayerNormalization x1, Attention x4, BiasGelu x4, "
+                                                   "SkipLayerNormalization x8")
+    assert export_run.data.metrics["fused_Attention"] == 4 and export_run.data.metrics["onnx_fused"] == 1
 
 
 # --- the other model kinds: ALBERT (share --share all) and compress_bert (prune, partial share) -------------------
@@ -277,9 +288,40 @@ def test_parity_failure_is_loud_and_writes_nothing(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(export_module, "export_onnx", wrong_graph)
     out = tmp_path / "out"
-    message = cli_error(capsys, "export", "--model", other, "--format", "hf,onnx", "--output", out)
+    message = cli_error(capsys, "export", "--model", other, "--format", "hf,onnx", "--fuse", "off", "--output", out)
     assert "differs from PyTorch" in message and "nothing was written" in message
     assert not out.exists() and not [p for p in out.parent.iterdir() if "out" in p.name]
+
+
+def test_fused_graph_failing_parity_is_never_shipped(tmp_path, monkeypatch, capsys, tiny_teacher) -> None:
+    """--fuse auto: a fused graph off by more than the limit gives way to the unfused dynamo graph, with a note;
+    --fuse on: the same is an error, and nothing is written."""
+    from compress.exporting import fusion
+
+    real_fuse = fusion._fuse
+
+    def off_by_one(src, dst, config):  # the real fusions, then the classifier's bias moved by 1
+        counts = real_fuse(src, dst, config)
+        graph = onnx.load(str(dst))
+        bias = next(t for t in graph.graph.initializer if t.name.endswith("classifier.bias"))
+        bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 1.0, bias.name))
+        onnx.save(graph, str(dst))
+        return counts
+
+    monkeypatch.setattr(fusion, "_fuse", off_by_one)
+    summary = run_cli("export", "--model", tiny_teacher, "--format", "onnx,int8", "--output", tmp_path / "auto")
+    assert "note: graph fusion skipped (the fused graph differs from PyTorch by 1" in capsys.readouterr().err
+    fusion = summary["fusion"]
+    assert (fusion["mode"], fusion["fused"], fusion["exporter"], fusion["ops"]) == ("auto", False, "dynamo", {})
+    assert fusion["note"].startswith("the fused graph differs from PyTorch by 1 in the logits")
+    assert max(summary["parity_max_abs_diff"].values()) <= 1e-4
+    for name in (ONNX_FILE, INT8_FILE):  # both from the dynamo graph: no onnxruntime-only operator in either
+        assert {n.domain for n in onnx.load(str(tmp_path / "auto" / name)).graph.node} <= {"", "ai.onnx"}
+
+    message = cli_error(capsys, "export", "--model", tiny_teacher, "--fuse", "on", "--output", tmp_path / "on")
+    assert "error: --fuse on: the fused graph differs from PyTorch by 1 in the logits" in message
+    assert message.endswith("nothing was written")
+    assert not (tmp_path / "on").exists()
 
 
 def test_parse_formats() -> None:
