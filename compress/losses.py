@@ -61,6 +61,15 @@ def hidden_mse(projected_student: torch.Tensor, teacher_hidden: torch.Tensor, ma
     return _masked_mean(sq, mask)
 
 
+def text_vector_mse(projected_student: torch.Tensor, teacher_vector: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per hidden unit between one vector per text (the first token's state, [CLS] or <s>).
+
+    The hidden-state loss between models that tokenize differently: their tokens do not line up, their texts do.
+    projected_student: (B, H_teacher), mapped up through a learned projection; teacher_vector: (B, H_teacher)
+    """
+    return (projected_student.float() - teacher_vector.float()).pow(2).mean()
+
+
 def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) between attention distributions, per query row, over real query tokens.
 

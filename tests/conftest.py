@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_bert, write_tsv
+from helpers import save_tiny_bert, save_tiny_mpnet, write_tsv
 
 # Never let a test reach for the hub: transformers would retry for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +34,13 @@ def tiny_teacher(tiny_root) -> Path:
 def tiny_encoder(tiny_root) -> Path:
     """The same shape without a classifier head, like a pretrained encoder."""
     return save_tiny_bert(tiny_root / "encoder", head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet(tiny_root) -> Path:
+    """A 2-layer, 48-wide MPNet encoder with no classifier and its own WordPiece vocabulary (other ids than the tiny
+    BERT's): a teacher of another family, which distill fine-tunes first."""
+    return save_tiny_mpnet(tiny_root / "mpnet")
 
 
 @pytest.fixture(scope="module")

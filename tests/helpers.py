@@ -105,6 +105,29 @@ def save_tiny_roberta(folder: Path, model_type: str = "roberta", *, layers: int 
     return folder
 
 
+def save_tiny_mpnet(folder: Path, *, layers: int = 2, hidden: int = 48, heads: int = 4, intermediate: int = 96,
+                    head: bool = False, seed: int = 0) -> Path:
+    """A random MPNet (another family than BERT: relative attention, positions after the pad id, no token types) and
+    its own WordPiece tokenizer, whose ids mean other words than the tiny BERT's: <s>, <pad>, </s>, <unk> first and
+    the words in reverse order. Head-less by default, like all-mpnet-base-v2, so distill fine-tunes it first."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, MPNetTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER), reverse=True)
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>", *words, "##s", "##ly"]
+    tokenizer = MPNetTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model("mpnet", vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=intermediate,
+                                  max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config) if head else AutoModel.from_config(config)
+    model.save_pretrained(folder)
+    return folder
+
+
 def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int,
                              extra_vocab: list[str] | None = None) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and

@@ -153,6 +153,17 @@ def test_hidden_mse_zero_when_equal() -> None:
     assert losses.hidden_mse(x, x.clone(), torch.ones(2, 4)).item() == 0.0
 
 
+# --- text_vector_mse --------------------------------------------------------------------------------------------------
+
+
+def test_text_vector_mse_hand_value() -> None:
+    # row 0: (1 - 0)^2 and (2 - 0)^2; row 1: equal; mean over 2 rows x 2 units = (1 + 4 + 0 + 0) / 4
+    student = t([[1.0, 2.0], [3.0, -1.0]])
+    teacher = t([[0.0, 0.0], [3.0, -1.0]])
+    assert losses.text_vector_mse(student, teacher).item() == pytest.approx(1.25, rel=1e-6)
+    assert losses.text_vector_mse(teacher, teacher).item() == 0.0
+
+
 # --- attention_kl -----------------------------------------------------------------------------------------------------
 
 

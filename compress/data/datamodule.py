@@ -80,28 +80,34 @@ class PadCollator:
     """Pads a list of tokenized rows to the longest in the batch (dynamic padding: short batches run fast).
 
     `multiple` rounds the width up (8 on a GPU: tensor-core friendly shapes, and fewer distinct shapes to compile).
+    Rows that also carry the teacher's own encoding (`teacher_input_ids`, when its tokenizer is not the student's) get
+    it padded with `teacher_pad_id`, under the same names with the teacher_ prefix.
     """
 
-    def __init__(self, pad_id: int, multiple: int = 1) -> None:
-        self.pad_id, self.multiple = pad_id, multiple
+    def __init__(self, pad_id: int, multiple: int = 1, teacher_pad_id: int = 0) -> None:
+        self.pad_id, self.multiple, self.teacher_pad_id = pad_id, multiple, teacher_pad_id
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | bool]:
-        width = max(len(r["input_ids"]) for r in rows)
-        width = -(-width // self.multiple) * self.multiple
-        batch: dict[str, torch.Tensor | bool] = {}
-        for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0)):
+    def _pad(self, rows: list[dict], prefix: str, pad_id: int, batch: dict) -> None:
+        lengths = [len(r[f"{prefix}input_ids"]) for r in rows]
+        width = -(-max(lengths) // self.multiple) * self.multiple
+        for key, fill in ((f"{prefix}input_ids", pad_id), (f"{prefix}token_type_ids", 0)):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
-        lengths = [len(r["input_ids"]) for r in rows]
-        batch["attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+        batch[f"{prefix}attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+        # Known here for free; on a GPU, transformers would ask the mask itself, a host sync (compress.masks)
+        batch[f"{prefix}padded"] = min(lengths) < width
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | bool]:
+        batch: dict[str, torch.Tensor | bool] = {}
+        self._pad(rows, "", self.pad_id, batch)
+        if "teacher_input_ids" in rows[0]:
+            self._pad(rows, "teacher_", self.teacher_pad_id, batch)
         batch["labels"] = torch.tensor([r["label"] for r in rows])
         labelled = [r.get("labelled", True) for r in rows]
         if not all(labelled):  # a soft-only row's label (unlabelled text, an augmented copy) is a placeholder no loss
             # reads; a batch of labelled rows goes without the mask, and trains exactly as it did before there was one
             batch["labelled"] = torch.tensor(labelled)
         batch["idx"] = torch.tensor([r["idx"] for r in rows])  # row ids: the key for cached teacher outputs
-        # Known here for free; on a GPU, transformers would ask the mask itself, a host sync (compress.masks)
-        batch["padded"] = min(lengths) < width
         return batch
 
 
@@ -109,15 +115,20 @@ def tokenize(tokenizer, texts: list[tuple[str, ...]], labels: list[int] | None, 
              start: int = 0) -> list[dict]:
     """One dict a row: its token ids, label and row id (`start` + its index: the teacher-logit cache's key).
     labels=None: soft-only rows, marked unlabelled, with the placeholder label 0."""
+    marks = {"labelled": False} if labels is None else {}
+    return [{**ids, "label": 0 if labels is None else labels[i], "idx": start + i, **marks}
+            for i, ids in enumerate(encode(tokenizer, texts, max_length))]
+
+
+def encode(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> list[dict]:
+    """Each text's input_ids (and token_type_ids, where the tokenizer makes them)."""
     if not texts:
         return []
     first = [t[0] for t in texts]
     second = [t[1] for t in texts] if len(texts[0]) > 1 else None
     enc = tokenizer(first, second, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    marks = {"labelled": False} if labels is None else {}
-    return [{**{k: enc[k][i] for k in keys}, "label": 0 if labels is None else labels[i], "idx": start + i, **marks}
-            for i in range(len(texts))]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -130,9 +141,12 @@ class TaskDataModule(pl.LightningDataModule):
         max_length: int = 128,
         num_workers: int = 0,
         seed: int = 0,
+        teacher_tokenizer=None,
     ) -> None:
+        """`teacher_tokenizer`: the teacher's, where it is not the student's; training rows then carry both
+        encodings."""
         super().__init__()
-        self.task, self.tokenizer = task, tokenizer
+        self.task, self.tokenizer, self.teacher_tokenizer = task, tokenizer, teacher_tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_length, self.num_workers, self.seed = max_length, num_workers, seed
         self.train_rows: list[dict] | None = None
@@ -146,12 +160,18 @@ class TaskDataModule(pl.LightningDataModule):
             # soft-only rows after the labelled ones, drawn into the same shuffled epochs
             soft = tokenize(self.tokenizer, self.task.soft_texts, None, self.max_length, start=len(labelled))
             self.train_rows = labelled + soft
+            if self.teacher_tokenizer is not None:
+                # each model reads the text through its own tokenizer; logits need no alignment between the two
+                texts = self.task.train_texts + self.task.soft_texts
+                for row, ids in zip(self.train_rows, encode(self.teacher_tokenizer, texts, self.max_length)):
+                    row.update({f"teacher_{k}": v for k, v in ids.items()})
             self.dev_rows = tokenize(self.tokenizer, self.task.dev_texts, self.task.dev_labels, self.max_length)
 
     def _loader_kwargs(self) -> dict:
         # pinned host memory lets the copy to a GPU overlap compute; workers keep tokenized padding off the hot path
         return dict(
-            collate_fn=PadCollator(self.tokenizer.pad_token_id or 0, 8 if torch.cuda.is_available() else 1),
+            collate_fn=PadCollator(self.tokenizer.pad_token_id or 0, 8 if torch.cuda.is_available() else 1,
+                                   getattr(self.teacher_tokenizer, "pad_token_id", None) or 0),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -51,9 +51,12 @@ class DistillModule(pl.LightningModule):
         training: TrainingConfig | None = None,
         cache_file: Path | None = None,
         compile: bool = False,
+        shared_tokens: bool = True,
     ) -> None:
         """`loss` weighs the terms (None: its defaults; with no teacher, cross-entropy alone at weight 1); `training`
-        gives AdamW's lr, weight decay and warmup."""
+        gives AdamW's lr, weight decay and warmup. `shared_tokens=False`: the teacher tokenizes differently (batches
+        carry its own encoding as teacher_*), so the hidden-state loss compares one vector per text and attention
+        transfer, token to token, cannot be had."""
         super().__init__()
         self.student = student
         # A teacher placed over devices by accelerate (`--teacher_device_map`) stays out of the module tree: Lightning
@@ -83,16 +86,21 @@ class DistillModule(pl.LightningModule):
         self._teacher_fp32: dict[str, torch.Tensor] | None = None  # the exact weights while the teacher runs in bf16
         self.save_hyperparameters(
             {"num_labels": num_labels, "metric": metric, "temperature": self.temperature, "lr": self.lr,
-             "weight_decay": self.weight_decay, "warmup": self.warmup, **self.weights.alphas()}
+             "weight_decay": self.weight_decay, "warmup": self.warmup, "shared_tokens": shared_tokens,
+             **self.weights.alphas()}
         )
         self.val_metric = build_metric(metric, num_labels)
         self.projections = None
         self.layer_map: list[int] = []
+        self.shared_tokens = shared_tokens
+        if not shared_tokens and self.weights.alpha_attn:
+            raise ValueError("attention transfer matches token to token; the teacher tokenizes differently")
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             s_cfg, t_cfg = student.config, teacher.config
             self.layer_map = uniform_layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-            if self.weights.alpha_hidden and s_cfg.hidden_size != t_cfg.hidden_size:
+            # another family's states live in another basis even at the same width: always learn the map to them
+            if self.weights.alpha_hidden and (s_cfg.hidden_size != t_cfg.hidden_size or not shared_tokens):
                 # A learned map up to the teacher's width, one per matched layer (TinyBERT's W_h); trained with the
                 # student and discarded after, so the exported student keeps its own width.
                 self.projections = nn.ModuleList(
@@ -171,8 +179,9 @@ class DistillModule(pl.LightningModule):
         """Teacher outputs for this batch: from the cache once it is complete, else a live forward pass."""
         if self.cache_teacher and self._cache_ready and self.training:
             return None, self._cache[batch["idx"]]
+        own = "teacher_" if "teacher_input_ids" in batch else ""  # the teacher's own encoding, where it has one
         with torch.no_grad():
-            out = self.teacher(**self._inputs(batch, self.teacher), output_hidden_states=want_hidden,
+            out = self.teacher(**self._inputs(batch, self.teacher, own), output_hidden_states=want_hidden,
                                output_attentions=want_attn)
         logits = out.logits.to(self.device)  # a placed teacher may answer from another device; else a no-op
         if self.cache_teacher and self.training and self._cache is not None:
@@ -182,12 +191,13 @@ class DistillModule(pl.LightningModule):
 
     # --- the step
     @staticmethod
-    def _inputs(batch: dict, model: nn.Module) -> dict:
+    def _inputs(batch: dict, model: nn.Module, prefix: str = "") -> dict:
         # The collator says whether it padded ("padded"), so the mask reaches each model in a form that transformers
-        # does not have to inspect on the GPU (compress.masks)
-        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids") if k in batch}
-        if "attention_mask" in batch:
-            inputs["attention_mask"] = masks.for_model(model, batch["attention_mask"], batch.get("padded"))
+        # does not have to inspect on the GPU (compress.masks). `prefix` "teacher_" picks the teacher's own encoding.
+        inputs = {k: batch[prefix + k] for k in ("input_ids", "token_type_ids") if prefix + k in batch}
+        if prefix + "attention_mask" in batch:
+            inputs["attention_mask"] = masks.for_model(model, batch[prefix + "attention_mask"],
+                                                       batch.get(prefix + "padded"))
         return inputs
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -209,7 +219,10 @@ class DistillModule(pl.LightningModule):
             if want_hidden:
                 pairs = [(out.hidden_states[k + 1], t_out.hidden_states[t].to(self.device))
                          for k, t in enumerate(self.layer_map)]
-                if self.projections is None:
+                if not self.shared_tokens:  # (B, S_s, H_s) and (B, S_t, H_t): their first tokens, one per text
+                    per_layer = [losses.text_vector_mse(p(s[:, 0]), t[:, 0])
+                                 for p, (s, t) in zip(self.projections, pairs)]
+                elif self.projections is None:
                     per_layer = [losses.hidden_cosine(s, t, mask) for s, t in pairs]
                 else:
                     per_layer = [losses.hidden_mse(p(s), t, mask) for p, (s, t) in zip(self.projections, pairs)]

@@ -83,6 +83,8 @@ class RunModels:
     teacher: Any = None
     cache_file: Path | None = None
     """where the teacher's logits are cached (LossConfig.cache_teacher)."""
+    teacher_tokenizer: Any = None
+    """the teacher's own tokenizer, where it tokenizes otherwise than the student (None: `tokenizer` serves both)."""
 
 
 def _input_identity(task, params: dict, tracking: str) -> dict[str, str]:
@@ -177,7 +179,7 @@ class _Run:
         precision = resolve_precision(runtime.precision, accelerator)
         workers = runtime.num_workers if runtime.num_workers is not None else (4 if accelerator == "cuda" else 0)
         datamodule = TaskDataModule(task, models.tokenizer, batch_size=training.batch_size, max_length=cfg.max_length,
-                                    num_workers=workers, seed=training.seed)
+                                    num_workers=workers, seed=training.seed, teacher_tokenizer=models.teacher_tokenizer)
 
         import lightning.pytorch as pl
 
@@ -196,7 +198,7 @@ class _Run:
                                 logger=None, ckpt_dir=state.ckpt_dir, callbacks=hooks.callbacks)
         module = DistillModule(models.student, models.teacher, num_labels=task.num_labels, metric=task.metric,
                                loss=cfg.loss, training=training, cache_file=models.cache_file,
-                               compile=runtime.compile)
+                               compile=runtime.compile, shared_tokens=models.teacher_tokenizer is None)
         logger = make_logger(tracking.tracking, tracking.experiment, plan.name,
                              run_tags(accelerator, plan.command) | hooks.tags, run_id=saved.get("run_id"))
         log_task_data(logger, task)  # the run's page lists the train and dev rows it was given
@@ -248,9 +250,12 @@ def _measure(student, teacher, run: _Run, latency_reps: int, student_data) -> tu
     """Score the student (on `student_data`, as its tokenizer encodes the dev set) and the teacher on the dev set, and
     time both in the same interleaved rounds."""
     from compress.engine.scoring import score, score_in_place
+    from compress.models.loading import max_tokens
     from compress.models.measure import count_params, latency_ms
 
-    task, datamodule = run.task, run.datamodule
+    task = run.task
+    # the teacher reads the dev set through its own tokenizer
+    datamodule = run.data_for(run.models.teacher_tokenizer or run.models.tokenizer)
     student_score = score(student, student_data, task.metric, task.num_labels, run.accelerator, run.precision)
     metrics = {"student_score": student_score, "student_params": count_params(student)}
     placed = run.module.teacher_placed  # spread over devices by accelerate: scored where it is, never moved
@@ -270,9 +275,11 @@ def _measure(student, teacher, run: _Run, latency_reps: int, student_data) -> tu
         print("teacher spread over devices (--teacher_device_map): its latency and the speedup are not measured",
               file=sys.stderr)
     models = {"student": student} | ({"teacher": teacher} if timed_teacher else {})
-    seq = min(128, student.config.max_position_embeddings)
+    # one random batch for both: ids every model's vocabulary has, no longer than any model's positions
+    seq = min(128, *(max_tokens(m.config) or 128 for m in models.values()))
+    vocab = min(m.config.vocab_size for m in models.values())
     print(f"measuring latency at batch 32 x {seq} on {device} ({latency_reps} interleaved rounds)", file=sys.stderr)
-    lat = latency_ms(models, batch=32, seq=seq, device=device, reps=latency_reps, vocab_size=student.config.vocab_size)
+    lat = latency_ms(models, batch=32, seq=seq, device=device, reps=latency_reps, vocab_size=vocab)
     metrics["latency_ms"] = lat["student"]
     if timed_teacher:
         metrics["teacher_latency_ms"] = lat["teacher"]

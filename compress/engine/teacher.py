@@ -21,7 +21,7 @@ def finetune_model(model_path: str, model_name: str, task, output: Path, cfg, tr
     from compress.engine.run import RunModels, RunPlan, run_training
     from compress.models.loading import load_classifier, load_tokenizer
 
-    model = load_classifier(model_path, task.label_names, "--model", seed=cfg.training.seed)
+    model = load_classifier(model_path, task.label_names, "--model", seed=cfg.training.seed, any_encoder=True)
     tokenizer = load_tokenizer(model_path, "--model", model.config, cfg.max_length)
     plan = RunPlan(command="finetune", name=f"finetune {model_name} on {task.name}", output=output, resume=resume,
                    overwrite=overwrite, params={"model": model_name, "model_path": model_path, **(params or {})},

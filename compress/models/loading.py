@@ -156,6 +156,23 @@ def check_encoder(config, flag: str, types: set[str] = ENCODER_TYPES) -> None:
         )
 
 
+def check_text_classifier(config, flag: str) -> None:
+    """Refuse a model that is not a text encoder transformers can load as a sequence classifier, in one line.
+
+    Any such family may teach (MPNet, DeBERTa, RoBERTa, ALBERT, ELECTRA, XLM-R, ...): each reads its own tokens and
+    only its logits (and a vector per text) are compared. An encoder is what transformers also maps to a masked-LM
+    class: a decoder-only classifier (GPT-2, Llama) reads its last token, and batches here are padded on the right
+    with a pad id such tokenizers rarely have."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    kind = config.model_type
+    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES or kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise CompressError(f"{flag}: model type '{kind}' is not a text encoder transformers loads as a sequence "
+                            "classifier (AutoModelForSequenceClassification), such as bert, roberta, mpnet, "
+                            "deberta-v2, electra, albert or xlm-roberta")
+
+
 def has_task_head(config, label_names: list[str]) -> bool:
     """True when the checkpoint already carries a classifier for exactly these labels."""
     archs = config.architectures or []
@@ -175,20 +192,24 @@ def require_task_head(config, task, model: str, flag: str = "--model") -> None:
 
 def load_classifier(
     path: str, label_names: list[str], flag: str = "--model", attn_implementation: str | None = None,
-    placement: dict | None = None, seed: int = 0,
+    placement: dict | None = None, seed: int = 0, any_encoder: bool = False,
 ) -> PreTrainedModel:
     """Load a sequence classifier for `label_names`, adding a fresh head when the checkpoint has none.
 
     A fresh head is drawn from `seed` alone, so the same command and seed start from the same weights, whatever ran
     before in the process. `placement` (from `teacher_placement`) spreads the model over devices with accelerate
-    while it loads.
+    while it loads. `any_encoder`: any text encoder family (`check_text_classifier`: a teacher, and what finetune
+    makes one from), not only those compress converts.
     """
     import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     config = load_config(path, flag)
-    check_encoder(config, flag, CLASSIFIER_TYPES)
+    if any_encoder:
+        check_text_classifier(config, flag)
+    else:
+        check_encoder(config, flag, CLASSIFIER_TYPES)
     kwargs: dict = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -247,13 +268,18 @@ def teacher_placement(device_map: str, bf16: bool) -> dict:
     return {"device_map": mapping, "offload_folder": offload} | ({"dtype": torch.bfloat16} if bf16 else {})
 
 
+# Families that number positions from the pad id + 1, as RoBERTa does (MPNet's 514 rows hold 512 tokens)
+_POSITIONS_AFTER_PAD = ("mpnet", "roberta-prelayernorm", "xlm-roberta-xl", "data2vec-text")
+
+
 def max_tokens(config) -> int | None:
     """The longest input `config`'s position table takes (None if it has no table): a RoBERTa numbers positions
     from its pad id + 1, so it loses that many."""
     from compress.models.compress_bert.convert import ROBERTA_TYPES
 
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and (config.model_type in ROBERTA_TYPES or getattr(config, "roberta_positions", False)):
+    after_pad = (*ROBERTA_TYPES, *_POSITIONS_AFTER_PAD)
+    if positions and (config.model_type in after_pad or getattr(config, "roberta_positions", False)):
         positions -= (config.pad_token_id or 0) + 1
     return positions
 
@@ -295,13 +321,14 @@ def load_tokenizer(path: str, flag: str = "--model", config=None, max_length: in
     return tokenizer
 
 
-def teacher_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
-    """Evenly spaced teacher layers for a shallower student, starting at layer 0.
+def teacher_layer_map(teacher_layers: int, student_layers: int, whose: str = "teacher") -> list[int]:
+    """Evenly spaced layers of a model (the teacher, or `--student`'s model: `whose`) for a shallower student,
+    starting at layer 0.
 
     N = L/2 gives every other layer ([0, 2, 4] of 6), DistilBERT's choice; other N spread the same way.
     """
     if not 1 <= student_layers <= teacher_layers:
-        raise CompressError(f"--layers {student_layers}: must be between 1 and the teacher's {teacher_layers} layers")
+        raise CompressError(f"--layers {student_layers}: must be between 1 and the {whose}'s {teacher_layers} layers")
     return [i * teacher_layers // student_layers for i in range(student_layers)]
 
 
@@ -332,9 +359,16 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrai
     return student
 
 
-def check_same_vocab(teacher_tok, student_tok, student_config, teacher_config) -> None:
-    if student_config.vocab_size != teacher_config.vocab_size or teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise CompressError(
-            f"--student: its tokenizer differs from the teacher's (vocab {student_config.vocab_size} vs "
-            f"{teacher_config.vocab_size}); soft targets need the same tokenization"
-        )
+def same_tokens(teacher_tok, student_tok, texts: list[tuple[str, ...]]) -> bool:
+    """Whether the student reads the teacher's very token ids: the same vocabulary, and the same ids for `texts` (a
+    sample of the task's; lower-casing or another normaliser changes ids over the same vocabulary). Then one
+    encoding serves both models and token-level losses line up; otherwise each model tokenizes the text itself."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        return False
+
+    def ids(tok) -> list:
+        first = [t[0] for t in texts]
+        second = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
+        return tok(first, second, truncation=True, max_length=64)["input_ids"] if texts else []
+
+    return ids(teacher_tok) == ids(student_tok)

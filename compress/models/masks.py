@@ -10,6 +10,8 @@ transformers would have built, and transformers uses a 4D mask exactly as given.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ def for_model(model: nn.Module, attention_mask: torch.Tensor, padded: bool | Non
         return None
     config = model.config
     impl = getattr(config, "_attn_implementation", None)
-    if config.model_type == "compress_bert" or impl not in _BUILT:
+    if config.model_type == "compress_bert" or impl not in _BUILT or not _takes_4d(model):
         return attention_mask  # compress_bert builds its own mask without a sync; others keep transformers' path
     b, s = attention_mask.shape
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): every query may attend to the row's real keys
@@ -40,3 +42,10 @@ def for_model(model: nn.Module, attention_mask: torch.Tensor, padded: bool | Non
         zero = torch.zeros((), dtype=dtype, device=keep.device)
         keep = torch.where(keep, zero, torch.finfo(dtype).min)
     return keep.expand(b, 1, s, s)  # (B, 1, S, S), a view, as transformers' own masks are
+
+
+def _takes_4d(model: nn.Module) -> bool:
+    """Whether the model's code builds its mask with transformers' masking_utils, which uses a 4D mask as given. A
+    family with a mask rule of its own (DeBERTa's get_attention_mask takes 2D or 3D masks) keeps the 2D one."""
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and hasattr(module, "create_bidirectional_mask")

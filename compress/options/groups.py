@@ -189,13 +189,17 @@ class DistillConfig:
     """distill: which teacher, and which student."""
 
     teacher: str
-    """hub name, alias (bert-base, bert-large, minilm-l6) or a saved model folder. A teacher with no classifier for
-    the task is fine-tuned first (its own MLflow run) and reused next time."""
+    """hub name, alias (bert-base, bert-large, minilm-l6) or a saved model folder: any text encoder transformers loads
+    as a sequence classifier (BERT, RoBERTa, MPNet, DeBERTa, ELECTRA, ALBERT, XLM-R, ...). A teacher with no
+    classifier for the task is fine-tuned first (its own MLflow run) and reused next time."""
     student: str | None = None
-    """any model (name or folder) with the teacher's vocabulary, e.g. a narrower random-init config. Exclusive with
-    --layers."""
+    """the student's starting model: alias minilm-l6 (the packaged MiniLM-L6), a hub name or a folder of a BERT-family
+    encoder, e.g. a narrower random-init config. It may tokenize otherwise than the teacher: each model then reads the
+    text through its own tokenizer, and the hidden-state loss compares one vector per text. Default: the teacher's
+    own layers."""
     layers: int | None = None
-    """student depth: this many evenly spaced teacher layers (default: half the teacher's)."""
+    """student depth: this many evenly spaced layers of --student's model, or of the teacher without --student
+    (default: all of --student's, half the teacher's)."""
     teacher_device_map: str | None = None
     """place a teacher too large for one card over devices, for inference only: auto, balanced or sequential
     (accelerate fills the visible GPUs, then CPU memory, then disk, layer by layer) or a JSON file mapping module names

@@ -31,9 +31,9 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     from compress.data.unlabeled import read_unlabeled
     from compress.engine.run import RunModels, RunPlan, TrainConfig, run_training
     from compress.engine.teacher import ensure_task_teacher
-    from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier,
-                                         load_config, load_tokenizer, resolve_max_length, resolve_model,
-                                         student_from_teacher, teacher_layer_map)
+    from compress.models.loading import (ENCODER_TYPES, check_encoder, check_text_classifier, has_task_head,
+                                         load_classifier, load_config, load_tokenizer, resolve_max_length,
+                                         resolve_model, same_tokens, student_from_teacher, teacher_layer_map)
     from compress.options.commands import with_defaults
 
     data, loss, training, runtime, tracking, output = with_defaults(
@@ -48,8 +48,6 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
             raise CompressError(f"--teacher_device_map {step.teacher_device_map}: the teacher takes the devices "
                                 "itself; the student trains on one (--devices 1, --strategy auto)")
         runtime = replace(runtime, devices=1)
-    if student is not None and layers is not None:
-        raise CompressError("--student and --layers are exclusive: --layers builds the student from the teacher")
     cfg = TrainConfig(training, runtime, data.max_length, loss)
     cfg.validate()
     step.validate()
@@ -63,16 +61,31 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                  if step.unlabeled is not None else None)
     teacher_path = resolve_model(teacher, "--teacher")
     teacher_config = load_config(teacher_path, "--teacher")
-    check_encoder(teacher_config, "--teacher")
-    if layers is not None:  # check before any fine-tuning is spent
-        teacher_layer_map(teacher_config.num_hidden_layers, layers)
+    check_text_classifier(teacher_config, "--teacher")  # any encoder family teaches; each reads its own tokens
     student_path = student_config = None
     if student is not None:
         student_path = resolve_model(student, "--student")
         student_config = load_config(student_path, "--student")
         check_encoder(student_config, "--student")
+        if layers is not None:  # checked before any fine-tuning is spent
+            teacher_layer_map(student_config.num_hidden_layers, layers, "student")
+    else:
+        if teacher_config.model_type not in ENCODER_TYPES:
+            kinds = ", ".join(sorted(ENCODER_TYPES))
+            raise CompressError(f"--teacher {teacher}: a student is built from the layers of a {kinds} model, not "
+                                f"a {teacher_config.model_type}; give --student, e.g. --student minilm-l6 --layers 3")
+        if layers is not None:
+            teacher_layer_map(teacher_config.num_hidden_layers, layers)
     # before a head-less teacher is fine-tuned: its cached copy is keyed by the length too
     cfg.max_length = teacher_cfg.max_length = resolve_max_length(data.max_length, [teacher_config, student_config])
+    tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_config, cfg.max_length)
+    student_tokenizer = (load_tokenizer(student_path, "--student", student_config, cfg.max_length)
+                         if student_path is not None else tokenizer)
+    shared = same_tokens(tokenizer, student_tokenizer, task_data.train_texts[:64])
+    if not shared and loss.alpha_attn:
+        raise CompressError(f"--alpha_attn {loss.alpha_attn:g}: attention transfer matches the two models token to "
+                            f"token, and --student {student} tokenizes otherwise than the teacher; set --alpha_attn 0 "
+                            "(the hidden-state loss then compares one vector per text)")
     # Lightning and the training stack load only now (5+ s): every mistake above is reported within a second or two.
     from compress.engine import logit_cache
     from compress.infra.writes import check_run_paths
@@ -101,7 +114,7 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         placement = teacher_placement(step.teacher_device_map,
                                       bf16=teacher_runs_bf16(runtime.accelerator, runtime.precision))
     teacher_model = load_classifier(teacher_path, task_data.label_names, "--teacher", attn_implementation=attn,
-                                    placement=placement)
+                                    placement=placement, any_encoder=True)
     if placement is not None:
         # transformers sets hf_device_map only for a model it spread over devices (or disk): one that fits on one
         # device is simply there, and trains beside the student like any teacher
@@ -109,15 +122,16 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         where = (sorted({str(d) for d in spread.values()}) if spread else
                  f"all on {next(teacher_model.parameters()).device}, so it runs beside the student as usual")
         print(f"teacher placed by --teacher_device_map {step.teacher_device_map}: {where}", file=sys.stderr)
-    tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_model.config, cfg.max_length)
     n_teacher = teacher_model.config.num_hidden_layers
     if student_path is not None:
-        check_same_vocab(tokenizer, load_tokenizer(student_path, "--student", student_config, cfg.max_length),
-                         student_config, teacher_model.config)
         student_model = load_classifier(student_path, task_data.label_names, "--student", attn_implementation=attn,
                                         seed=training.seed)
         kept = None
         desc = f"{slug(student)}"
+        if layers is not None:  # a shallower copy of --student's own model (MiniLM-L6's 3 layers under an MPNet)
+            kept = teacher_layer_map(student_model.config.num_hidden_layers, layers, "student")
+            student_model = student_from_teacher(student_model, kept)
+            desc += f"-L{len(kept)}"
     else:
         kept = teacher_layer_map(n_teacher, layers if layers is not None else max(1, n_teacher // 2))
         if placement is None:
@@ -128,8 +142,11 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
             del on_cpu
         desc = f"L{len(kept)}"
     n_student = student_model.config.num_hidden_layers
-    print(f"student: {n_student} layer{'s' if n_student != 1 else ''} x {student_model.config.hidden_size}"
-          + (f", from teacher layers {kept}" if kept else f", from {student}"), file=sys.stderr)
+    whose = (f"{student}'s layers {kept}" if student and kept else f"{student}" if student
+             else f"teacher layers {kept}")
+    print(f"student: {n_student} layer{'s' if n_student != 1 else ''} x {student_model.config.hidden_size}, from "
+          f"{whose}" + ("" if shared else "; it tokenizes otherwise than the teacher, so each model reads the text "
+                        "through its own tokenizer"), file=sys.stderr)
 
     out = checked if checked is not None else Path(f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
     soft_params = {}
@@ -148,12 +165,16 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         command="distill", name=f"distill {desc} T={loss.temperature:g}", output=out, resume=output.resume,
         overwrite=output.overwrite,
         params={"teacher": teacher, "teacher_path": teacher_path, "student": student or "", "layers": n_student,
-                "teacher_layers_kept": str(kept or ""), "temperature": loss.temperature, "alpha_kd": loss.alpha_kd,
+                "teacher_layers_kept": str(kept or "") if student is None else "",
+                "student_layers_kept": str(kept or "") if student is not None else "",
+                "temperature": loss.temperature, "alpha_kd": loss.alpha_kd,
                 "alpha_ce": loss.alpha_ce, "alpha_hidden": loss.alpha_hidden, "alpha_attn": loss.alpha_attn,
                 "cache_teacher": loss.cache_teacher, "teacher_device_map": step.teacher_device_map or "",
                 "teacher_epochs": step.teacher_epochs, "teacher_lr": step.teacher_lr,
-                "teacher_cache": loss.teacher_cache, "unlabeled": step.unlabeled or "", **soft_params},
-        lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": student or f"teacher layers {kept}"},
+                "teacher_cache": loss.teacher_cache, "unlabeled": step.unlabeled or "", **soft_params,
+                "shared_tokens": shared},
+        lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": whose},
     )
-    models = RunModels(student=student_model, tokenizer=tokenizer, teacher=teacher_model, cache_file=cache_file)
+    models = RunModels(student=student_model, tokenizer=student_tokenizer, teacher=teacher_model, cache_file=cache_file,
+                       teacher_tokenizer=None if shared else tokenizer)
     return run_training(plan, models, task_data, cfg, tracking, hooks)

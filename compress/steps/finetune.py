@@ -21,7 +21,7 @@ def finetune(step: FinetuneConfig, data: DataConfig | None = None, training: Tra
     from compress.engine.trainer import quiet_libraries
     from compress.infra.identity import slug
     from compress.infra.writes import check_run_paths
-    from compress.models.loading import check_encoder, load_config, resolve_max_length, resolve_model
+    from compress.models.loading import check_text_classifier, load_config, resolve_max_length, resolve_model
     from compress.options.commands import with_defaults
 
     data, training, runtime, tracking, output = with_defaults(
@@ -33,7 +33,7 @@ def finetune(step: FinetuneConfig, data: DataConfig | None = None, training: Tra
                           max_train=data.max_train, seed=training.seed, quoting=data.quoting)
     path = resolve_model(step.model, "--model")
     config = load_config(path, "--model")
-    check_encoder(config, "--model")
+    check_text_classifier(config, "--model")  # any encoder family: it may be distill's teacher
     cfg.max_length = resolve_max_length(data.max_length, [config])
     default = f"outputs/finetune-{slug(step.model)}-{slug(task_data.name)}"
     out = check_run_paths(output.output if output.output is not None else default, reads=(path, data.data),

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compress.infra.errors import CompressError
-from compress.models.loading import (check_encoder, check_same_vocab, has_task_head, load_classifier, load_config,
-    load_tokenizer, resolve_model, student_from_teacher, teacher_layer_map)
+from compress.models.loading import (check_encoder, check_text_classifier, has_task_head, load_classifier, load_config,
+    load_tokenizer, resolve_model, same_tokens, student_from_teacher, teacher_layer_map)
 
 from helpers import save_tiny_bert
 
@@ -294,7 +294,7 @@ def test_load_config_unreadable(tmp_path: Path) -> None:
         load_config(str(folder), "--teacher")
 
 
-# --- check_encoder / check_same_vocab ---------------------------------------------------------------------------------
+# --- check_encoder / same_tokens ------------------------------------------------------------------------------------
 
 
 def test_check_encoder_rejects_gpt2(tmp_path: Path) -> None:
@@ -310,16 +310,41 @@ def test_check_encoder_accepts_bert(tiny_teacher: Path) -> None:
     check_encoder(load_config(str(tiny_teacher)), "--teacher")
 
 
-def test_check_same_vocab(tiny_teacher: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model_type", "ok"), [("mpnet", True), ("deberta-v2", True), ("roberta", True),
+                                                ("albert", True), ("gpt2", False), ("vit", False)])
+def test_check_text_classifier_takes_any_encoder_family(model_type: str, ok: bool) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    if ok:
+        check_text_classifier(config, "--teacher")
+    else:
+        with pytest.raises(CompressError, match=rf"^--teacher: model type '{model_type}' is not a text encoder"):
+            check_text_classifier(config, "--teacher")
+
+
+TEXTS = [("a good film",), ("the plot was dull",)]
+
+
+def test_same_tokens(tiny_teacher: Path, tmp_path: Path) -> None:
     same = save_tiny_bert(tmp_path / "same", hidden=16, heads=2, intermediate=32)
     other = save_tiny_bert(tmp_path / "other", extra_vocab=["zebra"])
-    t_tok, t_cfg = load_tokenizer(str(tiny_teacher)), load_config(str(tiny_teacher))
-    check_same_vocab(t_tok, load_tokenizer(str(same)), load_config(str(same)), t_cfg)
-    with pytest.raises(CompressError, match=r"^--student: its tokenizer differs"):
-        check_same_vocab(t_tok, load_tokenizer(str(other)), load_config(str(other)), t_cfg)
+    t_tok = load_tokenizer(str(tiny_teacher))
+    assert same_tokens(t_tok, load_tokenizer(str(same)), TEXTS)
+    assert not same_tokens(t_tok, load_tokenizer(str(other)), TEXTS)
 
 
-def test_check_same_vocab_same_size_different_words(tiny_teacher: Path, tmp_path: Path) -> None:
+def test_same_tokens_same_vocabulary_other_ids(tiny_teacher: Path, tmp_path: Path) -> None:
+    # the same words, but one tokenizer keeps case: "Good" is [UNK] to it, "good" to the other
+    from transformers import AutoTokenizer
+
+    cased = AutoTokenizer.from_pretrained(tiny_teacher, do_lower_case=False)
+    t_tok = load_tokenizer(str(tiny_teacher))
+    assert same_tokens(t_tok, cased, TEXTS)
+    assert not same_tokens(t_tok, cased, [("A Good film",)])
+
+
+def test_same_tokens_same_size_different_words(tiny_teacher: Path, tmp_path: Path) -> None:
     # same vocab_size, one word swapped: the sizes agree but token ids mean other words
     other = save_tiny_bert(tmp_path / "swapped")
     vocab = json.loads((other / "tokenizer.json").read_text())
@@ -329,6 +354,4 @@ def test_check_same_vocab_same_size_different_words(tiny_teacher: Path, tmp_path
     (other / "tokenizer.json").write_text(json.dumps(vocab))
     if (other / "vocab.txt").exists():
         (other / "vocab.txt").write_text((other / "vocab.txt").read_text().replace("superb", "zzzz"))
-    t_cfg = load_config(str(tiny_teacher))
-    with pytest.raises(CompressError, match="--student"):
-        check_same_vocab(load_tokenizer(str(tiny_teacher)), load_tokenizer(str(other)), load_config(str(other)), t_cfg)
+    assert not same_tokens(load_tokenizer(str(tiny_teacher)), load_tokenizer(str(other)), TEXTS)

@@ -35,6 +35,8 @@ def _config(model_type: str, positions: int, pad: int = 0):
     (None, [("bert", 512), ("bert", 64), None], 64),  # the fewest any model takes; a missing config is skipped
     (None, [("roberta", 514, 1)], 128),
     (None, [("roberta", 66, 1)], 64),  # RoBERTa numbers positions from its pad id + 1
+    (None, [("mpnet", 66, 1)], 64),  # so does MPNet: all-mpnet-base-v2's 514 rows hold 512 tokens
+    (None, [("bert", 512), ("mpnet", 514, 1)], 128),
     (None, [], 128),
     (100, [("bert", 64)], 100),  # typed: kept, for load_tokenizer to refuse by name
 ])
