@@ -137,7 +137,7 @@ def _did_you_mean(given: list[str]) -> str:
 # Flags naming a local file or folder (or, for the model flags, a hub name, which never starts with '~').
 # teacher_device_map may name a JSON file; space may name a YAML file (a dict given inline is left alone).
 PATH_FLAGS = ("teacher", "student", "model", "data", "output", "teacher_cache", "teacher_device_map", "json_out",
-              "json", "space", "vocab_corpus", "unlabeled")
+              "json", "space", "vocab_corpus", "unlabeled", "augment_model")
 
 
 def _expand_home(values) -> None:

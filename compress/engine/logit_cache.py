@@ -19,16 +19,20 @@ import torch
 from compress.infra.paths import share_like_open
 
 
-def cache_key(teacher_path: str, task, tokenizer, max_length: int, teacher_dtype: str) -> str:
-    from compress.infra.identity import weights_identity
-
-    # The tokenizer's full serialisation (vocabulary, normaliser, truncation side) when it has one; its class and
-    # vocabulary otherwise.
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of the tokenizer's full serialisation (vocabulary, normaliser, truncation side) when it has one; of its
+    class and vocabulary otherwise."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok = backend.to_str() if backend is not None else json.dumps([type(tokenizer).__name__,
                                                                    sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(tok.encode()).hexdigest()
+
+
+def cache_key(teacher_path: str, task, tokenizer, max_length: int, teacher_dtype: str) -> str:
+    from compress.infra.identity import weights_identity
+
     parts = [str(Path(teacher_path).resolve()), weights_identity(teacher_path), task.fingerprint,
-             hashlib.sha256(tok.encode()).hexdigest(), tokenizer.truncation_side, max_length, teacher_dtype]
+             tokenizer_digest(tokenizer), tokenizer.truncation_side, max_length, teacher_dtype]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 

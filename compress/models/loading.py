@@ -173,6 +173,15 @@ def check_text_classifier(config, flag: str) -> None:
                             "deberta-v2, electra, albert or xlm-roberta")
 
 
+def check_masked_lm(config, flag: str) -> None:
+    """Refuse a model type with no masked-LM class in transformers, in one line."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise CompressError(f"{flag}: model type '{config.model_type}' has no masked-LM head (AutoModelForMaskedLM), "
+                            "such as bert, roberta, distilbert or deberta-v2")
+
+
 def has_task_head(config, label_names: list[str]) -> bool:
     """True when the checkpoint already carries a classifier for exactly these labels."""
     archs = config.architectures or []

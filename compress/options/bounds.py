@@ -50,6 +50,7 @@ BOUNDS: dict[str, Bound] = {
     # distillation
     "temperature": _POSITIVE,
     **dict.fromkeys(("alpha_kd", "alpha_ce", "alpha_hidden", "alpha_attn"), _WEIGHT),
+    "augment": _at_least(0, "augmented copies of each training text; 0 makes none"),
     # student shapes and their inputs
     "layers": _at_least(1),
     "groups": _at_least(1),

@@ -50,9 +50,10 @@ COMMANDS: dict[str, Command] = {
                 "MLflow.\n\nThe default student is DistilBERT-style: the teacher's width, its embeddings, and every "
                 "other layer.",
         groups={"step": DistillConfig, "loss": LossConfig, **_TRAINING_GROUPS},
-        flags=("teacher", *_DATA, "student", "layers", "unlabeled", "epochs", "output", *_TRAINING, *_LOSS,
-               "alpha_attn", "cache_teacher", "compile", "teacher_device_map", "max_length", "max_train", *_COLUMNS,
-               *_RUN, "teacher_epochs", "teacher_lr", "teacher_cache", "tracking", "experiment", "resume", "overwrite"),
+        flags=("teacher", *_DATA, "student", "layers", "unlabeled", "augment", "augment_model", "epochs", "output",
+               *_TRAINING, *_LOSS, "alpha_attn", "cache_teacher", "compile", "teacher_device_map", "max_length",
+               "max_train", *_COLUMNS, *_RUN, "teacher_epochs", "teacher_lr", "teacher_cache", "tracking",
+               "experiment", "resume", "overwrite"),
         helps={"output": "where the student is written (default: outputs/distill-TEACHER-TASK-LN)."},
     ),
     "finetune": Command(

@@ -209,13 +209,27 @@ class DistillConfig:
     """unlabelled in-domain text: a .txt with one text a line, or a .tsv, .csv or .jsonl with the text column (read as
     --data's files are). Its rows learn from the teacher's soft targets only (no cross-entropy), mixed into every epoch
     with the labelled rows; texts that are dev texts are dropped and counted. --cache_teacher covers them."""
+    augment: int = 0
+    """augmented copies of each training text (TinyBERT's word replacement: each whole word replaced with chance 0.4
+    by one of 15 candidates), learning from the teacher's soft targets only, like --unlabeled's rows. Candidates come
+    from --augment_model, else from the teacher's own input embeddings (nearest neighbours by cosine). Seeded by
+    --seed and cached under --teacher_cache."""
+    augment_model: str | None = None
+    """with --augment: any model with a masked-LM head (name, alias or folder) that proposes the replacement words,
+    each word masked in its own sentence (TinyBERT uses BERT-base)."""
     teacher_epochs: int = 2
     """epochs when a head-less teacher must be fine-tuned first."""
     teacher_lr: float = 5e-5
     """learning rate of that fine-tuning."""
 
     def validate(self) -> None:
-        check_all(teacher_epochs=self.teacher_epochs, teacher_lr=self.teacher_lr)  # --layers: teacher_layer_map
+        from compress.infra.errors import CompressError
+
+        check_all(teacher_epochs=self.teacher_epochs, teacher_lr=self.teacher_lr,  # --layers: teacher_layer_map
+                  augment=self.augment)
+        if self.augment_model is not None and not self.augment:
+            raise CompressError(f"--augment_model {self.augment_model}: proposes the words of augmented copies; give "
+                                "--augment N as well")
 
 
 @dataclass

@@ -31,7 +31,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     from compress.data.unlabeled import read_unlabeled
     from compress.engine.run import RunModels, RunPlan, TrainConfig, run_training
     from compress.engine.teacher import ensure_task_teacher
-    from compress.models.loading import (ENCODER_TYPES, check_encoder, check_text_classifier, has_task_head,
+    from compress.models.loading import (ENCODER_TYPES, check_encoder, check_masked_lm, check_text_classifier,
+                                         has_task_head,
                                          load_classifier, load_config, load_tokenizer, resolve_max_length,
                                          resolve_model, same_tokens, student_from_teacher, teacher_layer_map)
     from compress.options.commands import with_defaults
@@ -40,9 +41,6 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
         "distill", data=data, loss=loss, training=training, runtime=runtime, tracking=tracking, output=output)
     teacher, student, layers = step.teacher, step.student, step.layers
     loss.validate()
-    if step.unlabeled is not None and not (loss.alpha_kd or loss.alpha_hidden or loss.alpha_attn):
-        raise CompressError(f"--unlabeled {step.unlabeled}: its texts learn from the teacher alone, and every teacher "
-                            "loss is off; set --alpha_kd above 0")
     if step.teacher_device_map is not None:
         if str(runtime.devices) not in ("auto", "1") or runtime.strategy != "auto":
             raise CompressError(f"--teacher_device_map {step.teacher_device_map}: the teacher takes the devices "
@@ -51,6 +49,10 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     cfg = TrainConfig(training, runtime, data.max_length, loss)
     cfg.validate()
     step.validate()
+    soft = [f"--unlabeled {step.unlabeled}"] * bool(step.unlabeled) + [f"--augment {step.augment}"] * bool(step.augment)
+    if soft and not (loss.alpha_kd or loss.alpha_hidden or loss.alpha_attn):
+        raise CompressError(f"{' and '.join(soft)}: those texts learn from the teacher alone, and every teacher loss "
+                            "is off; set --alpha_kd above 0")
     # a head-less teacher's fine-tuning: its own epochs and lr, the student's batches and runtime (never compiled)
     teacher_cfg = TrainConfig(replace(training, epochs=step.teacher_epochs, lr=step.teacher_lr, warmup=0.1,
                                       weight_decay=0.01), replace(runtime, compile=False), data.max_length)
@@ -76,6 +78,10 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                                 f"a {teacher_config.model_type}; give --student, e.g. --student minilm-l6 --layers 3")
         if layers is not None:
             teacher_layer_map(teacher_config.num_hidden_layers, layers)
+    augment_path = None
+    if step.augment_model is not None:
+        augment_path = resolve_model(step.augment_model, "--augment_model")
+        check_masked_lm(load_config(augment_path, "--augment_model"), "--augment_model")
     # before a head-less teacher is fine-tuned: its cached copy is keyed by the length too
     cfg.max_length = teacher_cfg.max_length = resolve_max_length(data.max_length, [teacher_config, student_config])
     tokenizer = load_tokenizer(teacher_path, "--teacher", teacher_config, cfg.max_length)
@@ -95,8 +101,8 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
     quiet_libraries()
     teacher_runs_bf16(runtime.accelerator, runtime.precision)  # refuses an unknown --accelerator or --precision now
     # before a teacher is fine-tuned for minutes (--output's default name needs the student)
-    checked = check_run_paths(output.output, reads=(teacher_path, student_path, data.data, step.unlabeled),
-                              tracking=tracking.tracking, cache=loss.teacher_cache)
+    reads = (teacher_path, student_path, data.data, step.unlabeled, augment_path)
+    checked = check_run_paths(output.output, reads=reads, tracking=tracking.tracking, cache=loss.teacher_cache)
     if checked is not None:
         RunState(checked, output.resume, output.overwrite)  # an existing folder without --overwrite, or none to resume
     if not has_task_head(teacher_config, task_data.label_names):
@@ -150,7 +156,10 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
 
     out = checked if checked is not None else Path(f"outputs/distill-{slug(teacher)}-{slug(task_data.name)}-{desc}")
     soft_params = {}
-    if unlabeled is not None:  # after the teacher's fine-tuning, which learns from labelled rows alone
+    # after the teacher's fine-tuning, which learns from labelled rows alone
+    augmented = (_augmented(step, task_data, teacher_model, tokenizer, teacher_path, augment_path, training.seed,
+                            Path(loss.teacher_cache), cfg.max_length) if step.augment else None)
+    if unlabeled is not None:
         task_data = task_data.with_soft_texts(unlabeled.texts)
         ratio = unlabeled.ratio(len(task_data.train_labels))
         print(f"unlabeled: {len(unlabeled.texts):,} texts from {step.unlabeled} ({unlabeled.dev_duplicates:,} dev "
@@ -158,6 +167,9 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
               file=sys.stderr)
         soft_params = {"unlabeled_rows": len(unlabeled.texts), "unlabeled_dev_duplicates": unlabeled.dev_duplicates,
                        "unlabeled_ratio": round(ratio, 4)}
+    if augmented is not None:
+        task_data = task_data.with_soft_texts(augmented.texts)
+        soft_params |= {"augment_rows": len(augmented.texts), "augment_dropped": augmented.dropped}
     # keyed by the rows, unlabelled ones included: the teacher scores each of them once per key
     cache_file = (logit_cache.file_for_run(Path(loss.teacher_cache), teacher_path, task_data, tokenizer, cfg)
                   if loss.cache_teacher else None)
@@ -171,10 +183,44 @@ def distill(step: DistillConfig, data: DataConfig | None = None, loss: LossConfi
                 "alpha_ce": loss.alpha_ce, "alpha_hidden": loss.alpha_hidden, "alpha_attn": loss.alpha_attn,
                 "cache_teacher": loss.cache_teacher, "teacher_device_map": step.teacher_device_map or "",
                 "teacher_epochs": step.teacher_epochs, "teacher_lr": step.teacher_lr,
-                "teacher_cache": loss.teacher_cache, "unlabeled": step.unlabeled or "", **soft_params,
+                "teacher_cache": loss.teacher_cache, "unlabeled": step.unlabeled or "", "augment": step.augment,
+                "augment_model": step.augment_model or "", **soft_params,
                 "shared_tokens": shared},
         lineage={"teacher": teacher, "teacher_path": teacher_path, "student_init": whose},
     )
     models = RunModels(student=student_model, tokenizer=student_tokenizer, teacher=teacher_model, cache_file=cache_file,
                        teacher_tokenizer=None if shared else tokenizer)
     return run_training(plan, models, task_data, cfg, tracking, hooks)
+
+
+def _augmented(step: DistillConfig, task, teacher_model, teacher_tokenizer, teacher_path: str,
+               augment_path: str | None, seed: int, cache_root: Path, max_length: int):
+    """--augment's copies of the training texts (compress.engine.augment), through --augment_model's masked LM or the
+    teacher's own input embeddings; read from --teacher_cache when made before."""
+    from compress.engine import augment
+
+    if augment_path is not None:
+        from transformers import AutoModelForMaskedLM
+
+        from compress.models.loading import load_tokenizer, load_weights
+
+        tokenizer = load_tokenizer(augment_path, "--augment_model")
+        method, model_path = f"masked LM {step.augment_model}", augment_path
+
+        def candidates():
+            model = load_weights(AutoModelForMaskedLM, augment_path, "--augment_model")
+            return augment.MaskedLMCandidates(model, tokenizer, max_length=max_length)
+    else:
+        tokenizer = teacher_tokenizer
+        method, model_path = "the teacher's word-embedding neighbours", teacher_path
+
+        def candidates():
+            return augment.EmbeddingNeighbours(teacher_model.get_input_embeddings().weight, tokenizer)
+
+    made = augment.augment(task, step.augment, seed, method=method, model_path=model_path, tokenizer=tokenizer,
+                           candidates=candidates, cache_root=cache_root)
+    where = f"read from {made.file}" if made.from_cache else f"stored in {made.file}"
+    print(f"augment: {len(made.texts):,} copies of {len(task.train_texts):,} training texts by {method} "
+          f"({made.dropped:,} unchanged, repeated or dev texts dropped; {where}); they learn from the teacher's soft "
+          "targets only", file=sys.stderr)
+    return made

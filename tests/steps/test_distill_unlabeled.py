@@ -62,5 +62,5 @@ def test_unlabeled_text_with_every_teacher_loss_off_is_refused(tiny_teacher: Pat
     more = write_unlabeled(workdir, tiny_data)
     line = cli_error(capsys, "distill", "--teacher", tiny_teacher, "--data", tiny_data, "--unlabeled", more,
                      "--alpha_kd", "0", "--alpha_hidden", "0", "--output", workdir / "out", *track(workdir))
-    assert "its texts learn from the teacher alone, and every teacher loss is off" in line
+    assert f"--unlabeled {more}: those texts learn from the teacher alone, and every teacher loss is off" in line
     assert sorted(p.name for p in workdir.iterdir()) == ["more.txt"]
