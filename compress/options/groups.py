@@ -402,7 +402,8 @@ class SearchConfig:
     space: dict[str, Any] | str
     """flags of distill, prune and share to search: a list is a categorical choice, {low, high} a range (int when both
     are ints; add log: true for a log scale, or step), a single value is fixed. null in a list skips that step
-    (layers: distill, groups: share, a prune fraction: that pruning). STEP.FLAG (e.g. prune.lr) sets a flag for one
+    (layers: distill, groups: share, a prune fraction: that pruning); unlabeled: [null, PATH] draws distill's
+    unlabelled text on or off, augment: [0, 2, 4] its augmented copies. STEP.FLAG (e.g. prune.lr) sets a flag for one
     step only; a plain flag goes to every step that has it. Inline YAML (--space '{layers: [3, 4]}'), a YAML file
     holding the mapping, or space: in --config."""
     objectives: str | list[str] = "score,params"

@@ -19,6 +19,8 @@ MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_
 # Flags of the one-off teacher fine-tuning: the teacher is shared by every trial, so these are fixed per study.
 STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
 PRUNE_SWITCHES = ("heads", "ffn", "hidden", "sparsity", "drop_layers", "vocab")
+# Distill's soft-only rows, which a space may draw: unlabelled text on or off ([null, PATH]), augmented copies (counts)
+SOFT_ROWS = ("unlabeled", "augment", "augment_model")
 
 
 # --- the search space -------------------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def parse_space(space: dict, flags: dict[str, dict[str, Any]]) -> dict[str, Dime
         dims[key] = dim
     _check_values(dims)
     _check_steps(dims)
+    _check_soft_rows(dims)
     return dims
 
 
@@ -306,13 +309,31 @@ def with_logit_cache(step: str, kwargs: dict, values: dict, flags: dict[str, dic
         "teacher_cache", flags[step]["teacher_cache"]))}
 
 
+def _check_soft_rows(dims: dict[str, Dimension]) -> None:
+    """Distill's soft-only rows: unlabeled names a file of unlabelled texts, drawn on or off as [null, PATH], and
+    those keys need a trial that distils. A missing file fails here, not in trial after trial."""
+    for key, dim in dims.items():
+        if key.rpartition(".")[2] != "unlabeled":
+            continue
+        odd = [v for v in _given(dim) if v is not None and not (isinstance(v, str) and Path(v).expanduser().is_file())]
+        if dim.kind not in ("fixed", "choice") or odd:
+            shown = f"{odd[0]!r} is not a file" if odd else "a range is no file"
+            raise CompressError(f"space: {key}: {shown}; give the file of unlabelled texts, or [null, PATH] to draw "
+                                "it on or off")
+    given = [k for k in dims if k.rpartition(".")[2] in SOFT_ROWS]
+    if given and not _can_run(dims, "distill")[0]:
+        raise CompressError(f"space: {given[0]} adds rows to distill's training, and no trial distils; set layers")
+
+
 def describe(step: str, kwargs: dict, flags: dict[str, dict[str, Any]]) -> str:
-    """A step the way its command names its run: `distill L3 T=4`, `prune h0.5-f0.3`, `share all-g2-e128`."""
+    """A step the way its command names its run: `distill L3 T=4`, `prune h0.5-f0.3`, `share all-g2-e128`; a distill
+    that learns from unlabelled text or augmented copies says so (`distill L3 T=4 +unlabeled +augment2`)."""
     def get(k):
         return kwargs.get(k, flags[step].get(k))
 
     if step == "distill":
-        return f"distill L{get('layers')} T={get('temperature'):.3g}"
+        return (f"distill L{get('layers')} T={get('temperature'):.3g}" + (" +unlabeled" if get("unlabeled") else "")
+                + (f" +augment{get('augment')}" if get("augment") else ""))
     if step == "prune":
         dropped, sparsity, hidden = get("drop_layers"), get("sparsity"), get("hidden")
         return (f"prune h{get('heads'):.3g}-f{get('ffn'):.3g}" + (f"-w{hidden:.3g}" if hidden else "")
