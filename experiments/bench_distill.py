@@ -3,14 +3,21 @@
     python experiments/bench_distill.py                      # MiniLM-L6 teacher, 4,000 train rows, 5 epochs
     python experiments/bench_distill.py --train_rows 67349   # the whole train set (slow on a CPU)
     python experiments/bench_distill.py --seeds 42,43,44     # three training seeds on the same rows: mean and sd
-    python experiments/bench_distill.py --tiny               # a smoke run on a tiny random BERT and toy data
+    python experiments/bench_distill.py --tiny               # a smoke run on tiny random models and toy data
+    # issue 23's table: the MPNet teacher too (../shared/models/get_mpnet.sh ../shared/models puts it together)
+    python experiments/bench_distill.py --seeds 42,43,44 --unlabeled_rows 20000 --augment 4 \
+        --teacher2 ../shared/models/all-mpnet-base-v2 --json outputs/bench_distill/issue23.json
 
-Steps: fine-tune the teacher with `compress finetune` (reused if the folder exists), distil a 3-layer student
-with `compress distill`'s own pipeline, then train the same 3-layer initialisation with a plain loop (soft
-targets + hard labels, TextBrewer-style: same teacher, data, epochs, batch size, temperature and peak lr) and
-without a teacher (hard labels only). All students are scored on GLUE's SST-2 dev set (872 rows) and timed
-against the teacher on the CPU at batch 32 x 128. With --seeds, each row is trained once per seed on the same
-rows, and the table gives the mean, the sample sd and every seed's score.
+Steps: fine-tune the teacher (and --teacher2) with `compress finetune` on the same rows (reused if the folder
+exists), distil a 3-layer student with `compress distill`'s own pipeline, then train the same 3-layer
+initialisation with a plain loop (soft targets + hard labels, TextBrewer-style: same teacher, data, epochs, batch
+size, temperature and peak lr) and without a teacher (hard labels only). More compress rows: + --unlabeled (the
+train texts outside the labelled rows, labels dropped, --unlabeled_rows of them), + --augment N, and with
+--teacher2 the same student (the first teacher's layers) distilled from that teacher, with and without the
+unlabelled text. All students are scored on GLUE's SST-2 dev set (872 rows), against their own teacher
+(retention) and against labels only (gain); the CPU latency is timed against the teacher at batch 32 x 128. With
+--seeds, each row is trained once per seed on the same rows, and the table gives the mean, the sample sd and
+every seed's score; each row's wall time is its mean per seed.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,8 +89,14 @@ def accuracy(model, tokenizer, task, max_length: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="minilm-l6")
+    p.add_argument("--teacher2", help="a second teacher of another family (e.g. the folder get_mpnet.sh makes), "
+                                      "fine-tuned on the same rows; adds its rows, with and without --unlabeled")
     p.add_argument("--data", default=str(SST2))
     p.add_argument("--train_rows", type=int, default=4000)
+    p.add_argument("--unlabeled_rows", type=int, default=20000,
+                   help="train texts outside the labelled subset, labels dropped, for the --unlabeled rows (0: none)")
+    p.add_argument("--augment", type=int, default=4, help="copies a text for the --augment row (0: no such row)")
+    p.add_argument("--augment_model", help="distill's --augment_model (default: the teacher's embeddings)")
     p.add_argument("--epochs", type=int, default=5, help="student epochs, the same for every student")
     p.add_argument("--temperature", type=float, help="soft-target temperature for both KD runs (default: distill's)")
     p.add_argument("--teacher_epochs", type=int, default=2)
@@ -90,7 +104,8 @@ def main() -> None:
     p.add_argument("--workdir", default="outputs/bench_distill")
     p.add_argument("--tracking", default="sqlite:///mlruns/mlflow.db")
     p.add_argument("--seeds", default="42", help="comma-separated training seeds; >1 prints mean and sd per row")
-    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random BERT and toy data")
+    p.add_argument("--json", help="also write the table's numbers to this JSON file")
+    p.add_argument("--tiny", action="store_true", help="smoke run on tiny random models and toy data")
     args = p.parse_args()
 
     import compress
@@ -108,12 +123,15 @@ def main() -> None:
     work = Path(args.workdir)
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
-        from helpers import save_tiny_bert, write_tsv
+        from helpers import make_rows, save_tiny_bert, save_tiny_mpnet, write_tsv
 
         work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
         args.teacher = str(save_tiny_bert(work / "encoder", head=False))
+        args.teacher2 = str(save_tiny_mpnet(work / "mpnet"))  # another family, another vocabulary
         args.data = str(write_tsv(work / "data", train=128, dev=64))
-        args.train_rows, args.epochs, args.teacher_epochs = 128, 3, 8
+        args.train_rows, args.epochs, args.teacher_epochs, args.augment = 128, 3, 8, 1
+        args.unlabeled_rows = min(args.unlabeled_rows, 256)
+        args.tracking = f"sqlite:///{work}/mlruns/mlflow.db"
     elif not Path(args.data).exists():
         sys.exit(f"no SST-2 at {args.data}: this benchmark reads ../shared/data/sst2 (see its README)")
     lr_teacher = 3e-3 if args.tiny else 5e-5
@@ -121,15 +139,30 @@ def main() -> None:
     common = dict(runtime=RuntimeConfig(latency_reps=3),
                   tracking=TrackingConfig(tracking=args.tracking, experiment="bench_distill"))
 
-    teacher_dir = work / f"teacher-{args.train_rows}"
-    t0 = time.perf_counter()
-    if not (teacher_dir / "config.json").exists():
-        compress.finetune(FinetuneConfig(model=args.teacher), data,
-                          training=TrainingConfig(epochs=args.teacher_epochs, lr=lr_teacher), **common,
-                          output=OutputConfig(output=str(teacher_dir), overwrite=True))
-    t_teacher = time.perf_counter() - t0
+    def finetuned(model: str, name: str) -> tuple[Path, float]:
+        folder = work / f"{name}-{args.train_rows}"
+        t0 = time.perf_counter()
+        if not (folder / "config.json").exists():
+            compress.finetune(FinetuneConfig(model=model), data,
+                              training=TrainingConfig(epochs=args.teacher_epochs, lr=lr_teacher), **common,
+                              output=OutputConfig(output=str(folder), overwrite=True))
+        return folder, time.perf_counter() - t0
 
-    task = load_task(data=args.data, max_train=args.train_rows, seed=42)  # the rows the teacher was tuned on
+    teacher_dir, t_teacher = finetuned(args.teacher, "teacher")
+    teacher2_dir = finetuned(args.teacher2, "teacher2")[0] if args.teacher2 else None
+
+    task = load_task(data=args.data, max_train=args.train_rows, seed=42)  # the rows the teachers were tuned on
+    unlabeled, n_unlabeled = None, 0
+    if args.unlabeled_rows:
+        if args.tiny:
+            texts = [t for t, _ in make_rows(args.unlabeled_rows, seed=7)]
+        else:  # the train texts outside the labelled subset, their labels dropped
+            labelled = set(task.train_texts)
+            texts = [t[0] for t in load_task(data=args.data).train_texts if t not in labelled]
+            random.Random(0).shuffle(texts)
+            texts = texts[: args.unlabeled_rows]
+        unlabeled, n_unlabeled = work / f"unlabeled-{len(texts)}.txt", len(texts)
+        unlabeled.write_text("\n".join(texts) + "\n")
     seeds = [int(x) for x in args.seeds.split(",")]
     seed_data = data
     if seeds != [42]:
@@ -143,20 +176,26 @@ def main() -> None:
     kept = teacher_layer_map(teacher.config.num_hidden_layers, args.layers)
     # the same peak learning rate as compress distill's default: the loops differ in recipe, not in tuning
     lr_plain = 3e-3 if args.tiny else distill_defaults["lr"]
-    names = ["compress distill", "plain KD loop", "no KD (labels only)"]
+    lr_ours = {"lr": 3e-3} if args.tiny else {}
+
+    # name -> (teacher folder, DistillConfig changes); every compress row's student is the same 3 layers of the
+    # fine-tuned first teacher (its layers [0, 2, 4] with its head), whichever teacher it learns from
+    recipes: dict[str, tuple[Path, dict]] = {"compress distill": (teacher_dir, {})}
+    if unlabeled:
+        recipes["+ --unlabeled"] = (teacher_dir, {"unlabeled": str(unlabeled)})
+    if args.augment:
+        recipes[f"+ --augment {args.augment}"] = (teacher_dir, {"augment": args.augment,
+                                                                "augment_model": args.augment_model})
+    if teacher2_dir:
+        first = {"student": str(teacher_dir), "layers": args.layers}
+        recipes["teacher2: compress distill"] = (teacher2_dir, first)
+        if unlabeled:
+            recipes["teacher2: + --unlabeled"] = (teacher2_dir, first | {"unlabeled": str(unlabeled)})
+    names = ["no KD (labels only)", "plain KD loop", *recipes]
     scores: dict[str, list[float]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
-    ours = {}
+    runs: dict[str, dict] = {}
     for seed in seeds:
-        ours_dir = work / f"student-L{args.layers}-{args.train_rows}" / f"seed{seed}"
-        t0 = time.perf_counter()
-        ours = compress.distill(
-            DistillConfig(teacher=str(teacher_dir), layers=args.layers), seed_data,
-            loss=LossConfig(temperature=args.temperature),
-            training=TrainingConfig(epochs=args.epochs, seed=seed, **({"lr": 3e-3} if args.tiny else {})),
-            **common, output=OutputConfig(output=str(ours_dir), overwrite=True)).metrics
-        seconds["compress distill"].append(time.perf_counter() - t0)
-        scores["compress distill"].append(ours["student_score"])
         for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
             student = student_from_teacher(teacher, kept)
             t0 = time.perf_counter()
@@ -164,29 +203,62 @@ def main() -> None:
                        lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=seed, max_length=128)
             scores[name].append(accuracy(student, tokenizer, task, 128))
             seconds[name].append(time.perf_counter() - t0)
+        for name, (teacher_from, changes) in recipes.items():
+            out = work / f"student-L{args.layers}-{args.train_rows}" / slug(name) / f"seed{seed}"
+            step = DistillConfig(teacher=str(teacher_from), layers=args.layers)
+            t0 = time.perf_counter()
+            runs[name] = compress.distill(
+                replace(step, **changes), seed_data, loss=LossConfig(temperature=args.temperature),
+                training=TrainingConfig(epochs=args.epochs, seed=seed, **lr_ours), **common,
+                output=OutputConfig(output=str(out), overwrite=True)).metrics
+            seconds[name].append(time.perf_counter() - t0)
+            scores[name].append(runs[name]["student_score"])
 
+    ours = runs["compress distill"]
     lat = latency_ms({"teacher": teacher, "student": student}, batch=32, seq=128, reps=5,
                      vocab_size=teacher.config.vocab_size)
     t_score = ours["teacher_score"]
-    print(f"\nSST-2 dev ({len(task.dev_labels)} rows); teacher {Path(args.teacher).name} fine-tuned on "
-          f"{len(task.train_labels)} rows for {args.teacher_epochs} epochs ({t_teacher:.0f} s); students "
-          f"{args.layers} of {teacher.config.num_hidden_layers} layers, {args.epochs} epochs, T={args.temperature:g}; "
-          f"seeds {args.seeds}")
+    teacher_of = {name: runs[name]["teacher_score"] for name in recipes} | {n: t_score for n in names[:2]}
+    base = statistics.mean(scores["no KD (labels only)"])
+    n_student = count_params(student)
+    print(f"\n{Path(args.data).name} dev ({len(task.dev_labels)} rows); teachers fine-tuned on "
+          f"{len(task.train_labels)} rows for {args.teacher_epochs} epochs: {Path(args.teacher).name} {t_score:.3f} "
+          f"({count_params(teacher):,} params, {t_teacher:.0f} s)"
+          + (f", {Path(args.teacher2).name} {runs['teacher2: compress distill']['teacher_score']:.3f} "
+             f"({int(runs['teacher2: compress distill']['teacher_params']):,} params)" if teacher2_dir else "")
+          + f"; students {args.layers} of {teacher.config.num_hidden_layers} layers of the first teacher, "
+          f"{args.epochs} epochs, T={args.temperature:g}; seeds {args.seeds}"
+          + (f"; --unlabeled: {n_unlabeled:,} texts" if unlabeled else ""))
     per_seed = "".join(f"{'seed ' + str(s):>10}" for s in seeds) if len(seeds) > 1 else ""
-    print(f"{'model':<24}{'dev acc':>9}{'± sd':>7}{'retention':>11}{per_seed}{'params':>13}{'train s':>9}")
-    print(f"{'teacher':<24}{t_score:>9.3f}{'':>7}{1:>11.3f}{'':>{10 * len(seeds) if per_seed else 0}}"
-          f"{count_params(teacher):>13,}")
+    print(f"{'model':<28}{'dev acc':>9}{'± sd':>7}{'retention':>11}{'vs labels':>11}{per_seed}{'params':>13}"
+          f"{'train s':>9}")
+    table = {}
     for name in names:
         accs = scores[name]
         mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+        retention, gain = mean / teacher_of[name], mean - base
         cells = "".join(f"{a:>10.3f}" for a in accs) if per_seed else ""
-        print(f"{name:<24}{mean:>9.3f}{sd:>7.3f}{mean / t_score:>11.3f}{cells}{count_params(student):>13,}"
+        print(f"{name:<28}{mean:>9.3f}{sd:>7.3f}{retention:>11.3f}{gain:>+11.3f}{cells}{n_student:>13,}"
               f"{statistics.mean(seconds[name]):>9.0f}")
+        table[name] = {"score": mean, "sd": sd, "scores": accs, "teacher_score": teacher_of[name],
+                       "retention": retention, "gain_over_labels_only": gain, "params": n_student,
+                       "seconds": statistics.mean(seconds[name])}
+    if teacher2_dir:
+        t2_params = int(runs["teacher2: compress distill"]["teacher_params"])
+        print(f"the student has {t2_params / n_student:.1f}x fewer parameters than {Path(args.teacher2).name} "
+              f"({n_student:,} against {t2_params:,})")
     print(f"compression {ours['compression']:.2f}x; CPU latency at 32x128: teacher {lat['teacher']:.0f} ms, "
           f"student {lat['student']:.0f} ms, speedup {lat['teacher'] / lat['student']:.2f}x "
           f"(compress distill's own run measured {ours['speedup']:.2f}x). One dev accuracy on "
           f"{len(task.dev_labels)} rows has a "
           f"binomial sd of about {100 * (t_score * (1 - t_score) / len(task.dev_labels)) ** 0.5:.1f} points.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": table, "seeds": seeds, "train_rows": len(task.train_labels),
+                                               "unlabeled_rows": n_unlabeled}, indent=1))
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
 def write_jsonl(folder: Path, task) -> None:

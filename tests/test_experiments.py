@@ -106,3 +106,34 @@ def test_bench_width_tiny_cuts_each_row_further_and_times_them_with_the_teacher(
     assert runs["chain int8"]["parity_max_abs_diff"] <= 1e-4 and "int8_score" in runs["chain int8"]
     assert set(result["latency"]) == {"teacher", "student", "+ vocab", "+ vocab min", "+ heads/FFN",
                                       "+ hidden 0.25", "+ hidden 0.5", "chain onnx", "chain int8"}
+
+
+def test_bench_distill_tiny_runs_every_row_against_its_own_teacher(tmp_path: Path) -> None:
+    """experiments/bench_distill.py --tiny: labels only, the plain loop, compress distill, + --unlabeled, + --augment,
+    and the second-family teacher (a tiny MPNet) with and without the unlabelled text, each scored against its own
+    teacher and against labels only."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_distill.py"), "--tiny", "--json",
+                           str(tmp_path / "bench.json")], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["no KD (labels only)", "plain KD loop", "compress distill", "+ --unlabeled",
+                          "+ --augment 1", "teacher2: compress distill", "teacher2: + --unlabeled"]
+    assert result["unlabeled_rows"] == 256
+    base = rows["no KD (labels only)"]["score"]
+    for name, row in rows.items():
+        assert 0 < row["score"] <= 1 and math.isfinite(row["seconds"]), name
+        assert row["retention"] == row["score"] / row["teacher_score"]
+        assert row["gain_over_labels_only"] == row["score"] - base
+    # the MPNet teacher is another model than the first: its rows are measured against it
+    assert rows["teacher2: compress distill"]["teacher_score"] == rows["teacher2: + --unlabeled"]["teacher_score"]
+    assert rows["compress distill"]["teacher_score"] == rows["+ --unlabeled"]["teacher_score"]
+    assert "fewer parameters than mpnet" in done.stdout
