@@ -106,6 +106,16 @@ class DistillModule(pl.LightningModule):
                 self.projections = nn.ModuleList(
                     nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size) for _ in self.layer_map
                 )
+                kept = getattr(student, "hidden_kept", None)
+                if shared_tokens and kept is not None and len(kept) == s_cfg.hidden_size:
+                    # A width-pruned student's dimension i is its parent's dimension kept[i] (slice_hidden), so
+                    # each map starts as that placement rather than at random: the loss then pulls the kept
+                    # dimensions back toward the parent's from the first step.
+                    with torch.no_grad():
+                        for projection in self.projections:
+                            projection.weight.zero_()
+                            projection.weight[kept, range(len(kept))] = 1.0
+                            projection.bias.zero_()
         # The frozen teacher is rebuilt from its folder on resume; keeping it out of checkpoints saves its size.
         self.strict_loading = False
 

@@ -177,4 +177,8 @@ def slice_hidden(model, keep: list[int]):
     model.classifier = _slice_linear(model.classifier, index, 1)
     # the head width (attention_head_size) is stored in the config, so it stays the parent's
     model.config.hidden_size = len(index)
+    # where each kept dimension was in the first parent's stream (not saved: it means something only beside that
+    # parent), for distillation from it to start its hidden-state map there
+    before = getattr(model, "hidden_kept", None)
+    model.hidden_kept = [before[i] for i in index.tolist()] if before is not None else index.tolist()
     return model

@@ -185,3 +185,22 @@ def test_bad_keep_is_refused(model):
     for keep in ([], [0, 0], [32]):
         with pytest.raises(ValueError):
             slice_hidden(model, keep)
+
+
+def test_recovery_starts_its_hidden_map_where_the_dimensions_came_from(model, parent):
+    """Sliced twice, the student remembers each dimension's place in the first parent's stream; distillation from
+    that parent starts every hidden-state projection as the placement, so the projected state equals the student's
+    own on the kept dimensions and is zero elsewhere."""
+    from compress.engine.distill_module import DistillModule
+    from compress.options.groups import LossConfig, TrainingConfig
+
+    slice_hidden(model, list(range(8, 32)))  # keeps parent dimensions 8..31
+    slice_hidden(model, [0, 5, 23])  # of those: 8, 13, 31
+    assert model.hidden_kept == [8, 13, 31]
+    teacher = from_bert(parent).eval()
+    module = DistillModule(model, teacher, num_labels=2, loss=LossConfig(), training=TrainingConfig())
+    states = torch.randn(2, 4, 3)
+    for projection in module.projections:
+        projected = projection(states)
+        torch.testing.assert_close(projected[..., [8, 13, 31]], states)
+        assert projected[..., [d for d in range(32) if d not in (8, 13, 31)]].abs().max() == 0
