@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from compress.pruning.importance import mask_gradients
 from compress.pruning.slicing import _slice_linear
 
 
@@ -49,27 +50,9 @@ def masked_stream(model, mask: torch.Tensor):
 
 def taylor_hidden(model, batches: Iterable[dict]) -> torch.Tensor:
     """(H,) accumulated |dL/dmask| of each residual dimension over `batches` (task cross-entropy, eval mode)."""
-    device = next(model.parameters()).device
-    mask = torch.ones(model.config.hidden_size, device=device, requires_grad=True)
-    total = torch.zeros_like(mask)
-    was_training, grad_state = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    seen = 0
-    try:
-        with masked_stream(model, mask):
-            for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items()
-                          if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-                (grad,) = torch.autograd.grad(model(**inputs).loss, [mask])
-                total += grad.abs()
-                seen += 1
-    finally:
-        for p, flag in zip(model.parameters(), grad_state):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("taylor importance needs at least one batch")
-    return total.detach()
+    mask = torch.ones(model.config.hidden_size, device=next(model.parameters()).device, requires_grad=True)
+    (total,) = mask_gradients(model, [mask], batches, masked_stream(model, mask))
+    return total
 
 
 def _stream_weights(model) -> list[tuple[torch.Tensor, int]]:

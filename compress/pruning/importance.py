@@ -67,19 +67,13 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def taylor_importance(model, batches: Iterable[dict], normalise: bool = True) -> Scores:
-    """Accumulated |dL/dmask| over `batches` for every head and neuron (Michel et al. 2019, first-order Taylor).
+def mask_gradients(model, masks: list[torch.Tensor], batches: Iterable[dict], applied) -> list[torch.Tensor]:
+    """Each mask's accumulated |dL/dmask| over `batches`, with the masks applied by the context manager `applied`.
 
     L is the task cross-entropy on each batch's labels. Runs where the model is (a GPU when the caller put it
-    there), in eval mode so dropout does not add noise to the estimate. With `normalise`, each module's scores are
-    divided by their L2 norm, as Michel et al. do before ranking across layers: otherwise a layer with small
-    gradients everywhere would lose all its heads under --scope global.
+    there), in eval mode so dropout does not add noise to the estimate. A mask no layer reaches stays zero.
     """
     device = _device(model)
-    encoder = model.bert.encoder
-    head_masks = [torch.ones(a.heads, device=device, requires_grad=True) for a in encoder.attention]
-    neuron_masks = [torch.ones(f.output.in_features, device=device, requires_grad=True) for f in encoder.ffn]
-    masks = head_masks + neuron_masks
     totals = [torch.zeros_like(m) for m in masks]
     was_training = model.training
     # Only the masks need gradients; freezing the weights keeps autograd from building (and storing) theirs.
@@ -87,12 +81,11 @@ def taylor_importance(model, batches: Iterable[dict], normalise: bool = True) ->
     model.eval().requires_grad_(False)
     seen = 0
     try:
-        with masked(model, head_masks, neuron_masks):
+        with applied:
             for batch in batches:
                 inputs = {k: v.to(device) for k, v in batch.items()
                           if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-                loss = model(**inputs).loss
-                grads = torch.autograd.grad(loss, masks, allow_unused=True)
+                grads = torch.autograd.grad(model(**inputs).loss, masks, allow_unused=True)
                 for total, grad in zip(totals, grads):
                     if grad is not None:  # None for a module no layer reaches
                         total += grad.abs()
@@ -103,7 +96,20 @@ def taylor_importance(model, batches: Iterable[dict], normalise: bool = True) ->
         model.train(was_training)
     if seen == 0:
         raise ValueError("taylor importance needs at least one batch")
-    totals = [t.detach() for t in totals]
+    return [t.detach() for t in totals]
+
+
+def taylor_importance(model, batches: Iterable[dict], normalise: bool = True) -> Scores:
+    """Accumulated |dL/dmask| over `batches` for every head and neuron (Michel et al. 2019, first-order Taylor).
+
+    With `normalise`, each module's scores are divided by their L2 norm, as Michel et al. do before ranking across
+    layers: otherwise a layer with small gradients everywhere would lose all its heads under --scope global.
+    """
+    device = _device(model)
+    encoder = model.bert.encoder
+    head_masks = [torch.ones(a.heads, device=device, requires_grad=True) for a in encoder.attention]
+    neuron_masks = [torch.ones(f.output.in_features, device=device, requires_grad=True) for f in encoder.ffn]
+    totals = mask_gradients(model, head_masks + neuron_masks, batches, masked(model, head_masks, neuron_masks))
     if normalise:
         totals = [t / t.norm().clamp_min(1e-12) if t.numel() else t for t in totals]
     n = len(head_masks)

@@ -354,7 +354,7 @@ def test_min_count_keeps_frequent_tokens_and_the_pieces_that_spell_the_rest():
     assert {ids["the"], ids["movie"]} <= set(kept) and ids["film"] not in kept and ids["good"] not in kept
     assert ids["q"] not in kept and ids["##q"] not in kept  # no training text holds a q
     assert {ids["f"], ids["##i"], ids["##l"], ids["##m"]} <= set(kept)
-    new, pruned, _ = prune_vocabulary(_tiny_model_for(tokenizer), tokenizer, kept)
+    _, pruned, _ = prune_vocabulary(_tiny_model_for(tokenizer), tokenizer, kept)
     assert pruned.convert_ids_to_tokens(pruned("film")["input_ids"]) == ["[CLS]", "f", "##i", "##l", "##m", "[SEP]"]
     assert pruned.convert_ids_to_tokens(pruned("the movie")["input_ids"]) == ["[CLS]", "the", "movie", "[SEP]"]
     assert kept_ids(tokenizer, ["The movie", "the MOVIE film"], min_count=1) == sorted(
