@@ -13,9 +13,10 @@ thin adapters over these functions; compress search runs its trials through them
 
 from compress.engine.run import RunHooks
 from compress.infra.results import StepResult
-from compress.options.groups import (BenchConfig, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                                     FinetuneConfig, LossConfig, OutputConfig, PruneConfig, RuntimeConfig,
-                                     SearchConfig, ShareConfig, TrackingConfig, TrainingConfig)
+from compress.options.groups import (AutoConfig, BenchConfig, DataConfig, DistillConfig, EvaluateConfig,
+                                     ExportConfig, FinetuneConfig, LossConfig, OutputConfig, PruneConfig,
+                                     RuntimeConfig, SearchConfig, ShareConfig, TrackingConfig, TrainingConfig)
+from compress.search.auto import AutoResult, auto
 from compress.search.run import search
 from compress.steps.bench import bench
 from compress.steps.distill import distill
@@ -25,7 +26,7 @@ from compress.steps.finetune import finetune
 from compress.steps.prune import prune
 from compress.steps.share import share
 
-__all__ = ["BenchConfig", "DataConfig", "DistillConfig", "EvaluateConfig", "ExportConfig", "FinetuneConfig",
-           "LossConfig", "OutputConfig", "PruneConfig", "RunHooks", "RuntimeConfig", "SearchConfig", "ShareConfig",
-           "StepResult", "TrackingConfig", "TrainingConfig", "bench", "distill", "evaluate", "export", "finetune",
-           "prune", "search", "share"]
+__all__ = ["AutoConfig", "AutoResult", "BenchConfig", "DataConfig", "DistillConfig", "EvaluateConfig", "ExportConfig",
+           "FinetuneConfig", "LossConfig", "OutputConfig", "PruneConfig", "RunHooks", "RuntimeConfig", "SearchConfig",
+           "ShareConfig", "StepResult", "TrackingConfig", "TrainingConfig", "auto", "bench", "distill", "evaluate",
+           "export", "finetune", "prune", "search", "share"]

@@ -28,9 +28,9 @@ def _adapter(name: str, step: Callable, prints_json: bool = False) -> Callable:
     return command
 
 
-def _search_stopped_says_how_to_go_on(search: Callable) -> Callable:
-    """A search stopped by Ctrl-C or SIGTERM: exit 130 (143) with the line saying how to continue, which is to run
-    the same command again (the CLI's usual hint, --resume, is not a search flag)."""
+def _search_stopped_says_how_to_go_on(search: Callable, name: str = "search") -> Callable:
+    """A search (or auto) stopped by Ctrl-C or SIGTERM: exit 130 (143) with the line saying how to continue, which
+    is to run the same command again (the CLI's usual hint, --resume, is not a search flag)."""
     import functools
 
     @functools.wraps(search)
@@ -40,15 +40,33 @@ def _search_stopped_says_how_to_go_on(search: Callable) -> Callable:
         except KeyboardInterrupt as stop:
             said, code = stop_said(stop)
             if not getattr(stop, "reported", False):  # stopped before its study had a parent run to close
-                print(f"compress: search {said}; rerun the same command to continue", file=sys.stderr)
+                print(f"compress: {name} {said}; rerun the same command to continue", file=sys.stderr)
             raise SystemExit(code) from None
 
     return stopped
 
 
+def _unmet_budget_fails(auto: Callable) -> Callable:
+    """compress auto with no trial meeting the budget: its report is written, and the command fails with the line
+    naming the constraint that bound and the closest trial."""
+    import functools
+
+    from compress.infra.errors import CompressError
+
+    @functools.wraps(auto)
+    def judged(**groups):
+        result = auto(**groups)
+        if not result.met:
+            raise CompressError(f"no trial meets the budget: {result.verdict} (report: {result.report})")
+        return result
+
+    return judged
+
+
 def commands() -> dict[str, Callable]:
     """Every command by name, in `compress --help` order; the step modules import their heavy libraries inside."""
     from compress.cli.ui import ui
+    from compress.search.auto import auto
     from compress.search.run import search
     from compress.steps.bench import bench
     from compress.steps.distill import distill
@@ -67,5 +85,6 @@ def commands() -> dict[str, Callable]:
         "prune": _adapter("prune", prune),
         "share": _adapter("share", share),
         "search": _adapter("search", _search_stopped_says_how_to_go_on(search)),
+        "auto": _adapter("auto", _search_stopped_says_how_to_go_on(_unmet_budget_fails(auto), "auto")),
         "ui": ui,
     }

@@ -64,6 +64,12 @@ BOUNDS: dict[str, Bound] = {
     # NumPy's generator, which Lightning seeds, takes 0 to 2**32 - 1; a search offsets its sampler's seed per worker
     "seed": Bound(lambda v: 0 <= v < 2**32, "between 0 and 4294967295"),
     "sampler_seed": Bound(lambda v: 0 <= v < 2**31, "between 0 and 2147483647", "each worker adds its own offset"),
+    # compress auto's budget
+    "max_latency_ms": Bound(lambda v: v > 0, "> 0", "p50 milliseconds at --latency_shape"),
+    "min_retention": Bound(lambda v: 0 < v <= 1, "in (0, 1]", "a fraction of the teacher's dev score"),
+    "min_score": Bound(lambda v: 0 < v <= 1, "in (0, 1]", "the dev score of the task's metric"),
+    "max_params": _at_least(1),
+    "max_mb": Bound(lambda v: v > 0, "> 0", "megabytes of the shipped file"),
 }
 
 

@@ -13,9 +13,10 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from compress.options.groups import (BenchConfig, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                                     FinetuneConfig, LossConfig, OutputConfig, PruneConfig, RuntimeConfig,
-                                     SearchConfig, ShareConfig, TrackingConfig, TrainingConfig, field_docs)
+from compress.options.groups import (AutoConfig, BenchConfig, DataConfig, DistillConfig, EvaluateConfig,
+                                     ExportConfig, FinetuneConfig, LossConfig, OutputConfig, PruneConfig,
+                                     RuntimeConfig, SearchConfig, ShareConfig, TrackingConfig, TrainingConfig,
+                                     field_docs)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,28 @@ COMMANDS: dict[str, Command] = {
                "sampler_seed", "heartbeat", "retries", "output", *_COLUMNS, "tracking", "experiment"),
         helps={"task": "a GLUE task (sst2, mnli, ...) or bbc-news. Exclusive with --data.",
                "output": "folder for the trials' models and the front's CSV and plot (default: outputs/search-STUDY)."},
+    ),
+    "auto": Command(
+        summary="The smallest model that meets a budget: latency, accuracy and size, in one command.\n\ncompress "
+                "search over the whole chain (distilled depth, head, FFN, hidden-size and vocabulary pruning, "
+                "sharing,\nKD temperature and weights) with the budget as Optuna constraints. Before a trial trains, "
+                "its model is built\nwith random weights, exported and timed on each runtime beside the teacher: a "
+                "trial over a size or latency cap\nis pruned then, and one below the accuracy floor at a checkpoint "
+                "is stopped. The smallest trial meeting it all\nis exported (HF, ONNX, int8, with export's parity "
+                "checks) and measured again, and report.md holds the budget,\nits measured values, the recipe, the "
+                "Pareto front and the closest runner-up. When nothing meets the budget it\nsays which constraint "
+                "bound and exits 1, report written.",
+        groups={"step": AutoConfig, "data": DataConfig, "tracking": TrackingConfig, "output": OutputConfig},
+        flags=("teacher", *_DATA, "max_latency_ms", "latency_shape", "min_retention", "min_score", "max_params",
+               "max_mb", "runtime", "space", "unlabeled", "trials", "time_budget", "workers", "study", "storage",
+               "sampler", "sampler_seed", "latency_reps", "heartbeat", "retries", "max_length", "max_train",
+               "output", *_COLUMNS, "tracking", "experiment"),
+        helps={"task": "a GLUE task (sst2, mnli, ...) or bbc-news. Exclusive with --data.",
+               "max_length": "tokens per example in every trial (default: the smaller of 128 and the teacher's "
+                             "positions).",
+               "max_train": "use a seeded random subset of this many training rows in every trial.",
+               "output": "folder for the trials' models, the winner's export (model/) and report.md (default: "
+                         "outputs/auto-STUDY)."},
     ),
 }
 

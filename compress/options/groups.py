@@ -433,6 +433,59 @@ class SearchConfig:
     """how many times a dead worker's trial is retried."""
 
 
+@dataclass
+class AutoConfig:
+    """auto: the teacher, the budget its smallest student must meet, and how long to look."""
+
+    teacher: str
+    """the model every trial starts from: hub name, alias (minilm-l6, bert-base) or folder. One with no classifier
+    for the task is fine-tuned once for the study."""
+    max_latency_ms: float | None = None
+    """at most this p50 latency in ms of the shipped model (its runtime's file) at --latency_shape on this machine,
+    timed in the same rounds as the teacher."""
+    latency_shape: str = "1x128"
+    """BATCHxTOKENS of the latency measurement: 1x128 is one 128-token text."""
+    min_retention: float | None = None
+    """at least this fraction of the teacher's dev score (0.97: 97%)."""
+    min_score: float | None = None
+    """at least this dev score in the task's metric; with --min_retention both must hold."""
+    max_params: int | None = None
+    """at most this many parameters."""
+    max_mb: float | None = None
+    """at most this many MB (10^6 bytes) on disk for the shipped file (model.int8.onnx, model.onnx or the
+    safetensors)."""
+    runtime: str = "auto"
+    """what the model ships as: onnx-int8, onnx or torch; auto gives each trial the fastest that meets the caps, as
+    measured, and ships the winner in the fastest whose export passes parity (int8's dev score meets the floor)."""
+    space: dict[str, Any] | str | None = None
+    """changes to the default space, in compress search's format: a key given replaces the default's (e.g.
+    '{layers: [2, 3], epochs: 1}'). The default draws the distilled depth, the heads, FFN, hidden-size and vocabulary
+    cuts, sharing, and the KD temperature and loss weights."""
+    unlabeled: str | None = None
+    """unlabelled in-domain text (distill's --unlabeled); the space then draws whether a trial learns from it."""
+    trials: int = 20
+    """at most this many trials in this run (added to the study's earlier ones)."""
+    time_budget: str | None = None
+    """start no trial after this long (e.g. 2h, 90m, 1h30m, 600s), then export the winner and write the report."""
+    workers: int = 1
+    """local processes running trials at once (their latencies are then measured while others train)."""
+    study: str | None = None
+    """Optuna study name; the same name and --storage again add trials to it (default: auto-TEACHER-DATA)."""
+    storage: str = DEFAULT_STORAGE
+    """Optuna storage, an RDB URL: sqlite under ./mlruns by default; postgresql://... for workers on several
+    machines."""
+    sampler: str = "auto"
+    """auto or tpe (TPE with the budget as constraints), nsga2 or random."""
+    sampler_seed: int | None = 0
+    """seed of the sampler (each worker and each restart offsets it); null for a random seed."""
+    latency_reps: int = 20
+    """timed rounds of each latency measurement (p95 of few rounds is close to the slowest)."""
+    heartbeat: int = 30
+    """seconds between a running trial's heartbeats; a trial silent for twice this long is failed and retried."""
+    retries: int = 2
+    """how many times a dead worker's trial is retried."""
+
+
 def flag_fields(cls: type) -> list[str]:
     """The fields of a group that are flags (RuntimeConfig.progress is not)."""
     return [f.name for f in fields(cls) if f.metadata.get("flag", True)]

@@ -70,7 +70,8 @@ def front_table(front: list[dict], teacher: dict | None) -> str:
     return "\n".join(lines)
 
 
-def plot_front(path: Path, rows: list[dict], front: list[dict], teacher: dict | None, title: str) -> None:
+def plot_front(path: Path, rows: list[dict], front: list[dict], teacher: dict | None, title: str,
+               latency_label: str = "latency ms (batch 32 x 128)") -> None:
     """Two panels, score against params and score against latency: every trial, the front, the teacher."""
     import matplotlib
 
@@ -79,7 +80,7 @@ def plot_front(path: Path, rows: list[dict], front: list[dict], teacher: dict | 
 
     metric = rows[0]["metric"] if rows else "score"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
-    for ax, (key, label) in zip(axes, (("params", "parameters"), ("latency_ms", "latency ms (batch 32 x 128)"))):
+    for ax, (key, label) in zip(axes, (("params", "parameters"), ("latency_ms", latency_label))):
         ax.scatter([r[key] for r in rows], [r["score"] for r in rows], s=25, c="0.75", label="trial")
         ax.scatter([r[key] for r in front], [r["score"] for r in front], s=45, c="tab:blue", label="Pareto front")
         for r in front:
@@ -130,7 +131,12 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     optuna.storages.fail_stale_trials(study)  # trials of dead workers: failed now, queued for the next run
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     rows = trial_rows(study, dims)
-    keys = ctx.objectives if len(ctx.objectives) > 1 else ["score", "params"]
+    # one objective: the front of score against it (auto's shipped MB), or against params for score alone
+    keys = ctx.objectives if len(ctx.objectives) > 1 else ["score", next((o for o in ctx.objectives if o != "score"),
+                                                                          "params")]
+    command = "auto" if ctx.budget is not None else "search"
+    latency = (f"p50 latency ms ({'x'.join(map(str, ctx.budget.latency_shape))}, shipped runtime)"
+               if ctx.budget is not None else "latency ms (batch 32 x 128)")
     front = pareto(rows, keys)
     teacher = teacher_point(rows)
     out = Path(ctx.output)
@@ -139,7 +145,7 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     write_csv(files["front_csv"], front)
     write_csv(files["trials_csv"], [r | {"pareto": r in front} for r in rows])
     plot_front(files["plot"], rows, front, teacher,
-               f"compress search {ctx.study}: {len(rows)} trials, front by {' / '.join(keys)}")
+               f"compress {command} {ctx.study}: {len(rows)} trials, front by {' / '.join(keys)}", latency)
 
     client = mlflow_client(ctx.tracking)
     for path in files.values():
@@ -159,8 +165,8 @@ def summarise(ctx: Context, dims: dict[str, Dimension]) -> SearchResult:
     client.set_terminated(ctx.parent_run_id, "FINISHED")
 
     cut = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted"))
-    print(f"\nsearch {ctx.study}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned or skipped, "
-          f"{counts.get('fail', 0) - cut} failed" + (f", {cut} interrupted" if cut else "")
+    print(f"\n{command} {ctx.study}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned or "
+          f"skipped, {counts.get('fail', 0) - cut} failed" + (f", {cut} interrupted" if cut else "")
           + f" trials in {shown(ctx.storage)}; Pareto front by {' / '.join(keys)}:\n", file=sys.stderr)
     print(front_table(front, teacher))
     if running:

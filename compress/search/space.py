@@ -11,7 +11,8 @@ from compress.infra.errors import CompressError
 
 # objective name -> (the step's result metric, direction)
 OBJECTIVES = {"score": ("student_score", "maximize"), "params": ("student_params", "minimize"),
-              "latency_ms": ("latency_ms", "minimize")}
+              "latency_ms": ("latency_ms", "minimize"), "mb": ("student_mb", "minimize")}
+SEARCHED = ("score", "params", "latency_ms")  # what compress search offers; compress auto minimises mb alone
 STEPS = ("distill", "prune", "share")
 # Flags search sets on every step itself (from its own flags or the chain); never searchable.
 MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_column", "quoting", "output",
@@ -21,6 +22,7 @@ STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
 PRUNE_SWITCHES = ("heads", "ffn", "hidden", "sparsity", "drop_layers", "vocab")
 # Distill's soft-only rows, which a space may draw: unlabelled text on or off ([null, PATH]), augmented copies (counts)
 SOFT_ROWS = ("unlabeled", "augment", "augment_model")
+VOCAB_CHOICES = ("vocab_corpus", "vocab_top", "vocab_min_count")  # what --vocab keeps: given to a trial with vocab on
 
 
 # --- the search space -------------------------------------------------------------------------------------------
@@ -277,10 +279,15 @@ def _check_depths(config, dims: dict[str, Dimension]) -> None:
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:
-    """Refuse a space in which no trial runs a step."""
+    """Refuse a space in which no trial runs a step, or one whose vocab_* keys no trial would use."""
     if not any(_can_run(dims, step)[0] for step in STEPS):
         raise CompressError("space: no trial would run a step; set layers (distill), heads, ffn, sparsity or "
                             "drop_layers or vocab (prune), or groups (share)")
+    vocab = [d for k, d in dims.items() if k.rpartition(".")[2] == "vocab" and k.rpartition(".")[0] in ("", "prune")]
+    given = [k for k in dims if k.rpartition(".")[2] in VOCAB_CHOICES]
+    if given and not any(v for d in vocab for v in d.values()):
+        raise CompressError(f"space: {given[0]} chooses what prune's vocab keeps, and no trial has vocab on; add "
+                            "vocab: true (or [false, true]: it applies to the trials that draw true)")
 
 
 def plan(values: dict, flags: dict[str, dict[str, Any]]) -> list[tuple[str, dict]]:
@@ -291,6 +298,8 @@ def plan(values: dict, flags: dict[str, dict[str, Any]]) -> list[tuple[str, dict
         if _runs(step, kwargs):
             if step == "prune":  # a null ratio means "not this kind of pruning": the flag's default (none)
                 kwargs = {k: v for k, v in kwargs.items() if not (k in PRUNE_SWITCHES and v is None)}
+                if not kwargs.get("vocab"):  # the vocab_* flags choose what --vocab keeps; prune refuses them alone
+                    kwargs = {k: v for k, v in kwargs.items() if k not in VOCAB_CHOICES}
             steps.append((step, kwargs))
     return steps
 

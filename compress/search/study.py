@@ -141,7 +141,13 @@ def load_study(ctx: Context, worker: int = 0):
     import optuna
 
     storage = make_storage(ctx.storage, ctx.heartbeat, ctx.retries, ctx.tracking)
-    study = optuna.load_study(study_name=ctx.study, storage=storage, pruner=make_pruner(ctx.pruner, ctx.objectives))
+    if ctx.budget is not None:  # compress auto: checkpoints judged against the budget's accuracy floor
+        from compress.search.budget import floor_pruner
+
+        pruner = floor_pruner(ctx.budget.floor)
+    else:
+        pruner = make_pruner(ctx.pruner, ctx.objectives)
+    study = optuna.load_study(study_name=ctx.study, storage=storage, pruner=pruner)
     # a different seed per worker and per start, or two workers (or a resumed study) would draw the same values
     seed = ctx.sampler_seed
     if seed is not None:
@@ -167,10 +173,14 @@ def work(ctx: Context, n_trials: int, worker: int = 0, wait: float = 0.0) -> Non
     if wait:  # a replacement for a dead worker: let the dead one's heartbeat go stale, so its trial is retried first
         time.sleep(wait)
     # Exceptions fail the trial and the study goes on (Optuna logs each with its traceback); Ctrl-C stops it.
+    # --time_budget: Optuna starts no trial after the timeout and lets the running one finish
+    timeout = max(0.0, ctx.deadline - time.time()) if ctx.deadline is not None else None
+    if timeout == 0.0:
+        return
     try:
         with sigterm_raises(), CtrlC() as ctrl_c, stops_held_between_trials():
             study.optimize(lambda trial: objective(trial, ctx, dims, flags), n_trials=n_trials, catch=(Exception,),
-                           gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed])
+                           gc_after_trial=True, callbacks=[ctrl_c.stop_if_pressed], timeout=timeout)
             ctrl_c.stop_if_pressed()
     except KeyboardInterrupt as stop:
         if multiprocessing.parent_process() is None:
@@ -316,7 +326,8 @@ def open_study(ctx: Context, config: dict):
     return study
 
 
-def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_name: str) -> tuple[str, str]:
+def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_name: str, command: str = "search",
+                title: str | None = None) -> tuple[str, str]:
     """The study's MLflow parent run (created once, found again on resume) and its experiment id."""
     from compress.infra.tracking import git_commit
 
@@ -332,9 +343,9 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
             return run_id, exp_id
         except Exception:  # the MLflow store was reset: start a new parent
             pass
-    title = f"search {study_name}: {' vs '.join(ctx_fields['objectives'].split(','))}"
+    title = title or f"search {study_name}: {' vs '.join(ctx_fields['objectives'].split(','))}"
     run = client.create_run(exp_id, run_name=title, tags={
-        "compress.command": "search", "optuna.study": study_name, "optuna.storage": ctx_fields["storage"],
+        "compress.command": command, "optuna.study": study_name, "optuna.storage": ctx_fields["storage"],
         "git_commit": git_commit()})
     from mlflow.entities import Param
 

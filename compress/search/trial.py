@@ -47,6 +47,8 @@ class Context:
     progress: bool = False
     quoting: str = "auto"
     trials: int = 10  # this run's trials: sizes the samplers' random start
+    budget: Any = None  # compress auto's budget.Budget: a trial is judged against it, and cut before training
+    deadline: float | None = None  # time.time() after which no worker starts another trial (--time_budget)
 
 
 class _OffsetTrial:
@@ -147,6 +149,7 @@ def run_trial(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
     title = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else
                                        f" (rerun of interrupted trial {rerun_of})" if rerun_of is not None else "")
     print(f"{title}: {recipe}", file=sys.stderr)
+    shipped = _within_caps(trial, ctx, steps, flags) if ctx.budget is not None else None
 
     client = mlflow_client(ctx.tracking)
     run = client.create_run(ctx.experiment_id, run_name=f"{title}: {recipe}", tags={
@@ -184,17 +187,30 @@ def run_trial(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
             trial.set_user_attr("metric", result.lineage.get("metric", "score"))
             model, offset = str(out), offset + step_epochs(step, kwargs, flags)
         metrics = trial_metrics(first, last)
+        if shipped is not None:  # the artefact it ships as: its size and latency, not the step's PyTorch timing
+            metrics |= {k: v for k, v in shipped.items() if k != "student_params"}  # that one the steps counted
+            if metrics.get("latency_ms"):
+                metrics["speedup"] = metrics["teacher_latency_ms"] / metrics["latency_ms"]
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
         client.log_param(run_id, "model", model)
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("model", model)
+        if ctx.budget is not None:
+            from compress.search.budget import set_constraints
+
+            set_constraints(trial, ctx.budget, metrics)
         status = "FINISHED"
         return tuple(metrics[OBJECTIVES[o][0]] for o in ctx.objectives)
     except optuna.TrialPruned:
         status = "KILLED"
         client.set_tag(run_id, "compress.pruned", "true")
+        if ctx.budget is not None and shipped is not None:  # stopped below the accuracy floor at a checkpoint
+            from compress.search.budget import set_constraints
+
+            scores = trial.storage.get_trial(trial._trial_id).intermediate_values
+            set_constraints(trial, ctx.budget, shipped | {"student_score": scores[max(scores)]} if scores else shipped)
         raise
     except KeyboardInterrupt:
         status, stopped = "KILLED", True
@@ -205,6 +221,47 @@ def run_trial(trial, ctx: Context, dims: dict[str, Dimension], flags: dict[str, 
         raise
     finally:
         close_after(stopped, lambda: close_runs(ctx.tracking, run_id, status))
+
+
+def _within_caps(trial, ctx: Context, steps: list, flags: dict) -> dict[str, float]:
+    """compress auto: the trial's model is built untrained, exported and timed (footprint.measure); a trial whose
+    every runtime breaks a size or latency cap is pruned here, before any training. Returns the numbers of the
+    runtime it ships as, which replace the steps' own size and timing in its metrics."""
+    import json
+
+    import optuna
+
+    from compress.search.budget import said, set_constraints, violations
+    from compress.search.footprint import measure
+
+    try:
+        found = measure(ctx, steps, flags)
+    except Exception as err:  # as a step's own error would be: the trial fails, and says why
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+        raise
+    runtime, fits = found.choose(ctx.budget)
+    values = found.values(runtime)
+    trial.set_user_attr("runtime", runtime)
+    trial.set_user_attr("shape", found.shape)
+    trial.set_user_attr("shape_params", found.params)  # the untrained model's count: the trained one's, as tested
+    trial.set_user_attr("runtimes", json.dumps(found.runtimes))
+    for key, value in values.items():
+        trial.set_user_attr(key, value)
+    for note in found.notes:
+        print(f"  note: {note}", file=sys.stderr)
+    speed = (f"p50 {values['latency_ms']:.2f} ms (p95 {values['latency_p95_ms']:.2f}) against the teacher's "
+             f"{values['teacher_latency_ms']:.2f}")
+    if not fits:
+        set_constraints(trial, ctx.budget, values)
+        broken = [said(ctx.budget, name, values) for name, v in violations(ctx.budget, values).items() if v > 0]
+        reason = f"over a cap before training ({'; '.join(broken)})"
+        trial.set_user_attr("skipped", reason)
+        print(f"  {found.shape}; closest {runtime} {values['student_mb']:.2f} MB, {speed}: pruned {reason}",
+              file=sys.stderr)
+        raise optuna.TrialPruned(reason)
+    print(f"  ships as {runtime}: {found.shape}, {values['student_params']:,} params, {values['student_mb']:.2f} MB, "
+          f"{speed}", file=sys.stderr)
+    return values
 
 
 def close_after(stopped: bool, close) -> None:

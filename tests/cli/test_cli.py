@@ -154,9 +154,10 @@ def test_subcommand_help_documents_every_flag(command: str, monkeypatch: pytest.
      "unrecognized arguments: --resume; give it after the command name (compress distill --resume ...) "
      "(see compress --help)"),
     (["distill"], "the following arguments are required: --teacher (see compress distill --help)"),
-    ([], "give a command: distill, finetune, evaluate, export, bench, prune, share, search, ui (see compress --help)"),
+    ([], "give a command: distill, finetune, evaluate, export, bench, prune, share, search, auto, ui (see compress "
+         "--help)"),
     (["distil", "--teacher", "t"], "no command 'distil'; the commands are distill, finetune, evaluate, export, bench, "
-                                   "prune, share, search, ui; did you mean distill? (see compress --help)"),
+                                   "prune, share, search, auto, ui; did you mean distill? (see compress --help)"),
     (["distill", "--teacher", "t", "--layers", "x"], "--layers x: expected int or null (see compress distill --help)"),
 ])
 def test_a_flag_that_does_not_parse_is_one_line(args: list[str], line: str) -> None:

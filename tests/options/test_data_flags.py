@@ -12,7 +12,7 @@ READS_DATA = sorted(name for name, spec in COMMANDS.items() if "data" in spec.fl
 
 
 def test_the_commands_that_read_data() -> None:
-    assert READS_DATA == ["distill", "evaluate", "export", "finetune", "prune", "search", "share"]
+    assert READS_DATA == ["auto", "distill", "evaluate", "export", "finetune", "prune", "search", "share"]
 
 
 @pytest.mark.parametrize("command", READS_DATA)

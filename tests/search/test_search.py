@@ -136,6 +136,17 @@ def test_plan_runs_the_steps_the_values_name(flags):
     assert [s for s, _ in plan({"layers": 3, "heads": 0.0, "sparsity": 0}, flags)] == ["distill"]
 
 
+def test_vocab_choices_go_to_the_trials_that_cut_the_vocabulary(flags):
+    """vocab_min_count (and the other vocab_* keys) choose what --vocab keeps, and prune refuses them alone: a trial
+    drawing vocab false runs without them, and a space where no trial has vocab on is refused."""
+    on = dict(plan({"heads": 0.5, "vocab": True, "vocab_min_count": 5}, flags))["prune"]
+    off = dict(plan({"heads": 0.5, "vocab": False, "vocab_min_count": 5}, flags))["prune"]
+    assert on["vocab_min_count"] == 5 and "vocab_min_count" not in off
+    parse_space({"heads": [0.5], "vocab": [False, True], "vocab_min_count": [1, 5]}, flags)
+    with pytest.raises(CompressError, match="vocab_min_count chooses what prune's vocab keeps"):
+        parse_space({"heads": [0.5], "vocab_min_count": [1, 5]}, flags)
+
+
 def test_pareto_front_and_trial_metrics():
     rows = [{"trial": 0, "score": 0.90, "params": 100}, {"trial": 1, "score": 0.85, "params": 50},
             {"trial": 2, "score": 0.80, "params": 60}, {"trial": 3, "score": 0.90, "params": 120}]
