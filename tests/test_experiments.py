@@ -137,3 +137,34 @@ def test_bench_distill_tiny_runs_every_row_against_its_own_teacher(tmp_path: Pat
     assert rows["teacher2: compress distill"]["teacher_score"] == rows["teacher2: + --unlabeled"]["teacher_score"]
     assert rows["compress distill"]["teacher_score"] == rows["+ --unlabeled"]["teacher_score"]
     assert "fewer parameters than mpnet" in done.stdout
+
+
+def test_bench_auto_tiny_runs_both_budgets_from_the_teachers_own_numbers() -> None:
+    """experiments/bench_auto.py --tiny: the teacher timed and weighed, then one compress auto study per budget (1/8
+    of its p50; and 1/20 of its MB too), each met with its winner measured beside the teacher, or its closest trial
+    and the constraint that bound named."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_auto.py"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split("|")[1].strip() for line in done.stdout.splitlines()
+            if line.startswith("| latency")] == ["latency", "latency+mb"]
+    written = Path(re.search(r"written: (\S+)", done.stderr).group(1))
+    result = json.loads(written.read_text())
+    base, budgets = result["baseline"], result["budgets"]
+    assert budgets["latency"]["budget"]["max_latency_ms"] == base["p50_ms"] / 8
+    assert budgets["latency"]["budget"]["max_mb"] is None
+    assert budgets["latency+mb"]["budget"]["max_mb"] == base["mb"] / 20
+    for name, row in budgets.items():
+        assert row["tally"]["finished"] >= 1 and Path(row["report"]).is_file(), name
+        if row["met"]:
+            winner = row["winner"]
+            assert winner["latency_ms"] <= row["budget"]["max_latency_ms"] and winner["retention"] >= 0.97
+            assert Path(winner["folder"], "model.int8.onnx").is_file()
+        else:  # the closest trial and what bound, in one line
+            assert " bound " in row["verdict"] and "the closest is trial" in row["verdict"], row["verdict"]
