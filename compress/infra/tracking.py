@@ -427,11 +427,20 @@ def review_view() -> str:
 
 def tag_experiment(client, experiment_id: str) -> None:
     """Mark an experiment as model training, unless its owner chose a kind, and give it compress's runs-table view."""
+    from mlflow.exceptions import MlflowException
+
     tags = client.get_experiment(experiment_id).tags
-    if EXPERIMENT_KIND not in tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-    if tags.get(VIEW_TAG) != review_view():
-        client.set_experiment_tag(experiment_id, VIEW_TAG, review_view())
+    wanted = {VIEW_TAG: review_view()} | ({} if EXPERIMENT_KIND in tags else {EXPERIMENT_KIND: MODEL_TRAINING})
+    for key, value in wanted.items():
+        if tags.get(key) == value:
+            continue
+        try:
+            client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException:
+            # Search's workers start their runs at once, and the sqlite store's tag write is a plain INSERT: the
+            # loser of that race finds the tag set by the winner, which is all this wanted.
+            if key not in client.get_experiment(experiment_id).tags:
+                raise
 
 
 def experiment_link(base: str, experiment_id: str, tags: dict[str, str]) -> str:

@@ -114,3 +114,32 @@ def test_a_ddp_rank_other_than_0_logs_nothing():
     stand_in = SimpleNamespace(experiment=SimpleNamespace(), run_id="abc")
     assert log_final(stand_in, METRICS, model=("student", "distill"), task=task()) is None
     log_task_data(stand_in, task())
+
+
+class _RacedClient:
+    """An MLflow client whose tag write loses a race: another worker's INSERT lands first (when `other_wins`), and
+    this one fails on the store's unique key, as two search workers starting at once did on sqlite."""
+
+    def __init__(self, other_wins: bool) -> None:
+        self.tags: dict[str, str] = {}
+        self.other_wins = other_wins
+
+    def get_experiment(self, experiment_id):
+        return SimpleNamespace(tags=dict(self.tags))
+
+    def set_experiment_tag(self, experiment_id, key, value):
+        from mlflow.exceptions import MlflowException
+
+        if self.other_wins:
+            self.tags[key] = value
+        raise MlflowException("UNIQUE constraint failed: experiment_tags.key, experiment_tags.experiment_id")
+
+
+def test_a_tag_another_worker_wrote_first_is_not_an_error():
+    from mlflow.exceptions import MlflowException
+
+    raced = _RacedClient(other_wins=True)
+    tag_experiment(raced, "1")
+    assert raced.tags[EXPERIMENT_KIND] == MODEL_TRAINING and VIEW_TAG in raced.tags
+    with pytest.raises(MlflowException):  # a write that failed for another reason still fails
+        tag_experiment(_RacedClient(other_wins=False), "1")
