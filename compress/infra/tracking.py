@@ -482,9 +482,16 @@ def log_task_data(logger, task) -> None:
     client = _client_of(logger)
     if client is None:
         return
+    from mlflow.exceptions import MlflowException
+
     inputs = [DatasetInput(task_dataset(task, split), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
               for split, context in (("train", "training"), ("dev", "eval"))]
-    client.log_inputs(logger.run_id, datasets=inputs)
+    try:
+        client.log_inputs(logger.run_id, datasets=inputs)
+    except MlflowException:
+        # Search's workers log the same rows at once: the store adds a dataset it lacks with a plain INSERT, so the
+        # loser of that race fails on the unique key. Once more, the dataset exists and only the run's input is added.
+        client.log_inputs(logger.run_id, datasets=inputs)
 
 
 def _logged_model(client, run_id: str, name: str, model_type: str, artifact_path: str) -> str:

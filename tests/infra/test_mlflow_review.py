@@ -143,3 +143,29 @@ def test_a_tag_another_worker_wrote_first_is_not_an_error():
     assert raced.tags[EXPERIMENT_KIND] == MODEL_TRAINING and VIEW_TAG in raced.tags
     with pytest.raises(MlflowException):  # a write that failed for another reason still fails
         tag_experiment(_RacedClient(other_wins=False), "1")
+
+
+def test_datasets_another_worker_added_first_are_logged_on_the_second_try(monkeypatch):
+    """Two workers logging the same rows at once: the first write loses on the store's unique key, the second
+    finds the dataset and adds the run's input; a store that keeps failing still fails."""
+    from mlflow.exceptions import MlflowException
+
+    from compress.infra import tracking
+
+    class Store:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.logged = failures, []
+
+        def log_inputs(self, run_id, datasets):
+            if self.failures:
+                self.failures -= 1
+                raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+            self.logged.append((run_id, [d.dataset.name for d in datasets]))
+
+    store = Store(failures=1)
+    monkeypatch.setattr(tracking, "_client_of", lambda logger: store)
+    log_task_data(SimpleNamespace(run_id="r1"), task())
+    assert store.logged == [("r1", ["tiny train", "tiny dev"])]
+    monkeypatch.setattr(tracking, "_client_of", lambda logger: Store(failures=2))
+    with pytest.raises(MlflowException):
+        log_task_data(SimpleNamespace(run_id="r1"), task())
