@@ -4,6 +4,7 @@ workers, a killed worker's trial retried, pruning fed per-epoch scores), with th
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -673,7 +674,12 @@ def test_sigterm_to_a_searchs_parent_stops_its_workers(sig, code: int, said: str
     finally:
         proc.kill()
     assert proc.returncode == code, err[-3000:]
-    assert "Traceback" not in err, err
+    # SQLAlchemy's weakref cleanup of a session the signal cut short prints "Exception ignored in: ...InstanceState.
+    # _cleanup" from the garbage collector (seen once in CI beside other jobs): the interpreter's report, not a
+    # traceback of compress's; any other traceback still fails
+    ours = re.sub(r"Exception ignored in: <bound method InstanceState\._cleanup.*?AssertionError: \n?", "", err,
+                  flags=re.DOTALL)
+    assert "Traceback" not in ours, err
     assert err.rstrip().splitlines()[-1].startswith(f"compress: search {said}"), err
     trials = trials_of(paths["storage"], "term")
     states = [(t.state.name, t.user_attrs.get("interrupted")) for t in trials]
