@@ -262,3 +262,14 @@ def padded_batch() -> dict:
     mask = torch.ones_like(ids)
     mask[0, 6:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def one_torch_thread():
+    """One torch thread for a module's tests (wrap it as an autouse fixture): on 2 shared cores, tiny forwards
+    otherwise wait on a busy sibling thread."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

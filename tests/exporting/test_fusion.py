@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import one_torch_thread
 
 from compress.exporting.fusion import check_fuse, fused_onnx
 from compress.exporting.onnx import PARITY_TOL, load_for_export, onnx_session, quantize_int8, random_inputs
@@ -21,12 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

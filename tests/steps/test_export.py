@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import cli_error, save_tiny_bert
+from helpers import cli_error, one_torch_thread, save_tiny_bert
 
 from compress.cli.main import main
 from compress.exporting.onnx import INT8_FILE, ONNX_FILE, onnx_session, random_inputs
@@ -27,13 +27,7 @@ from compress.infra.errors import CompressError
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: one thread per process keeps tiny forwards from waiting on a busy sibling thread
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 def run_cli(*args: str) -> dict:
