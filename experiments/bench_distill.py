@@ -3,6 +3,7 @@
     python experiments/bench_distill.py                      # MiniLM-L6 teacher, 4,000 train rows, 5 epochs
     python experiments/bench_distill.py --train_rows 67349   # the whole train set (slow on a CPU)
     python experiments/bench_distill.py --seeds 42,43,44     # three training seeds on the same rows: mean and sd
+                                                             # (rerun the same command to resume a cut-short run)
     python experiments/bench_distill.py --tiny               # a smoke run on tiny random models and toy data
     # issue 23's table: the MPNet teacher too (../shared/models/get_mpnet.sh ../shared/models puts it together)
     python experiments/bench_distill.py --seeds 42,43,44 --unlabeled_rows 20000 --augment 4 \
@@ -195,24 +196,46 @@ def main() -> None:
     scores: dict[str, list[float]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     runs: dict[str, dict] = {}
+    # every (row, seed) result is kept as it lands, so a run cut short resumes at the row it was on; the key holds
+    # every flag that changes a row's number, so a rerun with other flags trains afresh
+    done_file = work / f"results-L{args.layers}-{args.train_rows}.json"
+    recipe_key = json.dumps({k: getattr(args, k) for k in ("teacher", "teacher2", "data", "unlabeled_rows", "augment",
+                                                           "augment_model", "epochs", "temperature", "teacher_epochs")},
+                            sort_keys=True)
+    done = json.loads(done_file.read_text()) if done_file.exists() and not args.tiny else {}
+    done = done if done.get("key") == recipe_key else {"key": recipe_key, "rows": {}}
+
+    def record(name: str, seed: int, score: float, wall: float, metrics: dict | None = None) -> None:
+        scores[name].append(score)
+        seconds[name].append(wall)
+        if metrics is not None:
+            runs[name] = metrics
+        done["rows"][f"{name}|{seed}"] = {"score": score, "seconds": wall, "metrics": metrics}
+        done_file.write_text(json.dumps(done, indent=1))
+
     for seed in seeds:
         for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
+            if (kept_row := done["rows"].get(f"{name}|{seed}")) is not None:
+                record(name, seed, kept_row["score"], kept_row["seconds"])
+                continue
             student = student_from_teacher(teacher, kept)
             t0 = time.perf_counter()
             plain_loop(teacher if with_teacher else None, student, tokenizer, task, epochs=args.epochs, batch_size=32,
                        lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=seed, max_length=128)
-            scores[name].append(accuracy(student, tokenizer, task, 128))
-            seconds[name].append(time.perf_counter() - t0)
+            record(name, seed, accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
         for name, (teacher_from, changes) in recipes.items():
+            if (kept_row := done["rows"].get(f"{name}|{seed}")) is not None:
+                record(name, seed, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
+                continue
             out = work / f"student-L{args.layers}-{args.train_rows}" / slug(name) / f"seed{seed}"
             step = DistillConfig(teacher=str(teacher_from), layers=args.layers)
             t0 = time.perf_counter()
-            runs[name] = compress.distill(
+            metrics = compress.distill(
                 replace(step, **changes), seed_data, loss=LossConfig(temperature=args.temperature),
                 training=TrainingConfig(epochs=args.epochs, seed=seed, **lr_ours), **common,
                 output=OutputConfig(output=str(out), overwrite=True)).metrics
-            seconds[name].append(time.perf_counter() - t0)
-            scores[name].append(runs[name]["student_score"])
+            record(name, seed, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
+    student = student_from_teacher(teacher, kept)  # the students' shape, for the latency and parameters below
 
     ours = runs["compress distill"]
     lat = latency_ms({"teacher": teacher, "student": student}, batch=32, seq=128, reps=5,
