@@ -45,7 +45,7 @@ def teacher_baseline(teacher: str, seq: int) -> dict:
     """The teacher's PyTorch fp32 p50 at 1 x seq on this machine, and its safetensors MB."""
     from compress.api import BenchConfig, bench
 
-    result = bench(BenchConfig(model=[teacher], batch="1", seq=seq, warmup=3, reps=30))
+    result = bench(BenchConfig(model=[teacher], batch="1", seq=seq, warmup=20, reps=50))
     row, model = result.report["results"][0], result.report["models"][0]
     return {"p50_ms": row["p50_ms"], "p95_ms": row["p95_ms"], "mb": model["mb"], "params": model["params"]}
 
