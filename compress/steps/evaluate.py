@@ -48,7 +48,8 @@ def evaluate(step: EvaluateConfig, data: DataConfig | None = None, runtime: Runt
     from compress.engine.scoring import score
 
     quiet_libraries()
-    net = load_classifier(path, task_data.label_names, "--model")
+    # any text classifier transformers loads scores, like any teacher distill takes (an MPNet or DeBERTa teacher)
+    net = load_classifier(path, task_data.label_names, "--model", any_encoder=True)
     tokenizer = load_tokenizer(path, "--model", net.config, max_length)
     accelerator = resolve_accelerator(runtime.accelerator)
     dm = TaskDataModule(task_data, tokenizer, eval_batch_size=batch_size, max_length=max_length)

@@ -72,6 +72,17 @@ def test_a_headless_teacher_of_another_family_is_fine_tuned_first(cross, tiny_mp
     assert cross.run.data.metrics["teacher_score"] >= 0.9
 
 
+def test_evaluate_scores_the_teacher_of_another_family(cross) -> None:
+    (teacher,) = [p for p in (cross.root / "cache").iterdir() if p.name.startswith("mpnet-")]
+    code, out, err = run_main(["evaluate", "--model", teacher, "--data", cross.data, "--latency_reps", "1",
+                               "--latency_seq", "16"])
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["score"] == pytest.approx(dev_accuracy(teacher, cross.data), abs=1e-6)
+    assert result["score"] == pytest.approx(cross.run.data.metrics["teacher_score"], abs=1e-6)
+    assert result["params"] == cross.run.data.metrics["teacher_params"]
+
+
 def test_batches_carry_both_encodings_and_the_losses_fall(cross) -> None:
     batch = cross.record.batch
     # the student's [CLS] is id 2 in its WordPiece vocabulary, the teacher's <s> is id 0 in its own
