@@ -61,7 +61,7 @@ def auto(step: AutoConfig, data: DataConfig | None = None, tracking: TrackingCon
     """
     started = time.time()
     data, tracking, output = data or DataConfig(), tracking or TrackingConfig(), output or OutputConfig()
-    from compress.models.loading import load_config, max_tokens, resolve_model
+    from compress.models.loading import ENCODER_TYPES, load_config, max_tokens, resolve_model
     from compress.options.bounds import check_all
     from compress.search.run import check_study_flags, prepare_stores, run_study
 
@@ -81,6 +81,10 @@ def auto(step: AutoConfig, data: DataConfig | None = None, tracking: TrackingCon
 
         require_onnx(f"--runtime {step.runtime}")
     teacher_config = load_config(resolve_model(step.teacher, "--teacher"), "--teacher")
+    if teacher_config.model_type not in ENCODER_TYPES:  # size and latency are judged on the teacher's own layers
+        raise CompressError(f"--teacher {step.teacher}: compress auto cuts its students from the teacher's layers, "
+                            f"which a {teacher_config.model_type} is not made of; distil a BERT-family student from "
+                            "it first (compress distill --student minilm-l6) and give that as --teacher")
     positions = max_tokens(teacher_config)
     if positions and budget.latency_shape[1] > positions:
         raise CompressError(f"--latency_shape {step.latency_shape}: the teacher takes at most {positions} tokens")
@@ -130,6 +134,9 @@ def auto_space(config, given: dict, unlabeled: str | None, max_length: int | Non
         raise CompressError("--space: give a mapping of flags to values, lists (choices) or {low, high} ranges")
     if "runtime" in given:
         raise CompressError("space: runtime is compress auto's own flag (--runtime); leave it out of the space")
+    if "student" in given:
+        raise CompressError("space: student: compress auto cuts its students from the teacher's own layers; leave "
+                            "student out (compress search takes one)")
     depth = config.num_hidden_layers
     space: dict[str, Any] = {
         # distilled depth: a sixth to two thirds of the teacher's layers

@@ -15,7 +15,7 @@ OBJECTIVES = {"score": ("student_score", "maximize"), "params": ("student_params
 SEARCHED = ("score", "params", "latency_ms")  # what compress search offers; compress auto minimises mb alone
 STEPS = ("distill", "prune", "share")
 # Flags search sets on every step itself (from its own flags or the chain); never searchable.
-MANAGED = ("teacher", "model", "student", "task", "data", "text_column", "label_column", "quoting", "output",
+MANAGED = ("teacher", "model", "task", "data", "text_column", "label_column", "quoting", "output",
            "tracking", "experiment", "resume", "overwrite")
 # Flags of the one-off teacher fine-tuning: the teacher is shared by every trial, so these are fixed per study.
 STUDY_LEVEL = ("teacher_epochs", "teacher_lr", "teacher_cache")
@@ -257,13 +257,24 @@ def _given(dim: Dimension) -> list:
     return [dim.value] if dim.kind == "fixed" else list(dim.choices) if dim.kind == "choice" else []
 
 
-def _check_depths(config, dims: dict[str, Dimension]) -> None:
-    """Sizes no trial can have: a student or a group count deeper than the teacher, layers to drop that the teacher
-    has not (a student has fewer still), inputs longer than its positions."""
+def _check_depths(config, dims: dict[str, Dimension], whose: str = "teacher's", layers: bool = True) -> None:
+    """Sizes no trial can have: a student or a group count deeper than the model the students are cut from
+    (`whose`: the teacher, or the space's student), layers to drop that it has not (a student has fewer still),
+    inputs longer than its positions. `layers=False` checks the positions alone (a teacher that is not cut)."""
     from compress.models.loading import max_tokens
+
+    positions = max_tokens(config)
+    for key, dim in dims.items():
+        if key.rpartition(".")[2] == "max_length" and positions and (long := [v for v in _values(dim)
+                                                                               if v > positions]):
+            raise CompressError(f"space: {key}: {long[0]!r} is more than the {whose} {positions} positions")
+    if layers:
+        _check_layer_counts(config.num_hidden_layers, dims, whose)
+
+
+def _check_layer_counts(layers: int, dims: dict[str, Dimension], whose: str) -> None:
     from compress.pruning import parse_drop_layers
 
-    layers, positions = config.num_hidden_layers, max_tokens(config)
     for key, dim in dims.items():
         flag = key.rpartition(".")[2]
         if flag == "drop_layers":
@@ -273,9 +284,7 @@ def _check_depths(config, dims: dict[str, Dimension]) -> None:
                 except CompressError as err:
                     raise CompressError(f"space: {key}: {err}") from None
         if flag in ("layers", "groups") and (deep := [v for v in _values(dim) if v > layers]):
-            raise CompressError(f"space: {key}: {deep[0]!r} is more than the teacher's {layers} layers")
-        if flag == "max_length" and positions and (long := [v for v in _values(dim) if v > positions]):
-            raise CompressError(f"space: {key}: {long[0]!r} is more than the teacher's {positions} positions")
+            raise CompressError(f"space: {key}: {deep[0]!r} is more than the {whose} {layers} layers")
 
 
 def _check_steps(dims: dict[str, Dimension]) -> None:

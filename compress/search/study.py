@@ -361,7 +361,8 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
     every trial starts from: as given when it has a classifier for the task, else fine-tuned once (distill's own
     fine-tuning and cache, with the study's fixed values), its run nested under the study's parent run."""
     from compress.data.tasks import load_task
-    from compress.models.loading import check_encoder, has_task_head, load_config, resolve_max_length, resolve_model
+    from compress.models.loading import (ENCODER_TYPES, check_encoder, check_text_classifier, has_task_head,
+                                         load_config, resolve_max_length, resolve_model)
 
     fixed = {k.rpartition(".")[2]: d.value for k, d in dims.items()
              if d.kind == "fixed" and k.rpartition(".")[0] in ("", "distill")}
@@ -374,9 +375,22 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
                           seed=get("seed"), quoting=quoting)
     path = resolve_model(teacher, "--teacher")
     config = load_config(path, "--teacher")
-    check_encoder(config, "--teacher")
-    _check_share_fits(config, dims, flags)
-    _check_depths(config, dims)
+    check_text_classifier(config, "--teacher")  # any encoder family teaches, as in distill
+    # the model every trial's student is cut from: `student` when the space gives one, else the teacher itself
+    students = [v for k, d in dims.items() if k.rpartition(".")[2] == "student" for v in d.values() if v is not None]
+    if not students:
+        students = [defaults["student"]] if defaults.get("student") is not None else []
+    if not students and config.model_type not in ENCODER_TYPES:
+        raise CompressError(f"--teacher {teacher}: a student is built from the layers of a BERT-family model, not a "
+                            f"{config.model_type}; set one in the space, e.g. student: minilm-l6")
+    for student in students:
+        student_config = load_config(resolve_model(student, "space: student"), "space: student")
+        check_encoder(student_config, "space: student")
+        _check_share_fits(student_config, dims, flags)
+        _check_depths(student_config, dims, whose="student's")
+    if not students:
+        _check_share_fits(config, dims, flags)
+    _check_depths(config, dims, layers=not students)  # its positions bound --max_length either way
     if has_task_head(config, task_data.label_names):
         return lambda *_: path
     from dataclasses import replace

@@ -107,6 +107,7 @@ def test_unmet_as_shipped_names_the_constraint_and_the_trial():
     (["--min_retention", "0.9", "--space", "{heads: [1.5]}"], "space: heads: 1.5 is out of range"),
     (["--min_retention", "0.9", "--space", "{runtime: torch}"], "runtime is compress auto's own flag"),
     (["--min_retention", "0.9", "--space", "{layers: [9]}"], "space: layers: 9 is more than the teacher's 4 layers"),
+    (["--min_retention", "0.9", "--space", "{student: minilm-l6}"], "space: student: compress auto cuts its students"),
 ])
 def test_bad_budgets_get_one_line_before_any_work(tiny_teacher, tiny_data, workdir, capsys, flags, message):
     line = cli_error(capsys, "auto", "--teacher", tiny_teacher, "--data", tiny_data, *flags)
