@@ -128,6 +128,31 @@ def save_tiny_mpnet(folder: Path, *, layers: int = 2, hidden: int = 48, heads: i
     return folder
 
 
+def save_tiny_deberta(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, intermediate: int = 64,
+                      seed: int = 0) -> Path:
+    """A random, head-less DeBERTa-v3-style encoder (disentangled relative attention, no absolute positions, no
+    token types) and its own Unigram tokenizer ("▁word" pieces, SentencePiece's format, built from a scored list,
+    so no .spm file is needed): a third family with a third vocabulary, for the cross-family teacher tests."""
+    import torch
+    from transformers import AutoConfig, AutoModel, DebertaV2Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    words = [f"\u2581{w}" for w in sorted(set(POSITIVE + NEGATIVE + FILLER))]
+    pieces = [(t, 0.0) for t in special] + [(w, -1.0 - i / 100) for i, w in enumerate(words)] + [
+        ("s", -5.0), ("ly", -5.0), ("\u2581", -6.0)]
+    tokenizer = DebertaV2Tokenizer(vocab=pieces, unk_id=special.index("[UNK]"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model("deberta-v2", vocab_size=len(pieces), hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=intermediate,
+                                  max_position_embeddings=128, relative_attention=True, position_buckets=32,
+                                  pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                                  pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def save_finetuned_tiny_bert(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int,
                              extra_vocab: list[str] | None = None) -> tuple[Path, Path]:
     """A small random BERT fine-tuned for a few seconds on 512 synthetic sentiment rows (the parent the prune and

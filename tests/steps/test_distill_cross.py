@@ -2,7 +2,8 @@
 student that tokenizes otherwise. Batches carry both encodings, the logit loss falls, the hidden-state loss compares one
 vector per text, the teacher is scored through its own tokenizer, and the student saves and reloads. What cannot work
 is one line: attention transfer across tokenizers, a model that is not a text classifier, a student built from the
-layers of a family compress cannot copy."""
+layers of a family compress cannot copy. A DeBERTa-v3-style teacher with a SentencePiece-format vocabulary teaches
+too."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import (FAST, callbacks_for_runs, error_lines, mlflow_runs, run_main, save_tiny_bert, save_tiny_roberta,
-                     sqlite_uri, track, write_tsv)
+from helpers import (FAST, callbacks_for_runs, error_lines, mlflow_runs, run_main, save_tiny_bert, save_tiny_deberta,
+                     save_tiny_roberta, sqlite_uri, track, write_tsv)
 
 
 class Record(pl.Callback):
@@ -111,6 +112,37 @@ def test_the_student_saves_and_reloads_with_its_own_tokenizer(cross) -> None:
     accuracy = dev_accuracy(cross.out, cross.data)
     assert accuracy == pytest.approx(cross.run.data.metrics["student_score"], abs=1e-6)
     assert accuracy >= 0.9  # it learned the task beside the other family's teacher
+
+
+def test_a_deberta_v3_teacher_with_a_sentencepiece_vocabulary_teaches_a_bert(tmp_path: Path) -> None:
+    """A third family: DeBERTa-v2/v3's disentangled attention, no token types, a Unigram vocabulary of "▁word"
+    pieces. Fine-tuned first (it has no head), scored through its own tokenizer, by distill and by evaluate alike."""
+    data = write_tsv(tmp_path / "data", train=512, dev=64)
+    teacher = save_tiny_deberta(tmp_path / "deberta")
+    student = save_tiny_bert(tmp_path / "student", layers=2)
+    record = Record()
+    with callbacks_for_runs(record):
+        code, _, err = run_main(["distill", "--teacher", teacher, "--data", data, "--student", student,
+                                 "--epochs", "3", "--lr", "3e-3", "--teacher_epochs", "3", "--teacher_lr", "3e-3",
+                                 "--teacher_cache", tmp_path / "cache", "--output", tmp_path / "out",
+                                 *track(tmp_path), *FAST])
+    assert code == 0, err[-3000:]
+    (tuned,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("deberta-")]
+    assert json.loads((tuned / "config.json").read_text())["architectures"] == ["DebertaV2ForSequenceClassification"]
+    batch = record.batch  # the teacher's [CLS] is id 1 in its vocabulary, the student's id 2 in its own
+    assert (batch["teacher_input_ids"][:, 0] == 1).all() and (batch["input_ids"][:, 0] == 2).all()
+    epochs = record.epochs  # the student finds the sentiment word within the first epoch: the losses fall less
+    for name in ("loss_kd", "loss_hidden"):
+        assert all(math.isfinite(e[name]) for e in epochs) and epochs[-1][name] < epochs[0][name], (name, epochs)
+    run = next(r for r in mlflow_runs(sqlite_uri(tmp_path))[1] if r.data.params["command"] == "distill")
+    assert run.data.metrics["teacher_score"] == pytest.approx(dev_accuracy(tuned, data), abs=1e-6)
+    assert run.data.metrics["student_score"] == pytest.approx(dev_accuracy(tmp_path / "out", data), abs=1e-6)
+    assert run.data.metrics["student_score"] >= 0.9
+    code, out, err = run_main(["evaluate", "--model", tuned, "--data", data, "--latency_reps", "1",
+                               "--latency_seq", "16"])
+    assert code == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["score"] == pytest.approx(run.data.metrics["teacher_score"],
+                                                                              abs=1e-6)
 
 
 @pytest.fixture(scope="module")
