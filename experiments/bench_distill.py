@@ -196,36 +196,40 @@ def main() -> None:
     scores: dict[str, list[float]] = {n: [] for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     runs: dict[str, dict] = {}
-    # every (row, seed) result is kept as it lands, so a run cut short resumes at the row it was on; the key holds
-    # every flag that changes a row's number, so a rerun with other flags trains afresh
+    # every (row, seed) result is kept as it lands, so a run cut short resumes at the row it was on; a row's key
+    # holds every flag that changes its number, so a rerun with other flags trains afresh only the rows they touch
     done_file = work / f"results-L{args.layers}-{args.train_rows}.json"
-    recipe_key = json.dumps({k: getattr(args, k) for k in ("teacher", "teacher2", "data", "unlabeled_rows", "augment",
-                                                           "augment_model", "epochs", "temperature", "teacher_epochs")},
-                            sort_keys=True)
     done = json.loads(done_file.read_text()) if done_file.exists() and not args.tiny else {}
-    done = done if done.get("key") == recipe_key else {"key": recipe_key, "rows": {}}
+    done.setdefault("rows", {})
+    common_key = {k: getattr(args, k) for k in ("teacher", "data", "epochs", "temperature", "teacher_epochs")}
 
-    def record(name: str, seed: int, score: float, wall: float, metrics: dict | None = None) -> None:
+    def row_key(name: str, seed: int, changes: dict | None = None, teacher_from: Path | None = None) -> str:
+        return json.dumps([name, seed, common_key, {k: str(v) for k, v in (changes or {}).items()},
+                           str(teacher_from or "")], sort_keys=True)
+
+    def record(key: str, name: str, score: float, wall: float, metrics: dict | None = None) -> None:
         scores[name].append(score)
         seconds[name].append(wall)
         if metrics is not None:
             runs[name] = metrics
-        done["rows"][f"{name}|{seed}"] = {"score": score, "seconds": wall, "metrics": metrics}
+        done["rows"][key] = {"score": score, "seconds": wall, "metrics": metrics}
         done_file.write_text(json.dumps(done, indent=1))
 
     for seed in seeds:
         for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
-            if (kept_row := done["rows"].get(f"{name}|{seed}")) is not None:
-                record(name, seed, kept_row["score"], kept_row["seconds"])
+            key = row_key(name, seed)
+            if (kept_row := done["rows"].get(key)) is not None:
+                record(key, name, kept_row["score"], kept_row["seconds"])
                 continue
             student = student_from_teacher(teacher, kept)
             t0 = time.perf_counter()
             plain_loop(teacher if with_teacher else None, student, tokenizer, task, epochs=args.epochs, batch_size=32,
                        lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=seed, max_length=128)
-            record(name, seed, accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
+            record(key, name, accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
         for name, (teacher_from, changes) in recipes.items():
-            if (kept_row := done["rows"].get(f"{name}|{seed}")) is not None:
-                record(name, seed, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
+            key = row_key(name, seed, changes, teacher_from)
+            if (kept_row := done["rows"].get(key)) is not None:
+                record(key, name, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
                 continue
             out = work / f"student-L{args.layers}-{args.train_rows}" / slug(name) / f"seed{seed}"
             step = DistillConfig(teacher=str(teacher_from), layers=args.layers)
@@ -234,7 +238,7 @@ def main() -> None:
                 replace(step, **changes), seed_data, loss=LossConfig(temperature=args.temperature),
                 training=TrainingConfig(epochs=args.epochs, seed=seed, **lr_ours), **common,
                 output=OutputConfig(output=str(out), overwrite=True)).metrics
-            record(name, seed, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
+            record(key, name, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
     student = student_from_teacher(teacher, kept)  # the students' shape, for the latency and parameters below
 
     ours = runs["compress distill"]
