@@ -108,7 +108,7 @@ def register(folder: Path, name: str, *, tracking: str, experiment: str, source:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from compress.infra.tracking import _prepare_store, run_tags
+    from compress.infra.tracking import _prepare_store, run_tags, tag_experiment
 
     artifacts = _prepare_store(tracking)
     client = mlflow_client(tracking)
@@ -123,6 +123,7 @@ def register(folder: Path, name: str, *, tracking: str, experiment: str, source:
         else:
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
+            tag_experiment(client, exp_id)
             if source.get("run_id"):
                 tags["compress.source_run"] = source["run_id"]
         run_id = client.create_run(exp_id, run_name=f"export {name}", tags=tags).info.run_id

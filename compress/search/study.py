@@ -329,12 +329,13 @@ def open_study(ctx: Context, config: dict):
 def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_name: str, command: str = "search",
                 title: str | None = None) -> tuple[str, str]:
     """The study's MLflow parent run (created once, found again on resume) and its experiment id."""
-    from compress.infra.tracking import git_commit
+    from compress.infra.tracking import git_commit, tag_experiment
 
     client = mlflow_client(tracking)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=_prepare_store(tracking))
+    tag_experiment(client, exp_id)  # the study's parent may be the experiment's first run: the training view is set here
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id and study.user_attrs.get("mlflow_tracking") == shown(tracking):
         try:

@@ -169,3 +169,18 @@ def test_datasets_another_worker_added_first_are_logged_on_the_second_try(monkey
     monkeypatch.setattr(tracking, "_client_of", lambda logger: Store(failures=2))
     with pytest.raises(MlflowException):
         log_task_data(SimpleNamespace(run_id="r1"), task())
+
+
+def test_a_studys_parent_run_sets_the_training_view(tmp_path):
+    """A search's parent run is the first run of a fresh store, made before any step's logger: its experiment opens
+    in the training view too."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from compress.search.study import _parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s")
+    _, exp_id = _parent_run({"objectives": "score,params", "storage": "x"}, study, uri, "fresh", "s")
+    tags = MlflowClient(uri).get_experiment(exp_id).tags
+    assert tags[EXPERIMENT_KIND] == MODEL_TRAINING and VIEW_TAG in tags

@@ -181,6 +181,20 @@ def test_register_creates_a_model_version(exported, trained, store) -> None:
     assert export_run.data.metrics["fused_Attention"] == 4 and export_run.data.metrics["onnx_fused"] == 1
 
 
+def test_register_into_another_store_makes_a_training_view_experiment(trained, tiny_data, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from compress.infra.tracking import EXPERIMENT_KIND, MODEL_TRAINING, VIEW_TAG
+
+    other = f"sqlite:///{tmp_path}/other.db"  # not the model's store: export makes the experiment there itself
+    run_cli("export", "--model", trained["folder"], "--data", tiny_data, "--format", "hf", "--output",
+            tmp_path / "e", "--register", "elsewhere", "--tracking", other)
+    client = MlflowClient(other)
+    tags = client.get_experiment_by_name("compress").tags
+    assert tags[EXPERIMENT_KIND] == MODEL_TRAINING and VIEW_TAG in tags
+    assert [str(v.version) for v in client.search_model_versions("name='elsewhere'")] == ["1"]
+
+
 # --- the other model kinds: ALBERT (share --share all) and compress_bert (prune, partial share) -------------------
 
 
