@@ -335,7 +335,7 @@ def _parent_run(ctx_fields: dict, study, tracking: str, experiment: str, study_n
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment,
                                                                     artifact_location=_prepare_store(tracking))
-    tag_experiment(client, exp_id)  # the study's parent may be the experiment's first run: the training view is set here
+    tag_experiment(client, exp_id)  # the parent may be the first run of the store
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id and study.user_attrs.get("mlflow_tracking") == shown(tracking):
         try:
