@@ -379,8 +379,6 @@ def resolve_teacher(teacher: str, task: str | None, data: str | None, text_colum
     check_text_classifier(config, "--teacher")  # any encoder family teaches, as in distill
     # the model every trial's student is cut from: `student` when the space gives one, else the teacher itself
     students = [v for k, d in dims.items() if k.rpartition(".")[2] == "student" for v in d.values() if v is not None]
-    if not students:
-        students = [defaults["student"]] if defaults.get("student") is not None else []
     if not students and config.model_type not in ENCODER_TYPES:
         raise CompressError(f"--teacher {teacher}: a student is built from the layers of a BERT-family model, not a "
                             f"{config.model_type}; set one in the space, e.g. student: minilm-l6")
