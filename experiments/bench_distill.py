@@ -24,7 +24,9 @@ every seed's score; each row's wall time is its mean per seed.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import random
 import statistics
 import sys
@@ -107,10 +109,13 @@ def main() -> None:
     p.add_argument("--seeds", default="42", help="comma-separated training seeds; >1 prints mean and sd per row")
     p.add_argument("--json", help="also write the table's numbers to this JSON file")
     p.add_argument("--tiny", action="store_true", help="smoke run on tiny random models and toy data")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: print the table from the results kept in --workdir, each row over the seeds "
+                        "it has (the n column)")
     args = p.parse_args()
 
     import compress
-    from compress.api import (DataConfig, DistillConfig, FinetuneConfig, LossConfig, OutputConfig, RuntimeConfig,
+    from compress.api import (DataConfig, DistillConfig, FinetuneConfig, LossConfig, RuntimeConfig,
                               TrackingConfig, TrainingConfig)
     from compress.data.tasks import load_task
     from compress.options.commands import flag_defaults
@@ -144,9 +149,11 @@ def main() -> None:
         folder = work / f"{name}-{args.train_rows}"
         t0 = time.perf_counter()
         if not (folder / "config.json").exists():
+            if args.report_only:
+                sys.exit(f"--report_only: no fine-tuned {name} in {folder}; run the benchmark first")
             compress.finetune(FinetuneConfig(model=model), data,
                               training=TrainingConfig(epochs=args.teacher_epochs, lr=lr_teacher), **common,
-                              output=OutputConfig(output=str(folder), overwrite=True))
+                              output=resumable(folder))
         return folder, time.perf_counter() - t0
 
     teacher_dir, t_teacher = finetuned(args.teacher, "teacher")
@@ -163,7 +170,7 @@ def main() -> None:
             random.Random(0).shuffle(texts)
             texts = texts[: args.unlabeled_rows]
         unlabeled, n_unlabeled = work / f"unlabeled-{len(texts)}.txt", len(texts)
-        unlabeled.write_text("\n".join(texts) + "\n")
+        write_if_changed(unlabeled, "\n".join(texts) + "\n")  # a second run sharing --workdir may be reading it
     seeds = [int(x) for x in args.seeds.split(",")]
     seed_data = data
     if seeds != [42]:
@@ -193,43 +200,48 @@ def main() -> None:
         if unlabeled:
             recipes["teacher2: + --unlabeled"] = (teacher2_dir, first | {"unlabeled": str(unlabeled)})
     names = ["no KD (labels only)", "plain KD loop", *recipes]
-    scores: dict[str, list[float]] = {n: [] for n in names}
+    scores: dict[str, dict[int, float]] = {n: {} for n in names}  # row -> seed -> dev accuracy
     seconds: dict[str, list[float]] = {n: [] for n in names}
     runs: dict[str, dict] = {}
     # every (row, seed) result is kept as it lands, so a run cut short resumes at the row it was on; a row's key
     # holds every flag that changes its number, so a rerun with other flags trains afresh only the rows they touch
+    # Two runs may share --workdir (say one per core, each on other seeds or teachers): each writes its result into
+    # the file as it is on disk then, under a lock, so neither drops the other's rows.
     done_file = work / f"results-L{args.layers}-{args.train_rows}.json"
-    done = json.loads(done_file.read_text()) if done_file.exists() and not args.tiny else {}
-    done.setdefault("rows", {})
+    done = {"rows": {}} if args.tiny else read_results(done_file)
     common_key = {k: getattr(args, k) for k in ("teacher", "data", "epochs", "temperature", "teacher_epochs")}
 
     def row_key(name: str, seed: int, changes: dict | None = None, teacher_from: Path | None = None) -> str:
         return json.dumps([name, seed, common_key, {k: str(v) for k, v in (changes or {}).items()},
                            str(teacher_from or "")], sort_keys=True)
 
-    def record(key: str, name: str, score: float, wall: float, metrics: dict | None = None) -> None:
-        scores[name].append(score)
+    def record(key: str, name: str, seed: int, score: float, wall: float, metrics: dict | None = None) -> None:
+        scores[name][seed] = score
         seconds[name].append(wall)
         if metrics is not None:
             runs[name] = metrics
-        done["rows"][key] = {"score": score, "seconds": wall, "metrics": metrics}
-        done_file.write_text(json.dumps(done, indent=1))
+        if key not in done["rows"] and not args.tiny:
+            keep_result(done_file, done, key, {"score": score, "seconds": wall, "metrics": metrics})
 
     for seed in seeds:
         for name, alpha, with_teacher in (("plain KD loop", 0.5, True), ("no KD (labels only)", 0.0, False)):
             key = row_key(name, seed)
             if (kept_row := done["rows"].get(key)) is not None:
-                record(key, name, kept_row["score"], kept_row["seconds"])
+                record(key, name, seed, kept_row["score"], kept_row["seconds"])
+                continue
+            if args.report_only:
                 continue
             student = student_from_teacher(teacher, kept)
             t0 = time.perf_counter()
             plain_loop(teacher if with_teacher else None, student, tokenizer, task, epochs=args.epochs, batch_size=32,
                        lr=lr_plain, temperature=args.temperature, alpha=alpha, seed=seed, max_length=128)
-            record(key, name, accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
+            record(key, name, seed, accuracy(student, tokenizer, task, 128), time.perf_counter() - t0)
         for name, (teacher_from, changes) in recipes.items():
             key = row_key(name, seed, changes, teacher_from)
             if (kept_row := done["rows"].get(key)) is not None:
-                record(key, name, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
+                record(key, name, seed, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
+                continue
+            if args.report_only:
                 continue
             out = work / f"student-L{args.layers}-{args.train_rows}" / slug(name) / f"seed{seed}"
             step = DistillConfig(teacher=str(teacher_from), layers=args.layers)
@@ -237,40 +249,48 @@ def main() -> None:
             metrics = compress.distill(
                 replace(step, **changes), seed_data, loss=LossConfig(temperature=args.temperature),
                 training=TrainingConfig(epochs=args.epochs, seed=seed, **lr_ours), **common,
-                output=OutputConfig(output=str(out), overwrite=True)).metrics
-            record(key, name, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
+                output=resumable(out)).metrics
+            record(key, name, seed, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
     student = student_from_teacher(teacher, kept)  # the students' shape, for the latency and parameters below
 
+    if args.report_only:  # only the rows kept for at least one seed
+        names = [n for n in names if scores[n]]
+        if "compress distill" not in runs or "no KD (labels only)" not in names:
+            sys.exit(f"--report_only: {done_file} holds no compress distill or labels-only result for seeds "
+                     f"{args.seeds} with these flags")
     ours = runs["compress distill"]
     lat = latency_ms({"teacher": teacher, "student": student}, batch=32, seq=128, reps=5,
                      vocab_size=teacher.config.vocab_size)
     t_score = ours["teacher_score"]
-    teacher_of = {name: runs[name]["teacher_score"] for name in recipes} | {n: t_score for n in names[:2]}
-    base = statistics.mean(scores["no KD (labels only)"])
+    teacher_of = {name: runs[name]["teacher_score"] for name in recipes if name in runs} | {
+        n: t_score for n in ("no KD (labels only)", "plain KD loop")}
+    base = statistics.mean(scores["no KD (labels only)"].values())
     n_student = count_params(student)
     print(f"\n{Path(args.data).name} dev ({len(task.dev_labels)} rows); teachers fine-tuned on "
           f"{len(task.train_labels)} rows for {args.teacher_epochs} epochs: {Path(args.teacher).name} {t_score:.3f} "
           f"({count_params(teacher):,} params, {t_teacher:.0f} s)"
           + (f", {Path(args.teacher2).name} {runs['teacher2: compress distill']['teacher_score']:.3f} "
-             f"({int(runs['teacher2: compress distill']['teacher_params']):,} params)" if teacher2_dir else "")
+             f"({int(runs['teacher2: compress distill']['teacher_params']):,} params)"
+             if "teacher2: compress distill" in runs else "")
           + f"; students {args.layers} of {teacher.config.num_hidden_layers} layers of the first teacher, "
           f"{args.epochs} epochs, T={args.temperature:g}; seeds {args.seeds}"
           + (f"; --unlabeled: {n_unlabeled:,} texts" if unlabeled else ""))
     per_seed = "".join(f"{'seed ' + str(s):>10}" for s in seeds) if len(seeds) > 1 else ""
-    print(f"{'model':<28}{'dev acc':>9}{'± sd':>7}{'retention':>11}{'vs labels':>11}{per_seed}{'params':>13}"
-          f"{'train s':>9}")
+    print(f"{'model':<28}{'n':>3}{'dev acc':>9}{'± sd':>7}{'retention':>11}{'vs labels':>11}{per_seed}"
+          f"{'params':>13}{'train s':>9}")
     table = {}
     for name in names:
-        accs = scores[name]
+        accs = list(scores[name].values())
         mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         retention, gain = mean / teacher_of[name], mean - base
-        cells = "".join(f"{a:>10.3f}" for a in accs) if per_seed else ""
-        print(f"{name:<28}{mean:>9.3f}{sd:>7.3f}{retention:>11.3f}{gain:>+11.3f}{cells}{n_student:>13,}"
-              f"{statistics.mean(seconds[name]):>9.0f}")
-        table[name] = {"score": mean, "sd": sd, "scores": accs, "teacher_score": teacher_of[name],
+        cells = "".join(f"{scores[name][s]:>10.3f}" if s in scores[name] else f"{'-':>10}" for s in seeds) \
+            if per_seed else ""
+        print(f"{name:<28}{len(accs):>3}{mean:>9.3f}{sd:>7.3f}{retention:>11.3f}{gain:>+11.3f}{cells}"
+              f"{n_student:>13,}{statistics.mean(seconds[name]):>9.0f}")
+        table[name] = {"score": mean, "sd": sd, "scores": scores[name], "teacher_score": teacher_of[name],
                        "retention": retention, "gain_over_labels_only": gain, "params": n_student,
                        "seconds": statistics.mean(seconds[name])}
-    if teacher2_dir:
+    if "teacher2: compress distill" in runs:
         t2_params = int(runs["teacher2: compress distill"]["teacher_params"])
         print(f"the student has {t2_params / n_student:.1f}x fewer parameters than {Path(args.teacher2).name} "
               f"({n_student:,} against {t2_params:,})")
@@ -282,6 +302,39 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": table, "seeds": seeds, "train_rows": len(task.train_labels),
                                                "unlabeled_rows": n_unlabeled}, indent=1))
+
+
+def resumable(folder: Path):
+    """Where a benchmark run writes: a run cut short (its FOLDER.partial left) goes on from its last checkpoint."""
+    from compress.api import OutputConfig
+
+    return OutputConfig(output=str(folder), overwrite=True,
+                        resume=folder.with_name(folder.name + ".partial").exists())
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}}
+
+
+def keep_result(path: Path, done: dict, key: str, result: dict) -> None:
+    """Add one (row, seed) result to `done` and to the file at `path`, keeping every row another process sharing
+    the file wrote since `done` was read."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done["rows"].update(read_results(path)["rows"])
+        done["rows"][key] = result
+        atomic_write(path, json.dumps(done, indent=1))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        atomic_write(path, text)
 
 
 def slug(name: str) -> str:

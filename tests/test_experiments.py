@@ -139,6 +139,29 @@ def test_bench_distill_tiny_runs_every_row_against_its_own_teacher(tmp_path: Pat
     assert "fewer parameters than mpnet" in done.stdout
 
 
+def test_bench_distill_keeps_the_rows_another_run_sharing_its_workdir_wrote(tmp_path: Path) -> None:
+    """Two bench_distill runs on one --workdir (one per core): each keeps its result into the file as it is on disk,
+    so the run that read the file first does not drop the other's row, and a cut-short row resumes its checkpoints."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "experiments" / "bench_distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "results-L3-4000.json"
+    first, second = bench.read_results(results), bench.read_results(results)  # both read before either wrote
+    bench.keep_result(results, second, "row B", {"score": 0.5})
+    bench.keep_result(results, first, "row A", {"score": 0.75})
+    assert json.loads(results.read_text())["rows"] == {"row B": {"score": 0.5}, "row A": {"score": 0.75}}
+    assert first["rows"] == {"row B": {"score": 0.5}, "row A": {"score": 0.75}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results-L3-4000.json", "results-L3-4000.json.lock"]
+
+    out = tmp_path / "student" / "seed42"
+    assert (bench.resumable(out).resume, bench.resumable(out).overwrite) == (False, True)
+    (tmp_path / "student" / "seed42.partial").mkdir(parents=True)
+    assert bench.resumable(out).resume
+
+
 def test_bench_auto_tiny_runs_both_budgets_from_the_teachers_own_numbers() -> None:
     """experiments/bench_auto.py --tiny: the teacher timed and weighed, then one compress auto study per budget (1/8
     of its p50; and 1/20 of its MB too), each met with its winner measured beside the teacher, or its closest trial
