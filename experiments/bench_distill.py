@@ -109,6 +109,9 @@ def main() -> None:
     p.add_argument("--seeds", default="42", help="comma-separated training seeds; >1 prints mean and sd per row")
     p.add_argument("--json", help="also write the table's numbers to this JSON file")
     p.add_argument("--tiny", action="store_true", help="smoke run on tiny random models and toy data")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="train only these rows, named as the table names them (e.g. 'teacher2: compress distill'); "
+                        "the others are read from the results kept in --workdir where there, left out where not")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: print the table from the results kept in --workdir, each row over the seeds "
                         "it has (the n column)")
@@ -200,6 +203,10 @@ def main() -> None:
         if unlabeled:
             recipes["teacher2: + --unlabeled"] = (teacher2_dir, first | {"unlabeled": str(unlabeled)})
     names = ["no KD (labels only)", "plain KD loop", *recipes]
+    if unknown := set(args.rows or ()) - set(names):
+        sys.exit(f"--rows: no row named {', '.join(map(repr, sorted(unknown)))} with these flags; the rows are "
+                 + ", ".join(map(repr, names)))
+    skip = (lambda name: True) if args.report_only else (lambda name: bool(args.rows) and name not in args.rows)
     scores: dict[str, dict[int, float]] = {n: {} for n in names}  # row -> seed -> dev accuracy
     seconds: dict[str, list[float]] = {n: [] for n in names}
     runs: dict[str, dict] = {}
@@ -229,7 +236,7 @@ def main() -> None:
             if (kept_row := done["rows"].get(key)) is not None:
                 record(key, name, seed, kept_row["score"], kept_row["seconds"])
                 continue
-            if args.report_only:
+            if skip(name):
                 continue
             student = student_from_teacher(teacher, kept)
             t0 = time.perf_counter()
@@ -241,7 +248,7 @@ def main() -> None:
             if (kept_row := done["rows"].get(key)) is not None:
                 record(key, name, seed, kept_row["score"], kept_row["seconds"], kept_row["metrics"])
                 continue
-            if args.report_only:
+            if skip(name):
                 continue
             out = work / f"student-L{args.layers}-{args.train_rows}" / slug(name) / f"seed{seed}"
             step = DistillConfig(teacher=str(teacher_from), layers=args.layers)
@@ -253,11 +260,10 @@ def main() -> None:
             record(key, name, seed, metrics["student_score"], time.perf_counter() - t0, dict(metrics))
     student = student_from_teacher(teacher, kept)  # the students' shape, for the latency and parameters below
 
-    if args.report_only:  # only the rows kept for at least one seed
-        names = [n for n in names if scores[n]]
-        if "compress distill" not in runs or "no KD (labels only)" not in names:
-            sys.exit(f"--report_only: {done_file} holds no compress distill or labels-only result for seeds "
-                     f"{args.seeds} with these flags")
+    names = [n for n in names if scores[n]]  # --rows and --report_only: the rows kept for at least one seed
+    if "compress distill" not in runs or "no KD (labels only)" not in names:
+        sys.exit(f"{done_file} holds no compress distill or labels-only result for seeds {args.seeds} with these "
+                 "flags: run those rows too")
     ours = runs["compress distill"]
     lat = latency_ms({"teacher": teacher, "student": student}, batch=32, seq=128, reps=5,
                      vocab_size=teacher.config.vocab_size)
