@@ -139,6 +139,28 @@ def test_bench_distill_tiny_runs_every_row_against_its_own_teacher(tmp_path: Pat
     assert "fewer parameters than mpnet" in done.stdout
 
 
+def test_bench_distill_rows_trains_only_the_rows_named(tmp_path: Path) -> None:
+    """--rows: the rows named are trained and printed, the others are neither; a row it does not have is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "experiments" / "bench_distill.py")
+    done = subprocess.run([sys.executable, script, "--tiny", "--unlabeled_rows", "0", "--json",
+                           str(tmp_path / "bench.json"), "--rows", "no KD (labels only)", "compress distill"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(json.loads((tmp_path / "bench.json").read_text())["rows"]) == ["no KD (labels only)",
+                                                                               "compress distill"]
+    assert "plain KD loop" not in done.stdout
+    refused = subprocess.run([sys.executable, script, "--tiny", "--rows", "+ --augment 9"],
+                             capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith("--rows: no row named '+ --augment 9' with these flags")
+
+
 def test_bench_distill_keeps_the_rows_another_run_sharing_its_workdir_wrote(tmp_path: Path) -> None:
     """Two bench_distill runs on one --workdir (one per core): each keeps its result into the file as it is on disk,
     so the run that read the file first does not drop the other's row, and a cut-short row resumes its checkpoints."""
