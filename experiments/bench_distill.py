@@ -351,9 +351,10 @@ def write_jsonl(folder: Path, task) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split, texts, labels in (("train", task.train_texts, task.train_labels),
                                  ("dev", task.dev_texts, task.dev_labels)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps({"sentence": text[0], "label": task.label_names[label]}) + "\n"
-                         for text, label in zip(texts, labels))
+        # another run sharing --workdir may be reading the same rows
+        write_if_changed(folder / f"{split}.jsonl", "".join(
+            json.dumps({"sentence": text[0], "label": task.label_names[label]}) + "\n"
+            for text, label in zip(texts, labels)))
 
 
 if __name__ == "__main__":
