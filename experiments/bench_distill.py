@@ -313,9 +313,9 @@ def main() -> None:
 def resumable(folder: Path):
     """Where a benchmark run writes: a run cut short (its FOLDER.partial left) goes on from its last checkpoint."""
     from compress.api import OutputConfig
+    from compress.engine.state import RunState
 
-    return OutputConfig(output=str(folder), overwrite=True,
-                        resume=folder.with_name(folder.name + ".partial").exists())
+    return OutputConfig(output=str(folder), overwrite=True, resume=RunState.partial(folder).exists())
 
 
 def read_results(path: Path) -> dict:
